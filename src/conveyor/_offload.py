@@ -1,0 +1,664 @@
+"""Heavy work off the event loop: sync functions made async, in threads or worker processes.
+
+``in_thread(f)`` and ``in_process(f)`` turn a plain function into an async callable that a
+pool (or any trio code) awaits like any other task function. ``in_process_batched(f)`` ships
+many tiny calls to a worker process in one round trip and still answers each caller alone.
+
+How a job travels to a worker process and back (every backend, the same way):
+
+- In the parent, the function is pickled once per wrapper and the arguments once per call,
+  with the standard :mod:`pickle`. A failure names what could not be pickled
+  (:class:`NotPicklableError`) and, for a lambda or a local function, shows the fix.
+- In the worker, :func:`_run_jobs` unpickles them, calls the function, and pickles each
+  result or exception itself. An exception travels with its formatted worker-side traceback,
+  which the parent attaches as ``__cause__`` (as :mod:`concurrent.futures.process` does), so
+  ``traceback.format_exception(error)`` shows the frames inside the worker. An exception that
+  cannot itself be pickled is replaced by a :class:`RemoteError` carrying its type and text.
+- The backend (trio-parallel, or a ``concurrent.futures.Executor``) therefore only ever moves
+  bytes, so its own pickling (pickle or cloudpickle) never decides what works.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import functools
+import inspect
+import math
+import os
+import pickle
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, TypeVarTuple, Unpack
+
+import trio
+import trio_parallel  # type: ignore[import-untyped]  # untyped; its API is small
+
+__all__ = [
+    "NotPicklableError",
+    "RemoteError",
+    "WorkerDied",
+    "in_process",
+    "in_process_batched",
+    "in_thread",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class WorkerDied(trio_parallel.BrokenWorkerError):  # type: ignore[misc]
+    """The worker process running a job died before it returned (crash, ``os._exit``, SIGKILL,
+    out of memory).
+
+    Raised by :func:`in_process` with the default backend, chained from trio-parallel's
+    ``BrokenWorkerError`` (which it subclasses, so code catching that still works). The job
+    may have run partly, so it is only safe to retry if it is idempotent; the pool's default
+    ``retry_on`` (every ``Exception``) retries it, and trio-parallel starts a fresh worker for
+    the next attempt. Other backends report a dead worker with their own errors, left as they
+    are: ``concurrent.futures.process.BrokenProcessPool`` (that executor then stays broken),
+    or Dask's ``KilledWorker`` (after Dask has itself rescheduled the task elsewhere).
+
+    Attributes:
+        exitcode: the worker's exit code if known (negative: killed by that signal).
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+class NotPicklableError(pickle.PicklingError, TypeError):
+    """The function, an argument or a result could not be pickled (or unpickled) on its way
+    to or from a worker process.
+
+    The message says which one and why. A lambda or a function defined inside another
+    function cannot be pickled by reference; the message then shows the fix: define it at
+    module level, and bind extra arguments with :func:`functools.partial`.
+
+    It subclasses both :class:`pickle.PicklingError` and :class:`TypeError`, the two errors
+    :mod:`pickle` raises for these problems, so existing handlers keep working. The pool's
+    default retry policy retries it like any ``Exception``; it will fail the same way each
+    time, so pass ``retry_on`` that excludes it if you want it to fail at the first attempt.
+    """
+
+
+class RemoteError(RuntimeError):
+    """Stands in for an exception raised in a worker process that could not be pickled back.
+
+    Its message holds the original type and text, and its ``__cause__`` the worker-side
+    traceback, like any exception coming back from :func:`in_process`.
+    """
+
+
+class _RemoteTraceback(Exception):
+    """The formatted worker-side traceback, attached as the ``__cause__`` of the re-raised
+    exception so that formatting the exception in the parent shows the worker's frames."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads
+
+
+def in_thread(
+    f: Callable[[Unpack[Ts]], R], limiter: trio.CapacityLimiter | None = None
+) -> Callable[[Unpack[Ts]], Awaitable[R]]:
+    """Make a sync function an async callable that runs it in a worker thread.
+
+    ``await in_thread(f)(*args)`` is ``await trio.to_thread.run_sync(f, *args,
+    limiter=limiter)``. Use it for blocking I/O or for C code that releases the GIL; CPU-bound
+    Python code belongs in :func:`in_process` (threads share one GIL, and a CPU-bound thread
+    slows the event loop down too).
+
+    Exceptions from ``f`` reach the caller unchanged, with their traceback.
+
+    **Cancellation handling**: a thread cannot be stopped from outside. Cancellation is
+    checked before the thread starts; once ``f`` runs, a cancel waits for it to return and
+    then raises ``trio.Cancelled`` (trio's ``abandon_on_cancel=False``): the result is
+    discarded, but no thread is ever left running on behalf of a pool that has ended. If
+    ``f`` can run for long, make it check a flag (a ``threading.Event`` set on cancel) or use
+    :func:`in_process`, whose workers can be killed.
+
+    Args:
+        f: a sync callable; positional arguments are passed through (bind keyword arguments
+            with :func:`functools.partial`).
+        limiter: caps the threads running ``f`` at once; by default trio's default thread
+            limiter (40 threads, shared by all ``trio.to_thread`` calls).
+
+    Returns:
+        An ``async def`` callable taking the same positional arguments as ``f``.
+
+    Raises:
+        TypeError: ``f`` is not callable, or is already an async function.
+    """
+    _check_sync_callable("in_thread", f)
+    if limiter is not None and not isinstance(limiter, trio.CapacityLimiter):
+        raise TypeError(
+            f"in_thread limiter must be a trio.CapacityLimiter or None, got {limiter!r}"
+        )
+
+    async def call_in_thread(*args: *Ts) -> R:
+        return await trio.to_thread.run_sync(f, *args, limiter=limiter)
+
+    _name_wrapper(call_in_thread, "in_thread", f)
+    return call_in_thread
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def in_process(
+    f: Callable[[Unpack[Ts]], R],
+    executor: concurrent.futures.Executor | None = None,
+    kill_on_cancel: bool = True,
+    *,
+    limiter: trio.CapacityLimiter | None = None,
+) -> Callable[[Unpack[Ts]], Awaitable[R]]:
+    """Make a sync function an async callable that runs it in a worker process.
+
+    The default backend is trio-parallel: worker processes are started on demand, reused
+    between jobs, and at most ``limiter`` jobs run at once (by default trio-parallel's
+    limiter, sized to the CPU count). With ``executor=`` any
+    :class:`concurrent.futures.Executor` runs the jobs instead: a ``ProcessPoolExecutor``,
+    loky, or a Dask distributed client's ``client.get_executor()`` to spread work across
+    machines. No thread waits per call: the future's done-callback wakes the waiting trio
+    task through the trio token.
+
+    ``f`` and its arguments are pickled with :mod:`pickle` (so ``f`` must be importable by
+    name: a module-level function, or a :func:`functools.partial` of one). A worker error
+    reaches the caller as the original exception type, with the worker-side traceback as its
+    ``__cause__`` (shown by ``traceback.format_exception`` and in ``Failed.traceback``).
+    Problems pickling the function, an argument or a result raise
+    :class:`NotPicklableError`, whose message names the culprit.
+
+    **Cancellation handling**: with the default backend and ``kill_on_cancel=True``, a
+    cancel kills the worker process running the job and raises ``trio.Cancelled`` at once
+    (trio-parallel starts a new worker for the next job); with ``kill_on_cancel=False`` the
+    cancel waits for the job to finish, discards its result, then raises. With an
+    ``executor``, a job still queued in the executor is cancelled (``Future.cancel()``) and
+    never runs. A job already running cannot be killed through the ``Executor`` interface:
+    with ``kill_on_cancel=True`` the caller returns at once and the job runs to completion
+    in the executor, its result discarded; with ``kill_on_cancel=False`` the caller waits
+    for it to finish first.
+
+    **Dead workers**: a worker that dies mid-job raises :class:`WorkerDied` (default
+    backend); the pool's default retry policy retries it on a fresh worker.
+
+    Args:
+        f: a sync callable, picklable by reference.
+        executor: a ``concurrent.futures.Executor`` to run the jobs; None for trio-parallel.
+        kill_on_cancel: on cancel, kill the job (default backend) or stop waiting for it
+            (executor) instead of waiting for it to finish.
+        limiter: caps the jobs running at once with the default backend; it must be None
+            with an ``executor`` (which has its own ``max_workers``).
+
+    Returns:
+        An ``async def`` callable taking the same positional arguments as ``f``.
+
+    Raises:
+        TypeError: ``f`` is not callable or is an async function, ``executor`` is not a
+            ``concurrent.futures.Executor``, or ``limiter`` is not a ``trio.CapacityLimiter``.
+        ValueError: both ``executor`` and ``limiter`` are given.
+    """
+    backend = _Backend.make("in_process", f, executor, kill_on_cancel, limiter)
+
+    async def call_in_process(*args: *Ts) -> R:
+        blob = _dump_args(backend.fn_name, args)
+        (reply,) = await backend.run([blob])
+        result: R = _load_reply(reply)
+        return result
+
+    _name_wrapper(call_in_process, "in_process", f)
+    return call_in_process
+
+
+@asynccontextmanager
+async def in_process_batched(
+    f: Callable[[Unpack[Ts]], R],
+    executor: concurrent.futures.Executor | None = None,
+    kill_on_cancel: bool = True,
+    *,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+    limiter: trio.CapacityLimiter | None = None,
+) -> AsyncIterator[Callable[[Unpack[Ts]], Awaitable[R]]]:
+    """Like :func:`in_process`, but many concurrent calls share one round trip to a worker.
+
+    For tiny jobs the cost of :func:`in_process` is the inter-process round trip (hundreds of
+    microseconds), not the work. Here, calls made while the worker processes are busy (or
+    in the same scheduling tick) wait together and go to a worker as one batch of up to
+    ``batch_size`` calls: one message there, one back. Each caller still gets its own result
+    or its own exception (with its worker traceback); one bad item fails only itself. Batches
+    form on their own: give the pool more workers than one batch, e.g.::
+
+        async with conveyor.in_process_batched(score, batch_size=256) as fn:
+            report = await conveyor.run(fn, items, workers=1024)
+
+    The returned callable is valid inside the ``async with`` block only: the block owns the
+    task that ships the batches, and leaving it waits for the batches in flight (cancel the
+    block to stop them).
+
+    **Cancellation handling**: a caller that is cancelled stops waiting at once; its result
+    is discarded. A batch whose callers have all been cancelled is itself cancelled, with the
+    same semantics as :func:`in_process` (``kill_on_cancel`` kills the worker running it).
+
+    **Dead workers**: if the worker dies, every caller of that batch gets
+    :class:`WorkerDied` (default backend), so a pool retries each of those items.
+
+    Args:
+        f: a sync callable, picklable by reference.
+        executor: a ``concurrent.futures.Executor``; None for trio-parallel.
+        kill_on_cancel: as for :func:`in_process`.
+        batch_size: the most calls in one batch (>= 1).
+        max_batches: the most batches in flight at once (>= 1); by default the limiter's
+            total tokens (default backend) or the CPU count (executor). Calls arriving while
+            that many batches run wait and form the next batch.
+        limiter: as for :func:`in_process`.
+
+    Yields:
+        An ``async def`` callable taking the same positional arguments as ``f``.
+
+    Raises:
+        TypeError, ValueError: as for :func:`in_process`; ``ValueError`` also for a
+            ``batch_size`` or ``max_batches`` below 1.
+    """
+    backend = _Backend.make("in_process_batched", f, executor, kill_on_cancel, limiter)
+    _check_positive_int("in_process_batched batch_size", batch_size)
+    if max_batches is None:
+        if executor is None:
+            total = (limiter or trio_parallel.current_default_worker_limiter()).total_tokens
+            max_batches = int(total) if math.isfinite(total) else os.cpu_count() or 1
+        else:
+            max_batches = os.cpu_count() or 1
+    else:
+        _check_positive_int("in_process_batched max_batches", max_batches)
+
+    async with trio.open_nursery() as nursery:
+        batcher: _Batcher[R] = _Batcher(backend, batch_size, max_batches, nursery)
+        nursery.start_soon(batcher.dispatch)
+        try:
+            yield batcher.call  # type: ignore[misc]
+        finally:
+            batcher.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends: move a list of pickled argument tuples to a worker, get replies back.
+
+# A reply from the worker for one call: (True, pickled value) or (False, pickled exception,
+# formatted worker traceback).
+_Reply = tuple[bool, bytes, str]
+
+
+@dataclass(eq=False)
+class _Backend:
+    fn_name: str
+    fn_blob: bytes
+    executor: concurrent.futures.Executor | None
+    kill_on_cancel: bool
+    limiter: trio.CapacityLimiter | None
+
+    @classmethod
+    def make(
+        cls,
+        api: str,
+        f: Callable[..., Any],
+        executor: concurrent.futures.Executor | None,
+        kill_on_cancel: bool,
+        limiter: trio.CapacityLimiter | None,
+    ) -> _Backend:
+        _check_sync_callable(api, f)
+        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+            raise TypeError(
+                f"{api} executor must be a concurrent.futures.Executor or None, got {executor!r}"
+            )
+        if limiter is not None:
+            if not isinstance(limiter, trio.CapacityLimiter):
+                raise TypeError(
+                    f"{api} limiter must be a trio.CapacityLimiter or None, got {limiter!r}"
+                )
+            if executor is not None:
+                raise ValueError(
+                    f"{api} limiter applies to the default backend only; with an executor, "
+                    "size the executor itself (e.g. max_workers)"
+                )
+        name = _describe(f)
+        return cls(name, _dump_function(name, f), executor, bool(kill_on_cancel), limiter)
+
+    async def run(self, arg_blobs: list[bytes]) -> list[_Reply]:
+        if self.executor is None:
+            try:
+                replies: list[_Reply] = await trio_parallel.run_sync(
+                    _run_jobs,
+                    self.fn_name,
+                    self.fn_blob,
+                    arg_blobs,
+                    kill_on_cancel=self.kill_on_cancel,
+                    limiter=self.limiter,
+                )
+            except trio_parallel.BrokenWorkerError as exc:
+                raise _worker_died(self.fn_name, exc) from exc
+            return replies
+        future = self.executor.submit(_run_jobs, self.fn_name, self.fn_blob, arg_blobs)
+        return await _wait_future(future, self.kill_on_cancel)
+
+
+def _worker_died(fn_name: str, exc: trio_parallel.BrokenWorkerError) -> WorkerDied:
+    exitcode = None
+    for arg in exc.args:
+        code = getattr(arg, "exitcode", None)
+        if isinstance(code, int):
+            exitcode = code
+    how = "" if exitcode is None else f" (exit code {exitcode})"
+    return WorkerDied(
+        f"the worker process running {fn_name} died{how} before returning a result",
+        exitcode,
+    )
+
+
+async def _wait_future(future: concurrent.futures.Future[T], kill_on_cancel: bool) -> T:
+    """Wait for a concurrent.futures.Future without a thread: its done-callback (run in some
+    executor thread, or here if it is already done) schedules ``done.set`` on the trio loop."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: concurrent.futures.Future[T]) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:  # the trio run ended first; nobody is waiting
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        # A queued job is dropped; a running one cannot be stopped through the Executor
+        # interface: either stop waiting (its result is discarded) or wait it out.
+        if not future.cancel() and not kill_on_cancel:
+            with trio.CancelScope(shield=True):
+                await done.wait()
+        raise
+    return future.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass(eq=False)
+class _Call:
+    blob: bytes
+    reply: _Reply | None = None
+    error: BaseException | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    batch: _Batch | None = None
+    abandoned: bool = False
+
+
+@dataclass(eq=False)
+class _Batch:
+    calls: list[_Call]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def abandon(self, call: _Call) -> None:
+        call.abandoned = True
+        if all(c.abandoned for c in self.calls):
+            self.scope.cancel()
+
+
+class _Batcher(Generic[R]):
+    """Collects calls; one dispatcher task ships them in batches as capacity frees up."""
+
+    def __init__(
+        self, backend: _Backend, batch_size: int, max_batches: int, nursery: trio.Nursery
+    ) -> None:
+        self._backend = backend
+        self._batch_size = batch_size
+        self._capacity = trio.Semaphore(max_batches)
+        self._nursery = nursery
+        self._pending: list[_Call] = []
+        self._arrived = trio.Event()
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+        self._arrived.set()
+
+    async def call(self, *args: Any) -> R:
+        if self._closed:
+            raise trio.ClosedResourceError(
+                "this in_process_batched callable was used after its async with block ended"
+            )
+        call = _Call(_dump_args(self._backend.fn_name, args))
+        self._pending.append(call)
+        self._arrived.set()
+        try:
+            await call.done.wait()
+        except trio.Cancelled:
+            if call.batch is None:  # not shipped yet: just withdraw it
+                self._pending.remove(call)
+            elif not call.done.is_set():
+                call.batch.abandon(call)
+            raise
+        if call.error is not None:
+            raise call.error
+        assert call.reply is not None
+        result: R = _load_reply(call.reply)
+        return result
+
+    async def dispatch(self) -> None:
+        while True:
+            await self._capacity.acquire()
+            while not self._pending:
+                if self._closed:
+                    self._capacity.release()
+                    return
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+            # One more tick, so that callers woken together join the same batch.
+            await trio.lowlevel.checkpoint()
+            calls = self._pending[: self._batch_size]
+            del self._pending[: self._batch_size]
+            batch = _Batch(calls)
+            for call in calls:
+                call.batch = batch
+            self._nursery.start_soon(self._ship, batch)
+
+    async def _ship(self, batch: _Batch) -> None:
+        replies: list[_Reply] | None = None
+        try:
+            with batch.scope:
+                replies = await self._backend.run([c.blob for c in batch.calls])
+        except Exception as exc:
+            # Each caller raises its own copy: one exception object raised from many tasks
+            # would collect all their frames in one traceback.
+            for call in batch.calls:
+                call.error = copy.copy(exc)
+                call.error.__cause__ = exc.__cause__
+                call.error.__traceback__ = exc.__traceback__
+        else:
+            if replies is not None:  # else every caller was cancelled: nobody is waiting
+                for call, reply in zip(batch.calls, replies, strict=True):
+                    call.reply = reply
+        finally:
+            for call in batch.calls:
+                call.done.set()
+            self._capacity.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickling, in the parent
+
+
+def _dump_function(name: str, f: Callable[..., Any]) -> bytes:
+    try:
+        return pickle.dumps(f, _PROTOCOL)
+    except Exception as exc:
+        hint = ""
+        qualname = getattr(_unwrap_partial(f), "__qualname__", "")
+        if "<lambda>" in qualname or "<locals>" in qualname:
+            hint = (
+                " A lambda or a function defined inside another function cannot be sent to a"
+                " worker process. Fix: define it at module level (def my_fn(item): ...), and"
+                " bind extra arguments with functools.partial(my_fn, extra=...)."
+            )
+        raise NotPicklableError(
+            f"cannot send the function {name} to a worker process: it cannot be pickled"
+            f" ({type(exc).__name__}: {exc}).{hint}"
+        ) from exc
+
+
+def _dump_args(fn_name: str, args: tuple[Any, ...]) -> bytes:
+    try:
+        return pickle.dumps(args, _PROTOCOL)
+    except Exception as exc:
+        culprit = "an argument"
+        for i, arg in enumerate(args):
+            try:
+                pickle.dumps(arg, _PROTOCOL)
+            except Exception:
+                culprit = f"argument {i} ({type(arg).__name__} {_short_repr(arg)})"
+                break
+        raise NotPicklableError(
+            f"cannot send {culprit} of {fn_name} to a worker process: it cannot be pickled"
+            f" ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _load_reply(reply: _Reply) -> Any:
+    ok, blob, remote_tb = reply
+    if ok:
+        return pickle.loads(blob)
+    error = pickle.loads(blob)
+    assert isinstance(error, BaseException)
+    error.__cause__ = _RemoteTraceback(remote_tb)
+    raise error
+
+
+# ---------------------------------------------------------------------------------------------
+# In the worker process
+
+
+def _run_jobs(fn_name: str, fn_blob: bytes, arg_blobs: Sequence[bytes]) -> list[_Reply]:
+    """Run ``f(*args)`` for each pickled argument tuple; one reply per call, never raising
+    for a problem of one call. Runs in the worker process (module level, so it is found by
+    name there)."""
+    try:
+        fn = pickle.loads(fn_blob)
+    except Exception as exc:
+        problem = NotPicklableError(
+            f"the worker process cannot load the function {fn_name}"
+            f" ({type(exc).__name__}: {exc}); is its module importable there?"
+        )
+        return [_error_reply(problem, exc) for _ in arg_blobs]
+    replies: list[_Reply] = []
+    for arg_blob in arg_blobs:
+        try:
+            args = pickle.loads(arg_blob)
+        except Exception as exc:
+            problem = NotPicklableError(
+                f"the worker process cannot load the arguments of {fn_name}"
+                f" ({type(exc).__name__}: {exc})"
+            )
+            replies.append(_error_reply(problem, exc))
+            continue
+        try:
+            value = fn(*args)
+        except Exception as exc:
+            replies.append(_error_reply(exc))
+            continue
+        try:
+            replies.append((True, pickle.dumps(value, _PROTOCOL), ""))
+        except Exception as exc:
+            problem = NotPicklableError(
+                f"cannot send the result of {fn_name} back from the worker process: the"
+                f" {type(value).__name__} it returned cannot be pickled"
+                f" ({type(exc).__name__}: {exc})"
+            )
+            replies.append(_error_reply(problem, exc))
+    return replies
+
+
+def _error_reply(error: BaseException, cause: BaseException | None = None) -> _Reply:
+    shown = error if cause is None else cause
+    remote_tb = "".join(traceback.format_exception(shown))
+    try:
+        blob = pickle.dumps(error, _PROTOCOL)
+        pickle.loads(blob)  # some exceptions pickle but cannot be rebuilt; find out here
+    except Exception as exc:
+        stand_in = RemoteError(
+            f"{type(error).__module__}.{type(error).__qualname__}: {error}"
+            f" (the original exception could not be pickled: {type(exc).__name__}: {exc})"
+        )
+        blob = pickle.dumps(stand_in, _PROTOCOL)
+    return (False, blob, remote_tb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _check_sync_callable(api: str, f: object) -> None:
+    if not callable(f):
+        raise TypeError(f"{api} expects a sync callable, got {f!r}")
+    target = _unwrap_partial(f)
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)  # noqa: B004 - an async __call__ counts too
+    ):
+        raise TypeError(
+            f"{api} expects a sync function, but {_describe(f)} is async: await it directly"
+        )
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _unwrap_partial(f: object) -> object:
+    while isinstance(f, functools.partial):
+        f = f.func
+    return f
+
+
+def _describe(f: object) -> str:
+    target = _unwrap_partial(f)
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if name is None:
+        return repr(f)
+    module = getattr(target, "__module__", None)
+    name = f"{module}.{name}" if module else name
+    return f"functools.partial({name}, ...)" if target is not f else name
+
+
+def _short_repr(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _name_wrapper(wrapper: Callable[..., Any], api: str, f: object) -> None:
+    # A readable name in stats, logs and reprs; deliberately no __wrapped__, so that
+    # inspect.unwrap() does not lead a coroutine-function check to the sync function.
+    name = getattr(_unwrap_partial(f), "__name__", type(f).__name__)
+    wrapper.__name__ = f"{api}({name})"
+    wrapper.__qualname__ = f"{api}({name})"
+
