@@ -129,11 +129,13 @@ def in_thread(
     Exceptions from ``f`` reach the caller unchanged, with their traceback.
 
     **Cancellation handling**: a thread cannot be stopped from outside. Cancellation is
-    checked before the thread starts; once ``f`` runs, a cancel waits for it to return and
-    then raises ``trio.Cancelled`` (trio's ``abandon_on_cancel=False``): the result is
-    discarded, but no thread is ever left running on behalf of a pool that has ended. If
-    ``f`` can run for long, make it check a flag (a ``threading.Event`` set on cancel) or use
-    :func:`in_process`, whose workers can be killed.
+    checked before the thread starts; once ``f`` runs, a cancel waits for it to finish
+    (trio's ``abandon_on_cancel=False``): the call then returns ``f``'s result (or raises
+    its error) as if nothing happened, and the cancel takes effect at the caller's next
+    checkpoint. So no thread is ever left running on behalf of a pool that has ended, and
+    a job that completed is not thrown away. If ``f`` can run for long, make it check a flag
+    (a ``threading.Event`` set on cancel) or use :func:`in_process`, whose workers can be
+    killed.
 
     Args:
         f: a sync callable; positional arguments are passed through (bind keyword arguments
@@ -309,8 +311,8 @@ _Reply = tuple[bool, bytes, str]
 
 @dataclass(eq=False)
 class _Backend:
+    fn: Callable[..., Any]
     fn_name: str
-    fn_blob: bytes
     executor: concurrent.futures.Executor | None
     kill_on_cancel: bool
     limiter: trio.CapacityLimiter | None
@@ -339,16 +341,26 @@ class _Backend:
                     f"{api} limiter applies to the default backend only; with an executor, "
                     "size the executor itself (e.g. max_workers)"
                 )
-        name = _describe(f)
-        return cls(name, _dump_function(name, f), executor, bool(kill_on_cancel), limiter)
+        return cls(f, _describe(f), executor, bool(kill_on_cancel), limiter)
+
+    @functools.cached_property
+    def fn_blob(self) -> bytes:
+        # Pickled at the first call, not when wrapping: a function that cannot be pickled
+        # then fails each call (a Failed record per item in a pool, none lost), and the
+        # pickle is reused by every later call.
+        return pickle.dumps(self.fn, _PROTOCOL)
 
     async def run(self, arg_blobs: list[bytes]) -> list[_Reply]:
+        try:
+            fn_blob = self.fn_blob
+        except Exception as exc:
+            raise _not_picklable_function(self.fn_name, self.fn, exc) from exc
         if self.executor is None:
             try:
                 replies: list[_Reply] = await trio_parallel.run_sync(
                     _run_jobs,
                     self.fn_name,
-                    self.fn_blob,
+                    fn_blob,
                     arg_blobs,
                     kill_on_cancel=self.kill_on_cancel,
                     limiter=self.limiter,
@@ -356,7 +368,7 @@ class _Backend:
             except trio_parallel.BrokenWorkerError as exc:
                 raise _worker_died(self.fn_name, exc) from exc
             return replies
-        future = self.executor.submit(_run_jobs, self.fn_name, self.fn_blob, arg_blobs)
+        future = self.executor.submit(_run_jobs, self.fn_name, fn_blob, arg_blobs)
         return await _wait_future(future, self.kill_on_cancel)
 
 
@@ -507,22 +519,21 @@ class _Batcher(Generic[R]):
 # Pickling, in the parent
 
 
-def _dump_function(name: str, f: Callable[..., Any]) -> bytes:
-    try:
-        return pickle.dumps(f, _PROTOCOL)
-    except Exception as exc:
-        hint = ""
-        qualname = getattr(_unwrap_partial(f), "__qualname__", "")
-        if "<lambda>" in qualname or "<locals>" in qualname:
-            hint = (
-                " A lambda or a function defined inside another function cannot be sent to a"
-                " worker process. Fix: define it at module level (def my_fn(item): ...), and"
-                " bind extra arguments with functools.partial(my_fn, extra=...)."
-            )
-        raise NotPicklableError(
-            f"cannot send the function {name} to a worker process: it cannot be pickled"
-            f" ({type(exc).__name__}: {exc}).{hint}"
-        ) from exc
+def _not_picklable_function(
+    name: str, f: Callable[..., Any], exc: Exception
+) -> NotPicklableError:
+    hint = ""
+    qualname = getattr(_unwrap_partial(f), "__qualname__", "")
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        hint = (
+            " A lambda or a function defined inside another function cannot be sent to a"
+            " worker process. Fix: define it at module level (def my_fn(item): ...), and"
+            " bind extra arguments with functools.partial(my_fn, extra=...)."
+        )
+    return NotPicklableError(
+        f"cannot send the function {name} to a worker process: it cannot be pickled"
+        f" ({type(exc).__name__}: {exc}).{hint}"
+    )
 
 
 def _dump_args(fn_name: str, args: tuple[Any, ...]) -> bytes:

@@ -1,0 +1,618 @@
+"""Tests for conveyor._offload: in_thread, in_process, in_process_batched.
+
+Layers, as trio-parallel names them:
+- contract: argument checks, pinned messages, values and errors crossing the boundary;
+- collaboration: the executor bridge against a recording executor (a fake, not a mock);
+- end to end: real worker processes that crash, get killed, or are cancelled, through
+  ``conveyor.run``; those use the wall clock and are marked ``slow``.
+
+Functions run in worker processes live in tests/_procfuncs.py: a worker imports them by name.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio_parallel
+
+import conveyor
+from tests import _procfuncs as pf
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux /proc, else os.kill)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc").is_dir():
+        try:
+            text = stat.read_text()
+        except OSError:
+            return False
+        return text.rsplit(")", 1)[1].split()[0] != "Z"
+    try:  # pragma: no cover - non-Linux
+        os.kill(pid, 0)
+    except OSError:  # pragma: no cover
+        return False
+    return True  # pragma: no cover
+
+
+def read_pids(directory: Path) -> list[str]:
+    return [f.read_text() for f in sorted(directory.glob("*.pid"))]
+
+
+async def wait_for_files(directory: Path, count: int, limit: float = 20.0) -> list[int]:
+    """Wait (real time) until ``count`` pid files exist; return the pids in them."""
+    with trio.fail_after(limit):
+        while True:
+            texts = read_pids(directory)  # a few tiny local files: not worth a thread
+            if len(texts) >= count and all(texts):
+                return [int(t) for t in texts]
+            await trio.sleep(0.02)
+
+
+class RecordingExecutor(concurrent.futures.Executor):
+    """Wraps a real executor and keeps every future it hands out."""
+
+    def __init__(self, inner: concurrent.futures.Executor) -> None:
+        self.inner = inner
+        self.futures: list[concurrent.futures.Future[Any]] = []
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        future = self.inner.submit(fn, *args, **kwargs)
+        self.futures.append(future)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.inner.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+@pytest.fixture(scope="module")
+def process_pool() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    # spawn, not fork: forking a process that runs trio (and its threads) is unsafe.
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=2, mp_context=multiprocessing.get_context("spawn")
+    )
+    yield pool
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def async_square(x: int) -> int:  # used as a sync function in the checks below
+    return x * x
+
+
+async def really_async(x: int) -> int:
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# contract: bad input refused at the call
+
+
+@pytest.mark.parametrize("wrap", [conveyor.in_thread, conveyor.in_process])
+def test_async_function_refused(wrap: Callable[..., Any]) -> None:
+    with pytest.raises(TypeError, match=r"expects a sync function, but .*really_async is async"):
+        wrap(really_async)
+    with pytest.raises(TypeError, match="expects a sync callable, got 3"):
+        wrap(3)
+
+
+def test_in_process_argument_checks() -> None:
+    with pytest.raises(TypeError, match=r"executor must be a concurrent\.futures\.Executor"):
+        conveyor.in_process(pf.square, executor=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"limiter must be a trio\.CapacityLimiter or None"):
+        conveyor.in_process(pf.square, limiter=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limiter applies to the default backend only"):
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            conveyor.in_process(pf.square, ex, limiter=trio.CapacityLimiter(1))
+    with pytest.raises(TypeError, match=r"in_thread limiter must be a trio\.CapacityLimiter"):
+        conveyor.in_thread(pf.square, limiter=4)  # type: ignore[arg-type]
+
+
+async def test_batched_argument_checks() -> None:
+    with pytest.raises(ValueError, match="in_process_batched batch_size must be >= 1, got 0"):
+        async with conveyor.in_process_batched(pf.square, batch_size=0):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="in_process_batched max_batches must be >= 1, got 0"):
+        async with conveyor.in_process_batched(pf.square, max_batches=0):
+            pass  # pragma: no cover
+    with pytest.raises(TypeError, match=r"batch_size must be an int >= 1, got 2\.5"):
+        async with conveyor.in_process_batched(pf.square, batch_size=2.5):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+
+
+def test_wrappers_are_coroutine_functions() -> None:
+    import inspect
+
+    for wrapped in (conveyor.in_thread(pf.square), conveyor.in_process(pf.square)):
+        assert inspect.iscoroutinefunction(wrapped)
+        assert inspect.iscoroutinefunction(inspect.unwrap(wrapped))
+    assert conveyor.in_process(pf.square).__name__ == "in_process(square)"
+
+
+# ---------------------------------------------------------------------------------------------
+# in_thread
+
+
+async def test_in_thread_runs_in_another_thread_and_returns() -> None:
+    ident = await conveyor.in_thread(threading.get_ident)()
+    assert ident != threading.get_ident()
+    assert await conveyor.in_thread(pf.add)(2, 3) == 5
+
+
+async def test_in_thread_error_keeps_type_and_frames() -> None:
+    with pytest.raises(pf.ItemError, match="item 7 is bad") as info:
+        await conveyor.in_thread(functools.partial(pf.fail_on, 7))(7)
+    text = "".join(traceback.format_exception(info.value))
+    assert "_inner_failure" in text and "fail_on" in text
+
+
+async def test_in_thread_limiter_caps_threads() -> None:
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def job(_: int) -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+
+    fn = conveyor.in_thread(job, limiter=trio.CapacityLimiter(2))
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(fn, i)
+    assert peak == 2
+
+
+async def test_in_thread_cancel_waits_for_the_thread() -> None:
+    release = threading.Event()
+    finished = threading.Event()
+
+    def blocking() -> str:
+        release.wait(10)
+        finished.set()
+        return "done"
+
+    async def release_later() -> None:
+        await trio.sleep(0.05)
+        release.set()
+
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            scope.cancel()  # already cancelled: the thread must not even start
+            await conveyor.in_thread(blocking)()
+        assert not finished.is_set()
+
+        returned = []
+        with trio.CancelScope() as scope:
+            nursery.start_soon(release_later)
+            scope.deadline = trio.current_time() + 0.01
+            returned.append(await conveyor.in_thread(blocking)())
+            await trio.lowlevel.checkpoint()  # the cancel lands here
+            returned.append("not reached")
+        # The cancel waited for the thread, whose result was kept: no thread left behind.
+        assert scope.cancelled_caught
+        assert finished.is_set()
+        assert returned == ["done"]
+
+
+# ---------------------------------------------------------------------------------------------
+# in_process, default backend (trio-parallel): values and errors
+
+
+async def test_in_process_returns_from_another_process() -> None:
+    assert await conveyor.in_process(pf.getpid)() != os.getpid()
+    assert await conveyor.in_process(pf.add)(2, 3) == 5
+    assert await conveyor.in_process(functools.partial(pf.fail_on, 99))(4) == 8
+
+
+async def test_in_process_error_keeps_type_and_worker_frames() -> None:
+    with pytest.raises(pf.ItemError, match="item 3 is bad") as info:
+        await conveyor.in_process(functools.partial(pf.fail_on, 3))(3)
+    text = "".join(traceback.format_exception(info.value))
+    # the frames inside the worker process, then the caller's
+    assert 'in _inner_failure\n    raise ItemError(f"item {x} is bad")' in text
+    assert "in fail_on" in text
+    assert "test_in_process_error_keeps_type_and_worker_frames" in text
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda x: x, functools.partial(lambda x, y: x, y=1)],
+    ids=["lambda", "partial-of-lambda"],
+)
+async def test_lambda_is_refused_with_the_fix(fn: Callable[[int], int]) -> None:
+    wrapped = conveyor.in_process(fn)
+    with trio.fail_after(1), pytest.raises(conveyor.NotPicklableError) as info:
+        await wrapped(1)
+    message = str(info.value)
+    assert "cannot send the function" in message and "<lambda>" in message
+    assert "define it at module level" in message and "functools.partial(" in message
+
+
+async def test_local_function_is_refused_with_the_fix() -> None:
+    def local(x: int) -> int:
+        return x
+
+    with trio.fail_after(1), pytest.raises(conveyor.NotPicklableError, match="module level"):
+        await conveyor.in_process(local)(1)
+
+
+async def test_unpicklable_argument_is_named() -> None:
+    with trio.fail_after(1), pytest.raises(conveyor.NotPicklableError) as info:
+        await conveyor.in_process(pf.add)(1, threading.Lock())
+    assert "cannot send argument 1 (lock <unlocked _thread.lock" in str(info.value)
+    # Both errors pickle raises for this are caught by the usual handlers.
+    assert isinstance(info.value, TypeError)
+
+
+async def test_unpicklable_result_is_named_and_the_worker_survives() -> None:
+    with trio.fail_after(10), pytest.raises(conveyor.NotPicklableError) as info:
+        await conveyor.in_process(pf.return_lock)(1)
+    assert "cannot send the result of tests._procfuncs.return_lock back" in str(info.value)
+    assert "the lock it returned cannot be pickled" in str(info.value)
+    assert await conveyor.in_process(pf.square)(3) == 9
+
+
+async def test_exception_that_cannot_be_rebuilt_becomes_remote_error() -> None:
+    with pytest.raises(conveyor.RemoteError) as info:
+        await conveyor.in_process(pf.raise_unrebuildable)(4)
+    assert "tests._procfuncs.Unrebuildable: 4/4" in str(info.value)
+    assert "in raise_unrebuildable" in "".join(traceback.format_exception(info.value))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "exitcode"), [("exit", 3), ("kill", -9)])
+async def test_dead_worker_raises_worker_died_then_a_fresh_worker_runs(
+    tmp_path: Path, how: str, exitcode: int
+) -> None:
+    fn = conveyor.in_process(functools.partial(pf.die_once, str(tmp_path), how))
+    with pytest.raises(conveyor.WorkerDied, match=f"died \\(exit code {exitcode}\\)") as info:
+        await fn(5)
+    assert info.value.exitcode == exitcode
+    assert isinstance(info.value, trio_parallel.BrokenWorkerError)
+    assert await fn(5) == 5
+
+
+@pytest.mark.slow
+async def test_cancel_kills_the_worker(tmp_path: Path) -> None:
+    fn = conveyor.in_process(functools.partial(pf.write_pid_then_sleep, str(tmp_path), 10))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fn, 1)
+        (pid,) = await wait_for_files(tmp_path, 1)
+        assert pid_running(pid)
+        start = time.monotonic()
+        nursery.cancel_scope.cancel()
+    assert time.monotonic() - start < 1
+    assert not pid_running(pid)
+
+
+@pytest.mark.slow
+async def test_no_kill_on_cancel_waits_for_the_job(tmp_path: Path) -> None:
+    fn = conveyor.in_process(
+        functools.partial(pf.write_pid_then_sleep, str(tmp_path), 0.5), kill_on_cancel=False
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fn, 1)
+        (pid,) = await wait_for_files(tmp_path, 1)
+        nursery.cancel_scope.cancel()
+    # The job ran to its end (about 0.5 s after it wrote its pid) and its worker lives on,
+    # back in trio-parallel's cache for the next job.
+    assert pid_running(pid)
+    assert await conveyor.in_process(pf.getpid)() == pid
+
+
+# ---------------------------------------------------------------------------------------------
+# in_process with an executor (the bridge)
+
+
+async def test_executor_values_and_worker_frames(
+    process_pool: concurrent.futures.ProcessPoolExecutor,
+) -> None:
+    assert await conveyor.in_process(pf.add, process_pool)(2, 3) == 5
+    with pytest.raises(pf.ItemError) as info:
+        await conveyor.in_process(functools.partial(pf.fail_on, 3), process_pool)(3)
+    text = "".join(traceback.format_exception(info.value))
+    assert "in _inner_failure" in text and "in fail_on" in text
+    with pytest.raises(conveyor.NotPicklableError, match=r"functools\.partial"):
+        await conveyor.in_process(lambda x: x, process_pool)(1)
+
+
+async def test_executor_bridge_parks_no_thread_per_call(
+    process_pool: concurrent.futures.ProcessPoolExecutor,
+) -> None:
+    fn = conveyor.in_process(functools.partial(pf.sleep_and_return, 0.05), process_pool)
+    await fn(0)  # the executor's own threads exist from here on
+    baseline = threading.active_count()
+    peak = baseline
+    results: list[int] = []
+
+    async def one(i: int) -> None:
+        results.append(await fn(i))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(one, i)
+        while len(results) < 30:
+            peak = max(peak, threading.active_count())
+            await trio.sleep(0.005)
+    assert sorted(results) == list(range(30))
+    assert peak == baseline  # 30 calls waited, not one more thread
+
+
+async def test_executor_cancel_drops_queued_jobs_and_abandons_running_ones() -> None:
+    started = threading.Event()
+    release = threading.Event()
+    done: list[int] = []
+
+    def job(x: int) -> int:
+        started.set()
+        release.wait(10)
+        done.append(x)
+        return x
+
+    _REGISTRY["job"] = job
+    with concurrent.futures.ThreadPoolExecutor(1) as inner:
+        executor = RecordingExecutor(inner)
+        fn = conveyor.in_process(_call_registered, executor)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fn, "job", 1)
+            nursery.start_soon(fn, "job", 2)
+            await trio.to_thread.run_sync(started.wait, 10)
+            start = time.monotonic()
+            nursery.cancel_scope.cancel()
+        assert time.monotonic() - start < 0.5  # kill_on_cancel=True: we stopped waiting
+        running, queued = sorted(executor.futures, key=lambda f: f.running(), reverse=True)
+        assert queued.cancelled()  # it never runs
+        assert running.running()  # abandoned, still running
+        release.set()
+        ((ok, _, _),) = running.result(timeout=10)
+        assert ok  # it ran to completion; its result went nowhere
+    assert done == [1] or done == [2]
+
+
+async def test_executor_cancel_without_kill_waits_for_the_running_job() -> None:
+    started = threading.Event()
+
+    def job(x: int) -> int:
+        started.set()
+        time.sleep(0.2)
+        return x
+
+    with concurrent.futures.ThreadPoolExecutor(1) as inner:
+        executor = RecordingExecutor(inner)
+        fn = conveyor.in_process(_call_registered, executor, kill_on_cancel=False)
+        _REGISTRY["job"] = job
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fn, "job", 1)
+            await trio.to_thread.run_sync(started.wait, 10)
+            nursery.cancel_scope.cancel()
+        (running,) = executor.futures
+        assert running.done()  # the cancel waited for it
+
+
+# A thread executor runs `_run_jobs` in this process, so a registry lets tests use local
+# closures (with their Events) while the function that is pickled stays module-level.
+_REGISTRY: dict[str, Callable[[int], int]] = {}
+
+
+def _call_registered(name: str, x: int) -> int:
+    return _REGISTRY[name](x)
+
+
+# ---------------------------------------------------------------------------------------------
+# in_process_batched
+
+
+async def test_batched_gives_each_caller_its_own_result_or_error() -> None:
+    results: dict[int, object] = {}
+
+    with concurrent.futures.ThreadPoolExecutor(2) as inner:
+        executor = RecordingExecutor(inner)
+        async with conveyor.in_process_batched(
+            functools.partial(pf.fail_on, 13), executor, batch_size=40, max_batches=1
+        ) as fn:
+
+            async def one(i: int) -> None:
+                try:
+                    results[i] = await fn(i)
+                except pf.ItemError as exc:
+                    results[i] = exc
+
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    nursery.start_soon(one, i)
+
+    assert len(executor.futures) == 3  # 100 calls in batches of at most 40
+    assert {i: v for i, v in results.items() if i != 13} == {
+        i: 2 * i for i in range(100) if i != 13
+    }
+    error = results[13]
+    assert isinstance(error, pf.ItemError) and str(error) == "item 13 is bad"
+    assert "in _inner_failure" in "".join(traceback.format_exception(error))
+
+
+async def test_batched_one_unpicklable_argument_fails_only_itself() -> None:
+    outcomes: dict[int, object] = {}
+    async with conveyor.in_process_batched(pf.add, batch_size=8) as fn:
+
+        async def one(i: int) -> None:
+            arg: object = threading.Lock() if i == 2 else i
+            try:
+                outcomes[i] = await fn(i, arg)
+            except conveyor.NotPicklableError as exc:
+                outcomes[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(one, i)
+    assert isinstance(outcomes.pop(2), conveyor.NotPicklableError)
+    assert outcomes == {0: 0, 1: 2, 3: 6, 4: 8}
+
+
+async def test_batched_callable_is_closed_after_the_block() -> None:
+    async with conveyor.in_process_batched(pf.square) as fn:
+        assert await fn(4) == 16
+    with pytest.raises(trio.ClosedResourceError, match="used after its async with block"):
+        await fn(4)
+
+
+@pytest.mark.slow
+async def test_batched_dead_worker_fails_every_caller_of_the_batch(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+    fn_sync = functools.partial(pf.die_once, str(tmp_path), "exit")
+    async with conveyor.in_process_batched(fn_sync, batch_size=10, max_batches=1) as fn:
+
+        async def one() -> None:
+            try:
+                await fn(7)
+            except conveyor.WorkerDied as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+        # each caller has its own exception object, so their tracebacks stay apart
+        assert len({id(e) for e in errors}) == 3
+        assert await fn(7) == 7  # retried: a fresh worker, and the marker is there now
+
+
+@pytest.mark.slow
+async def test_batched_cancel_of_every_caller_kills_the_batch(tmp_path: Path) -> None:
+    fn_sync = functools.partial(pf.write_pid_then_sleep, str(tmp_path), 10)
+    async with conveyor.in_process_batched(fn_sync, batch_size=4) as fn:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fn, 1)
+                nursery.start_soon(fn, 2)
+                (pid,) = await wait_for_files(tmp_path, 1)
+                start = time.monotonic()
+                scope.cancel()
+    assert time.monotonic() - start < 1
+    assert not pid_running(pid)
+
+
+async def test_batched_cancel_of_one_caller_keeps_the_others() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def job(x: int) -> int:
+        started.set()
+        release.wait(10)
+        return x
+
+    _REGISTRY["slow"] = job
+    got: list[int] = []
+    scopes: list[trio.CancelScope] = []
+
+    async def keep(i: int) -> None:
+        got.append(await fn("slow", i))
+
+    async def drop(i: int) -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            got.append(await fn("slow", i))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as inner:
+        executor = RecordingExecutor(inner)
+        async with conveyor.in_process_batched(
+            _call_registered, executor, batch_size=4, max_batches=1
+        ) as fn:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep, 1)
+                nursery.start_soon(drop, 2)
+                await trio.to_thread.run_sync(started.wait, 10)
+                scopes[0].cancel()  # one caller of the running batch goes away...
+                await trio.sleep(0.05)
+                release.set()
+    assert got == [1]  # ...the batch carried on for the other one
+    (future,) = executor.futures  # both were in that one batch
+    assert len(future.result()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: through conveyor.run
+
+
+async def test_run_reports_worker_error_with_worker_frames() -> None:
+    report = await conveyor.run(
+        conveyor.in_process(functools.partial(pf.fail_on, 3)), range(6), workers=2
+    )
+    assert sorted(r.value for r in report.succeeded) == [0, 2, 4, 8, 10]
+    (failed,) = report.failed
+    assert failed.item == 3 and isinstance(failed.error, pf.ItemError)
+    assert "in _inner_failure" in failed.traceback and "in fail_on" in failed.traceback
+
+
+async def test_run_unpicklable_function_fails_fast_and_shows_the_fix() -> None:
+    with trio.fail_after(1):
+        report = await conveyor.run(conveyor.in_process(lambda x: x), range(3), workers=2)
+    assert len(report.failed) == 3 and not report.succeeded
+    assert all("functools.partial" in str(f.error) for f in report.failed)
+
+
+@pytest.mark.slow
+async def test_run_retries_a_dead_worker_on_a_fresh_one(tmp_path: Path) -> None:
+    fn = conveyor.in_process(functools.partial(pf.die_once, str(tmp_path), "kill"))
+    report = await conveyor.run(
+        fn, range(4), workers=2, retry=conveyor.Retry(attempts=2, backoff=None)
+    )
+    assert not report.failed and not report.unfinished
+    assert sorted(r.value for r in report.succeeded) == [0, 1, 2, 3]
+    assert {r.attempts for r in report.succeeded} == {2}  # each died once, then succeeded
+
+
+@pytest.mark.slow
+async def test_run_cancel_kills_running_jobs(tmp_path: Path) -> None:
+    fn = conveyor.in_process(functools.partial(pf.write_pid_then_sleep, str(tmp_path), 10))
+    report = None
+    async with trio.open_nursery() as nursery:
+
+        async def go() -> None:
+            nonlocal report
+            report = await conveyor.run(fn, range(2), workers=2)
+
+        nursery.start_soon(go)
+        pids = await wait_for_files(tmp_path, 2)
+        start = time.monotonic()
+        nursery.cancel_scope.cancel()
+    assert time.monotonic() - start < 1
+    assert not any(pid_running(pid) for pid in pids)
+
+
+@pytest.mark.slow
+async def test_loop_stays_responsive_while_processes_work() -> None:
+    lateness: list[float] = []
+
+    async def ticker(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            before = trio.current_time()
+            await trio.sleep(0.001)
+            lateness.append(trio.current_time() - before - 0.001)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ticker)
+        report = await conveyor.run(conveyor.in_process(pf.burn), [20_000] * 4, workers=2)
+        nursery.cancel_scope.cancel()
+    assert len(report.succeeded) == 4
+    assert len(lateness) > 50
+    assert max(lateness) < 0.2
