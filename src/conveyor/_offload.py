@@ -24,6 +24,7 @@ import concurrent.futures
 import copy
 import functools
 import inspect
+import itertools
 import math
 import os
 import pickle
@@ -368,7 +369,12 @@ class _Backend:
             except trio_parallel.BrokenWorkerError as exc:
                 raise _worker_died(self.fn_name, exc) from exc
             return replies
-        future = self.executor.submit(_run_jobs, self.fn_name, fn_blob, arg_blobs)
+        # The call number makes each submission unique: an executor that deduplicates
+        # identical calls (Dask's pure=True, its default) would otherwise hand a retry the
+        # cached result of the attempt that failed.
+        future = self.executor.submit(
+            _run_jobs, self.fn_name, fn_blob, arg_blobs, next(_call_numbers)
+        )
         return await _wait_future(future, self.kill_on_cancel)
 
 
@@ -567,10 +573,15 @@ def _load_reply(reply: _Reply) -> Any:
 # In the worker process
 
 
-def _run_jobs(fn_name: str, fn_blob: bytes, arg_blobs: Sequence[bytes]) -> list[_Reply]:
+_call_numbers = itertools.count()
+
+
+def _run_jobs(
+    fn_name: str, fn_blob: bytes, arg_blobs: Sequence[bytes], call_number: int = 0
+) -> list[_Reply]:
     """Run ``f(*args)`` for each pickled argument tuple; one reply per call, never raising
     for a problem of one call. Runs in the worker process (module level, so it is found by
-    name there)."""
+    name there). ``call_number`` only makes each submission distinct."""
     try:
         fn = pickle.loads(fn_blob)
     except Exception as exc:
