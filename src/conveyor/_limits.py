@@ -1,0 +1,684 @@
+"""Limits held around every attempt, behind one small protocol so that they stack.
+
+The protocol
+------------
+The pool holds a tuple of :class:`Limit` objects and, in the worker task, around *every*
+attempt (retries included)::
+
+    tokens = []
+    try:
+        for limit in limits:                       # in order
+            tokens.append(await limit.acquire(item))
+        ... run the attempt, error = the exception or None ...
+    finally:
+        for limit, token in reversed(list(zip(limits, tokens))):
+            limit.release(token, error)             # in reverse order
+
+``acquire`` is cancellation-safe: if it is cancelled, nothing is held. The token is whatever
+the limit needs to undo its acquire; that is how :class:`Adaptive` learns an attempt's latency
+without a wider ``release`` signature (its token carries the start time). A retry waiting for
+its backoff holds no token: tokens are held by attempts, not by items.
+
+Refinement for per-key limits
+-----------------------------
+A :class:`PerKey` limit must not pin a worker while its key is busy: if workers simply waited
+for a slow host, all of them could end up waiting on it while other hosts' items sit in the
+channel. So the pool calls :class:`PerKey` first, before the plain limits, in its parking
+form, with its own job object and a ``resend`` callback::
+
+    claim, job.claim = job.claim, None
+    token = await per_key.admit(item, job, resend, claim)
+    if token is None:
+        continue        # parked: the limit owns the job until it calls resend(job, claim, due)
+
+When the key has room, ``admit`` returns a token at once. When it does not, the job is parked
+in the key's line (FIFO) and the worker takes another item. When the key frees a slot, the
+limit calls ``resend(job, claim, due)`` (``due`` later than now when the key's rate says so):
+the pool sends the job back into its work channel at trio time ``due`` (as its retry
+scheduler does), and a worker that picks it up passes the claim back to ``admit``.
+
+A claim does not hold a slot while the job travels: a worker already in hand takes a free
+slot first. Holding it would deadlock when every worker waits on that key while the job that
+holds its slot sits in the channel with no worker free to take it. Parking is bounded
+(``max_parked`` jobs in all); past that, ``admit`` waits like a plain limit, so memory stays
+bounded by the pool's buffer, its workers and ``max_parked``. A stopping pool gives back its
+parked jobs with :meth:`PerKey.withdraw` and its travelling claims with :meth:`PerKey.discard`.
+
+Algorithms: :class:`Rate` is GCRA (the "virtual scheduling" form of the generic cell rate
+algorithm, https://en.wikipedia.org/wiki/Generic_cell_rate_algorithm), on trio's clock, so it
+is exact under a ``MockClock``. :class:`Adaptive` is AIMD (additive increase, multiplicative
+decrease, as TCP congestion avoidance), at most one decrease per "window" of attempts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, Protocol, TypeVar, cast, final, runtime_checkable
+
+import trio
+
+__all__ = [
+    "Adaptive",
+    "CapacityLimit",
+    "Claim",
+    "Limit",
+    "PerKey",
+    "Rate",
+    "capacity_limit",
+]
+
+J = TypeVar("J")
+
+
+@runtime_checkable
+class Limit(Protocol):
+    """What the pool calls around every attempt (see the module docstring)."""
+
+    async def acquire(self, item: Any) -> object:
+        """Wait until an attempt on ``item`` may start; return a token for :meth:`release`."""
+        ...
+
+    def release(self, token: object, error: BaseException | None) -> None:
+        """The attempt that got ``token`` ended; ``error`` is None on success."""
+        ...
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum} (got {value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum} (got {value!r})")
+    return value
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number > 0 (got {value!r})")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0 (got {value!r})")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------- rate
+
+
+class _Gcra:
+    """GCRA state: the theoretical arrival time (TAT) kept as ``anchor + count / rate``.
+
+    Counting slots from an anchor instead of adding ``1 / rate`` again and again keeps the slot
+    times exact (``k / 10`` is the float nearest to k tenths; a running sum drifts).
+    """
+
+    __slots__ = ("_anchor", "_count", "_per_second", "_tolerance", "_trio_token")
+
+    def __init__(self, per_second: float, burst: int) -> None:
+        self._per_second = per_second
+        # A request conforms while now >= TAT - tolerance; burst b allows b at once.
+        self._tolerance = (burst - 1) / per_second
+        self._anchor = -math.inf
+        self._count = 0
+        self._trio_token: object = None
+
+    def reserve(self, now: float) -> float:
+        """Reserve the next slot; return its time (>= now)."""
+        tat = self._anchor + self._count / self._per_second
+        if tat <= now:
+            # Idle long enough that the bucket is full again: restart counting from now.
+            self._anchor, self._count, tat = now, 0, now
+        self._count += 1
+        return max(now, tat - self._tolerance)
+
+    def ticket(self) -> tuple[float, int]:
+        """Identifies the latest reservation (for :meth:`unreserve`)."""
+        return self._anchor, self._count
+
+    def unreserve(self, ticket: tuple[float, int]) -> None:
+        """Give back the latest reservation if it is still the latest (a cancelled wait)."""
+        if (self._anchor, self._count) == ticket:
+            self._count -= 1
+
+    def idle_at(self) -> float:
+        """The time from which this state is the same as a fresh one."""
+        return self._anchor + self._count / self._per_second
+
+    def check_run(self) -> None:
+        # A Rate may outlive one trio.run (a module-level constant, tests): each run has its
+        # own clock, so state from another run means nothing here.
+        token = trio.lowlevel.current_trio_token()
+        if token is not self._trio_token:
+            self._trio_token = token
+            self._anchor, self._count = -math.inf, 0
+
+
+@final
+class Rate:
+    """At most ``per_second`` attempts start per second, at most ``burst`` at once after idling.
+
+    GCRA on trio's clock: exact (under ``autojump_clock``, 100 attempts at ``Rate(10)`` start
+    at 0.0, 0.1, ..., 9.9 s), first come first served, and shareable: pass the same ``Rate``
+    to several pools and their attempts together keep to it.
+
+    Args:
+        per_second: attempts per second, a finite number > 0 (``Rate(0.5)``: one every 2 s).
+        burst: how many attempts may start at the same moment after an idle spell (>= 1).
+
+    Cancellation: a cancelled :meth:`acquire` gives its slot back when no later caller has
+    reserved a slot behind it, so a cancel never makes the rate slower than asked for long.
+    """
+
+    __slots__ = ("_gcra", "burst", "per_second")
+
+    def __init__(self, per_second: float, burst: int = 1) -> None:
+        self.per_second = _check_positive("Rate: per_second", per_second)
+        self.burst = _check_int("Rate: burst", burst, 1)
+        self._gcra = _Gcra(self.per_second, self.burst)
+
+    def __repr__(self) -> str:
+        return f"Rate({self.per_second:g}, burst={self.burst})"
+
+    async def acquire(self, item: Any = None) -> None:
+        """Wait for this attempt's slot. Slots are reserved in call order."""
+        # Conforming now: no wait and no scheduling round, only a cancellation point (taken
+        # before reserving, so a cancel here holds nothing).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        gcra = self._gcra
+        gcra.check_run()
+        now = trio.current_time()
+        slot = gcra.reserve(now)
+        if slot <= now:
+            return
+        ticket = gcra.ticket()
+        try:
+            await trio.sleep_until(slot)
+        except BaseException:
+            gcra.unreserve(ticket)
+            raise
+
+    def release(self, token: object, error: BaseException | None) -> None:
+        """Nothing to give back: a rate limits starts, not attempts in progress."""
+
+
+# ------------------------------------------------------------------------------- capacity
+
+
+@final
+class CapacityLimit:
+    """A :class:`trio.CapacityLimiter` as a :class:`Limit`: one token per attempt.
+
+    Each attempt borrows on behalf of a fresh token object (a worker task may hold several
+    limits at once, and a shared limiter counts attempts from every pool that uses it).
+    """
+
+    __slots__ = ("limiter",)
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self.limiter = limiter
+
+    async def acquire(self, item: Any = None) -> object:
+        token = object()
+        await self.limiter.acquire_on_behalf_of(token)
+        return token
+
+    def release(self, token: object, error: BaseException | None) -> None:
+        self.limiter.release_on_behalf_of(token)
+
+
+def capacity_limit(limiter: trio.CapacityLimiter | int) -> CapacityLimit:
+    """The ``limiter=`` option: a shared :class:`trio.CapacityLimiter`, or an int (private).
+
+    Raises:
+        ValueError: an int < 1.
+        TypeError: neither an int nor a CapacityLimiter.
+    """
+    if isinstance(limiter, trio.CapacityLimiter):
+        return CapacityLimit(limiter)
+    if isinstance(limiter, bool) or not isinstance(limiter, int):
+        raise TypeError(
+            f"limiter must be a trio.CapacityLimiter or an int >= 1 (got {limiter!r})"
+        )
+    if limiter < 1:
+        raise ValueError(f"limiter must be >= 1 (got {limiter!r})")
+    return CapacityLimit(trio.CapacityLimiter(limiter))
+
+
+# -------------------------------------------------------------------------------- per key
+
+
+class _Waiter:
+    """A worker waiting for a key (only when parking is full)."""
+
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.granted = False
+
+
+class _Parked(Generic[J]):
+    __slots__ = ("job", "resend")
+
+    def __init__(self, job: J, resend: Callable[[J, Claim, float], None]) -> None:
+        self.job = job
+        self.resend = resend
+
+
+class _KeyState:
+    __slots__ = ("calling", "gcra", "key", "line", "running", "waiters")
+
+    def __init__(self, key: Hashable, gcra: _Gcra | None) -> None:
+        self.key = key
+        self.running = 0  # attempts holding a slot (in a worker's hands)
+        self.calling = 0  # jobs resent with a claim, not yet back at admit()
+        self.line: deque[_Parked[Any]] = deque()  # parked jobs, FIFO
+        self.waiters: deque[_Waiter] = deque()  # workers waiting, FIFO
+        self.gcra = gcra
+
+
+@final
+class Claim:
+    """A parked job's ticket back in: its key had room (and its rate slot is paid) when it
+    was resent. Opaque to the pool: carry it with the job and pass it to ``admit``."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: _KeyState) -> None:
+        self.state = state
+
+
+@final
+class PerKey(Generic[J]):
+    """Concurrency and rate limits per key, the key computed from the item.
+
+    ``PerKey(lambda url: urlsplit(url).hostname, limit=2, rate=Rate(5))``: at most 2
+    attempts at once and 5 starts per second *per host*. Items of a busy key are parked, not
+    waited for by a worker, so one slow host does not eat every worker while other hosts'
+    items wait (see the module docstring for the pool side). Keys that go idle are forgotten:
+    memory stays bounded however many distinct keys pass.
+
+    Args:
+        key: item -> a hashable key. An exception from it propagates from ``admit``.
+        limit: attempts at once per key (>= 1), or None for no concurrency limit.
+        rate: a :class:`Rate` used as a template: each key gets its own state with the same
+            ``per_second`` and ``burst``. None for no rate limit.
+        max_parked: how many jobs may be parked in all (>= 0); past that, ``admit`` waits
+            like a plain limit (0: never park).
+
+    Order: per key, parked jobs are resent first come first served; workers that had to wait
+    (parking full) are served before parked jobs, since they hold a worker each. A parked job
+    waiting for a rate slot is admitted at that slot's time and starts when a worker picks it
+    up, never earlier.
+    """
+
+    def __init__(
+        self,
+        key: Callable[[Any], Hashable],
+        *,
+        limit: int | None = None,
+        rate: Rate | None = None,
+        max_parked: int = 1000,
+    ) -> None:
+        if not callable(key):
+            raise TypeError(f"PerKey: key must be a callable item -> key (got {key!r})")
+        if limit is not None:
+            _check_int("PerKey: limit", limit, 1)
+        if rate is not None and not isinstance(rate, Rate):
+            raise TypeError(f"PerKey: rate must be a conveyor.Rate or None (got {rate!r})")
+        if limit is None and rate is None:
+            raise ValueError("PerKey: give a limit, a rate, or both")
+        self.key = key
+        self.limit: float = math.inf if limit is None else limit
+        self.rate = rate
+        self.max_parked = _check_int("PerKey: max_parked", max_parked, 0)
+        self._states: dict[Hashable, _KeyState] = {}
+        # (state, time it is fresh again) of idle keys whose rate state is still warm.
+        self._idle: deque[tuple[_KeyState, float]] = deque()
+        self._parked = 0  # jobs in lines + jobs resent with a claim, not yet back
+        self._trio_token: object = None
+
+    def __repr__(self) -> str:
+        return f"<PerKey limit={self.limit} rate={self.rate} keys={self.keys} parked={self.parked}>"
+
+    # --- introspection (stats, tests)
+    @property
+    def keys(self) -> int:
+        """How many keys are remembered (busy, or idle with their rate state still warm)."""
+        return len(self._states)
+
+    @property
+    def parked(self) -> int:
+        """Jobs parked in lines, or resent with a claim and not yet back."""
+        return self._parked
+
+    def running(self, key: Hashable) -> int:
+        """Attempts on ``key`` holding a slot now."""
+        state = self._states.get(key)
+        return 0 if state is None else state.running
+
+    # --- the Limit form (pins the caller while the key is busy)
+    async def acquire(self, item: Any) -> object:
+        """Wait until ``item``'s key has room (and its rate slot has come)."""
+        return await self._wait(self._state_for(item), paid=False)
+
+    def release(self, token: object, error: BaseException | None = None) -> None:
+        """The attempt holding ``token`` ended."""
+        assert isinstance(token, _KeyState)
+        token.running -= 1
+        self._pump(token)
+
+    # --- the parking form (the pool's worker loop)
+    async def admit(
+        self,
+        item: Any,
+        job: J,
+        resend: Callable[[J, Claim, float], None],
+        claim: Claim | None = None,
+    ) -> object | None:
+        """Admit an attempt on ``item`` now, or park ``job``.
+
+        Returns a token for :meth:`release`, or None: the job is parked and comes back
+        through ``resend(job, claim, due)``, which must not block: the pool sends the job
+        back into its channel at trio time ``due`` and, when a worker picks it up, calls
+        ``admit`` again with that ``claim`` (clear it from the job first: a claim is used
+        once). A job dropped while it carries a claim must be given to :meth:`discard`.
+        """
+        if claim is not None:
+            # No checkpoint on this path: nothing awaits between the claim and the token.
+            state = claim.state
+            state.calling -= 1
+            self._parked -= 1
+            if state.running < self.limit:
+                state.running += 1
+                return state
+            # A waiting worker took the slot meanwhile: back to the front of the line.
+            state.line.appendleft(_Parked(job, resend))
+            self._parked += 1
+            return None
+        state = self._state_for(item)
+        await trio.lowlevel.checkpoint_if_cancelled()  # before holding anything
+        if not state.line and state.running + state.calling < self.limit:
+            gcra = state.gcra
+            now = trio.current_time()
+            slot = now if gcra is None else gcra.reserve(now)
+            if slot <= now:
+                state.running += 1
+                return state
+            if self._parked < self.max_parked:
+                state.calling += 1
+                self._parked += 1
+                resend(job, Claim(state), slot)
+                return None
+            return await self._hold(state, slot)
+        if self._parked < self.max_parked:
+            state.line.append(_Parked(job, resend))
+            self._parked += 1
+            return None
+        return await self._wait(state, paid=False)
+
+    def discard(self, claim: Claim) -> None:
+        """The pool dropped a job that carried ``claim`` (it stopped before the job's turn)."""
+        state = claim.state
+        state.calling -= 1
+        self._parked -= 1
+        self._pump(state)
+
+    def withdraw(self, resend: Callable[[J, Claim, float], None]) -> list[J]:
+        """Take back the jobs parked with this ``resend`` (their pool is stopping)."""
+        taken: list[J] = []
+        now = trio.current_time()
+        for state in list(self._states.values()):
+            if not state.line:
+                continue
+            keep: deque[_Parked[Any]] = deque()
+            for entry in state.line:
+                if entry.resend is resend:
+                    taken.append(entry.job)
+                    self._parked -= 1
+                else:
+                    keep.append(entry)
+            state.line = keep
+            self._maybe_forget(state, now)
+        return taken
+
+    # --- internals
+    def _state_for(self, item: Any) -> _KeyState:
+        key = self.key(item)
+        if self._trio_token is not trio.lowlevel.current_trio_token():
+            # Another trio.run, another clock: nothing from the last run can still be held.
+            self._trio_token = trio.lowlevel.current_trio_token()
+            self._states.clear()
+            self._idle.clear()
+            self._parked = 0
+        idle = self._idle
+        if idle:
+            now = trio.current_time()
+            while idle and idle[0][1] <= now:
+                self._maybe_forget(idle.popleft()[0], now)
+        state = self._states.get(key)
+        if state is None:
+            rate = self.rate
+            gcra = None
+            if rate is not None:
+                gcra = _Gcra(rate.per_second, rate.burst)
+            state = self._states[key] = _KeyState(key, gcra)
+        return state
+
+    async def _wait(self, state: _KeyState, paid: bool) -> _KeyState:
+        """Pin the caller until the key has a slot, then until its rate slot."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if state.running < self.limit and not state.waiters:
+            # Jobs in the line or in transit do not hold slots: a worker in hand goes first,
+            # else every worker could wait on a key whose next job no worker is free to take.
+            state.running += 1
+        else:
+            waiter = _Waiter()
+            state.waiters.append(waiter)
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter.granted:
+                    self.release(state)
+                else:
+                    state.waiters.remove(waiter)  # O(waiters); only when parking is full
+                    self._maybe_forget(state, trio.current_time())
+                raise
+        gcra = state.gcra
+        if gcra is None or paid:
+            return state
+        state.running -= 1  # _hold counts it again
+        now = trio.current_time()
+        return await self._hold(state, gcra.reserve(now))
+
+    async def _hold(self, state: _KeyState, slot: float) -> _KeyState:
+        """Hold a slot of ``state`` and sleep until the reserved rate ``slot``."""
+        state.running += 1
+        gcra = state.gcra
+        assert gcra is not None
+        ticket = gcra.ticket()
+        try:
+            await trio.sleep_until(slot)
+        except BaseException:
+            gcra.unreserve(ticket)
+            self.release(state)
+            raise
+        return state
+
+    def _pump(self, state: _KeyState) -> None:
+        """Hand freed slots on: waiting workers first, then parked jobs (resent)."""
+        waiters = state.waiters
+        while waiters and state.running < self.limit:
+            waiter = waiters.popleft()
+            waiter.granted = True
+            state.running += 1
+            waiter.event.set()
+        line = state.line
+        now = trio.current_time()
+        if line:
+            gcra = state.gcra
+            while line and state.running + state.calling < self.limit:
+                entry = line.popleft()
+                slot = now if gcra is None else gcra.reserve(now)
+                state.calling += 1  # stays counted in _parked until back at admit()
+                entry.resend(entry.job, Claim(state), slot)
+        self._maybe_forget(state, now)
+
+    def _maybe_forget(self, state: _KeyState, now: float) -> None:
+        if state.running or state.calling or state.line or state.waiters:
+            return
+        if self._states.get(state.key) is not state:
+            return
+        gcra = state.gcra
+        if gcra is not None:
+            fresh_at = gcra.idle_at()
+            if fresh_at > now:
+                self._idle.append((state, fresh_at))
+                return
+        del self._states[state.key]
+
+
+# ------------------------------------------------------------------------------- adaptive
+
+
+@final
+class _AdaptiveToken:
+    __slots__ = ("epoch", "start")
+
+    def __init__(self, epoch: int, start: float) -> None:
+        self.epoch = epoch
+        self.start = start
+
+
+@final
+class Adaptive:
+    """A concurrency limit that finds what a service can take (AIMD), opt-in.
+
+    Every attempt that ends without an overload signal adds ``increase / limit`` (so the limit
+    grows by ``increase`` per window of ``limit`` good attempts); an overload signal multiplies
+    it by ``decrease``, at most once per window (attempts that started before the last
+    decrease do not decrease it again). The limit stays within ``min`` .. ``max``. Other
+    errors leave it alone.
+
+    Args:
+        overload_on: what signals overload: an exception class, a tuple of them, or a
+            predicate on the exception (e.g. an HTTP 429 / 503 status).
+        latency_target: optional; an attempt slower than this many seconds counts as an
+            overload signal too.
+        min: the lowest limit (>= 1).
+        max: the highest limit (>= min).
+        initial: where to start (default ``min``).
+        increase: additive step per window (> 0).
+        decrease: multiplicative factor on overload (0 < decrease < 1).
+
+    Its current value is :attr:`limit` (also in the pool's stats). Shareable between pools.
+    """
+
+    def __init__(
+        self,
+        *,
+        overload_on: type[BaseException]
+        | tuple[type[BaseException], ...]
+        | Callable[[BaseException], bool]
+        | None = None,
+        latency_target: float | None = None,
+        min: int = 1,
+        max: int = 100,
+        initial: int | None = None,
+        increase: float = 1.0,
+        decrease: float = 0.5,
+    ) -> None:
+        lo = _check_int("Adaptive: min", min, 1)
+        hi = _check_int("Adaptive: max", max, 1)
+        if lo > hi:
+            raise ValueError(f"Adaptive: min must be <= max (got min={lo}, max={hi})")
+        start = lo if initial is None else _check_int("Adaptive: initial", initial, 1)
+        if not lo <= start <= hi:
+            raise ValueError(
+                f"Adaptive: initial must be within min..max ({lo}..{hi}) (got {start})"
+            )
+        self.increase = _check_positive("Adaptive: increase", increase)
+        if isinstance(decrease, bool) or not isinstance(decrease, int | float):
+            raise TypeError(f"Adaptive: decrease must be a number in (0, 1) (got {decrease!r})")
+        if not 0 < decrease < 1:
+            raise ValueError(f"Adaptive: decrease must be in (0, 1) (got {decrease!r})")
+        self.decrease = float(decrease)
+        if latency_target is not None:
+            latency_target = _check_positive("Adaptive: latency_target", latency_target)
+        self.latency_target = latency_target
+        self._is_overload = _overload_predicate(overload_on)
+        if overload_on is None and latency_target is None:
+            raise ValueError("Adaptive: give overload_on, latency_target, or both")
+        self.min, self.max = lo, hi
+        self._value = float(start)
+        self._epoch = 0
+        self._limiter = trio.CapacityLimiter(start)
+        self.decreases = 0  # how many times it backed off (stats, tests)
+
+    def __repr__(self) -> str:
+        return f"<Adaptive limit={self.limit} ({self.min}..{self.max}) running={self.running}>"
+
+    @property
+    def limit(self) -> int:
+        """The current concurrency limit."""
+        return int(self._limiter.total_tokens)
+
+    @property
+    def running(self) -> int:
+        """Attempts holding a slot now."""
+        return self._limiter.borrowed_tokens
+
+    async def acquire(self, item: Any = None) -> _AdaptiveToken:
+        token = _AdaptiveToken(self._epoch, 0.0)
+        await self._limiter.acquire_on_behalf_of(token)
+        # The window an attempt belongs to is the one it starts in, not the one it queued in.
+        token.epoch = self._epoch
+        if self.latency_target is not None:
+            token.start = trio.current_time()  # latency of the attempt, not of the wait
+        return token
+
+    def release(self, token: object, error: BaseException | None) -> None:
+        assert isinstance(token, _AdaptiveToken)
+        self._limiter.release_on_behalf_of(token)
+        overloaded = error is not None and self._is_overload(error)
+        if not overloaded and self.latency_target is not None:
+            overloaded = trio.current_time() - token.start > self.latency_target
+        if overloaded:
+            if token.epoch == self._epoch:  # one decrease per window
+                self._epoch += 1
+                self.decreases += 1
+                self._set(self._value * self.decrease)
+        elif error is None:
+            self._set(self._value + self.increase / self._value)
+
+    def _set(self, value: float) -> None:
+        value = self._value = float(self.min if value < self.min else min(value, self.max))
+        whole = int(value)
+        if whole != self._limiter.total_tokens:
+            self._limiter.total_tokens = whole
+
+
+def _overload_predicate(
+    overload_on: type[BaseException]
+    | tuple[type[BaseException], ...]
+    | Callable[[BaseException], bool]
+    | None,
+) -> Callable[[BaseException], bool]:
+    if overload_on is None:
+        return lambda error: False
+    if isinstance(overload_on, type) and issubclass(overload_on, BaseException):
+        classes: tuple[type[BaseException], ...] = (overload_on,)
+    elif isinstance(overload_on, tuple):
+        for cls in overload_on:
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                raise TypeError(
+                    f"Adaptive: overload_on must hold exception classes (got {cls!r})"
+                )
+        classes = overload_on
+    elif callable(overload_on):
+        return cast("Callable[[BaseException], bool]", overload_on)
+    else:
+        raise TypeError(
+            "Adaptive: overload_on must be an exception class, a tuple of them, or a "
+            f"predicate on the exception (got {overload_on!r})"
+        )
+    return lambda error: isinstance(error, classes)
