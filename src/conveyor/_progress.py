@@ -1,0 +1,163 @@
+"""The live progress line of ``run(..., progress=True)``.
+
+On a terminal, one line on stderr redrawn in place every ``interval`` (carriage return and
+"erase to end of line"); anywhere else (a log file, CI, a pipe), a plain line every
+``interval`` (10 s by default), so logs stay readable. The final state is always written
+once more when the pool ends (:meth:`Progress.finish`), also after a cancel. It only reads
+the pool's stats: no effect on results.
+
+The standard library is enough here: one line of text, rewritten in place. tqdm and rich both
+serve this well, but they expect to be told each step (``update(n)``) or run their own refresh
+thread; a pool already has its counters, and a trio task that reads them on trio's clock is
+simpler, testable under ``autojump_clock``, and costs no dependency.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from typing import Protocol, TextIO
+
+import trio
+
+__all__ = ["Progress", "format_duration", "format_line"]
+
+
+class _Counts(Protocol):
+    """What the progress line reads (``conveyor.Stats`` has all of it)."""
+
+    @property
+    def succeeded(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def unfinished(self) -> int: ...
+    @property
+    def retried(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def submitted(self) -> int: ...
+    @property
+    def elapsed(self) -> float: ...
+    @property
+    def throughput(self) -> float: ...
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``; ``?`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _rate(per_second: float) -> str:
+    if per_second >= 100:
+        return f"{per_second:,.0f}/s"
+    if per_second >= 10:
+        return f"{per_second:.1f}/s"
+    return f"{per_second:.2f}/s"
+
+
+def format_line(stats: _Counts, total: int | None = None) -> str:
+    """One progress line: done / total, rate, ETA, in flight, queued, retries, failures.
+
+    ``total`` is the number of items when known (``len(items)``); without it the line shows
+    how many were accepted so far.
+    """
+    done = stats.succeeded + stats.failed + stats.unfinished
+    rate = stats.throughput
+    parts = ["conveyor"]
+    if total is not None and total > 0:
+        parts.append(f"{done:,}/{total:,} {100 * done / total:.1f}%")
+    else:
+        parts.append(f"{done:,} done of {stats.submitted:,} accepted")
+    parts.append(_rate(rate))
+    if total is not None and total > done:
+        parts.append(f"ETA {format_duration((total - done) / rate) if rate > 0 else '?'}")
+    parts.append(f"in flight {stats.in_flight:,}")
+    if stats.queued:
+        parts.append(f"queued {stats.queued:,}")
+    parts.append(f"retries {stats.retried:,}")
+    parts.append(f"failed {stats.failed:,}")
+    if stats.unfinished:
+        parts.append(f"unfinished {stats.unfinished:,}")
+    parts.append(f"elapsed {format_duration(stats.elapsed)}")
+    return " | ".join(parts)
+
+
+class Progress:
+    """Writes the progress line of a pool until cancelled, then its final state.
+
+    Args:
+        stream: where to write (default ``sys.stderr`` at the time of writing).
+        total: the number of items, when known.
+        interval: seconds between lines; default 0.2 s on a terminal, 10 s otherwise.
+        tty: redraw in place (True) or write plain lines (False); default: whether
+            ``stream`` is a terminal.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        total: int | None = None,
+        interval: float | None = None,
+        tty: bool | None = None,
+    ) -> None:
+        if interval is not None and not (interval > 0 and math.isfinite(interval)):
+            raise ValueError(f"progress interval must be a finite number > 0 (got {interval!r})")
+        if total is not None and total < 0:
+            raise ValueError(f"progress total must be >= 0 (got {total!r})")
+        self._stream = stream
+        self.total = total
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            try:
+                tty = bool(isatty()) if isatty is not None else False
+            except ValueError:  # a closed stream
+                tty = False
+        self.tty = tty
+        self.interval = interval if interval is not None else (0.2 if tty else 10.0)
+        self.lines = 0  # how many times it wrote (tests)
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr
+
+    def write(self, stats: _Counts, final: bool = False) -> None:
+        """Write one line (redrawn in place on a terminal)."""
+        line = format_line(stats, self.total)
+        try:
+            if self.tty:
+                self.stream.write("\r" + line + "\x1b[K" + ("\n" if final else ""))
+            else:
+                self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            return  # stderr closed or gone: progress is best effort, never an error
+        self.lines += 1
+
+    async def run(self, snapshot: Callable[[], _Counts]) -> None:
+        """Write ``snapshot()`` every ``interval`` until cancelled.
+
+        The owner calls :meth:`finish` with the final stats once every item has settled
+        (after a cancel too), so the last line is the final account, not a moment before it.
+        """
+        while True:
+            await trio.sleep(self.interval)
+            self.write(snapshot())
+
+    def finish(self, stats: _Counts) -> None:
+        """Write the final line (and end the redrawn line on a terminal)."""
+        self.write(stats, final=True)
