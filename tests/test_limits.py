@@ -102,12 +102,12 @@ def test_rate_state_does_not_leak_between_trio_runs() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"per_second": 0}, ValueError, r"Rate: per_second must be a finite number > 0 \(got 0\)"),
-        ({"per_second": -2}, ValueError, r"per_second must be a finite number > 0 \(got -2\)"),
+        ({"per_second": 0}, ValueError, r"Rate: per_second must be a finite number > 0, got 0"),
+        ({"per_second": -2}, ValueError, r"per_second must be a finite number > 0, got -2"),
         ({"per_second": math.inf}, ValueError, r"per_second must be a finite number > 0"),
         ({"per_second": math.nan}, ValueError, r"per_second must be a finite number > 0"),
-        ({"per_second": "5"}, TypeError, r"per_second must be a number > 0 \(got '5'\)"),
-        ({"per_second": 1, "burst": 0}, ValueError, r"Rate: burst must be >= 1 \(got 0\)"),
+        ({"per_second": "5"}, TypeError, r"per_second must be a number > 0, got '5'"),
+        ({"per_second": 1, "burst": 0}, ValueError, r"Rate: burst must be >= 1, got 0"),
         ({"per_second": 1, "burst": 1.5}, TypeError, r"Rate: burst must be an int >= 1"),
     ],
 )
@@ -163,9 +163,9 @@ def test_capacity_limit_int_makes_a_private_limiter() -> None:
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [
-        (0, ValueError, r"limiter must be >= 1 \(got 0\)"),
-        (-3, ValueError, r"limiter must be >= 1 \(got -3\)"),
-        (2.5, TypeError, r"limiter must be a trio.CapacityLimiter or an int >= 1 \(got 2.5\)"),
+        (0, ValueError, r"limiter must be >= 1, got 0"),
+        (-3, ValueError, r"limiter must be >= 1, got -3"),
+        (2.5, TypeError, r"limiter must be a trio.CapacityLimiter or an int >= 1, got 2.5"),
         (True, TypeError, r"limiter must be a trio.CapacityLimiter or an int"),
     ],
 )
@@ -443,7 +443,7 @@ async def test_per_key_claim_finding_the_slot_taken_goes_back_to_the_front() -> 
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
-        ((host,), {"limit": 0}, ValueError, r"PerKey: limit must be >= 1 \(got 0\)"),
+        ((host,), {"limit": 0}, ValueError, r"PerKey: limit must be >= 1, got 0"),
         ((host,), {}, ValueError, r"PerKey: give a limit, a rate, or both"),
         (("host",), {"limit": 1}, TypeError, r"PerKey: key must be a callable"),
         ((host,), {"rate": 5}, TypeError, r"PerKey: rate must be a conveyor.Rate or None"),
@@ -546,12 +546,12 @@ async def test_adaptive_latency_target_counts_slow_attempts_as_overload(
         (
             {"overload_on": Overloaded, "min": 5, "max": 2},
             ValueError,
-            r"Adaptive: min must be <= max \(got min=5, max=2\)",
+            r"Adaptive: min must be <= max, got min=5, max=2",
         ),
         (
             {"overload_on": Overloaded, "min": 2, "max": 4, "initial": 8},
             ValueError,
-            r"initial must be within min..max \(2..4\) \(got 8\)",
+            r"initial must be within min..max \(2..4\), got 8",
         ),
         ({"overload_on": Overloaded, "decrease": 1.0}, ValueError, r"decrease must be in \(0, 1\)"),
         ({"overload_on": Overloaded, "increase": 0}, ValueError, r"increase must be a finite"),

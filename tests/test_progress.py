@@ -112,8 +112,8 @@ def test_default_stream_is_stderr_at_the_time_of_writing(
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"interval": 0}, r"progress interval must be a finite number > 0 \(got 0\)"),
-     ({"total": -1}, r"progress total must be >= 0 \(got -1\)")],
+    [({"interval": 0}, r"progress interval must be a finite number > 0, got 0"),
+     ({"total": -1}, r"progress total must be >= 0, got -1")],
 )
 def test_progress_refuses_bad_input(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):

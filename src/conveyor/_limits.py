@@ -87,17 +87,17 @@ class Limit(Protocol):
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum} (got {value!r})")
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum} (got {value!r})")
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return value
 
 
 def _check_positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number > 0 (got {value!r})")
+        raise TypeError(f"{name} must be a number > 0, got {value!r}")
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0 (got {value!r})")
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
@@ -236,10 +236,10 @@ def capacity_limit(limiter: trio.CapacityLimiter | int) -> CapacityLimit:
         return CapacityLimit(limiter)
     if isinstance(limiter, bool) or not isinstance(limiter, int):
         raise TypeError(
-            f"limiter must be a trio.CapacityLimiter or an int >= 1 (got {limiter!r})"
+            f"limiter must be a trio.CapacityLimiter or an int >= 1, got {limiter!r}"
         )
     if limiter < 1:
-        raise ValueError(f"limiter must be >= 1 (got {limiter!r})")
+        raise ValueError(f"limiter must be >= 1, got {limiter!r}")
     return CapacityLimit(trio.CapacityLimiter(limiter))
 
 
@@ -320,11 +320,11 @@ class PerKey(Generic[J]):
         max_parked: int = 1000,
     ) -> None:
         if not callable(key):
-            raise TypeError(f"PerKey: key must be a callable item -> key (got {key!r})")
+            raise TypeError(f"PerKey: key must be a callable item -> key, got {key!r}")
         if limit is not None:
             _check_int("PerKey: limit", limit, 1)
         if rate is not None and not isinstance(rate, Rate):
-            raise TypeError(f"PerKey: rate must be a conveyor.Rate or None (got {rate!r})")
+            raise TypeError(f"PerKey: rate must be a conveyor.Rate or None, got {rate!r}")
         if limit is None and rate is None:
             raise ValueError("PerKey: give a limit, a rate, or both")
         self.key = key
@@ -590,17 +590,17 @@ class Adaptive:
         lo = _check_int("Adaptive: min", min, 1)
         hi = _check_int("Adaptive: max", max, 1)
         if lo > hi:
-            raise ValueError(f"Adaptive: min must be <= max (got min={lo}, max={hi})")
+            raise ValueError(f"Adaptive: min must be <= max, got min={lo}, max={hi}")
         start = lo if initial is None else _check_int("Adaptive: initial", initial, 1)
         if not lo <= start <= hi:
             raise ValueError(
-                f"Adaptive: initial must be within min..max ({lo}..{hi}) (got {start})"
+                f"Adaptive: initial must be within min..max ({lo}..{hi}), got {start}"
             )
         self.increase = _check_positive("Adaptive: increase", increase)
         if isinstance(decrease, bool) or not isinstance(decrease, int | float):
-            raise TypeError(f"Adaptive: decrease must be a number in (0, 1) (got {decrease!r})")
+            raise TypeError(f"Adaptive: decrease must be a number in (0, 1), got {decrease!r}")
         if not 0 < decrease < 1:
-            raise ValueError(f"Adaptive: decrease must be in (0, 1) (got {decrease!r})")
+            raise ValueError(f"Adaptive: decrease must be in (0, 1), got {decrease!r}")
         self.decrease = float(decrease)
         if latency_target is not None:
             latency_target = _check_positive("Adaptive: latency_target", latency_target)
@@ -671,7 +671,7 @@ def _overload_predicate(
         for cls in overload_on:
             if not (isinstance(cls, type) and issubclass(cls, BaseException)):
                 raise TypeError(
-                    f"Adaptive: overload_on must hold exception classes (got {cls!r})"
+                    f"Adaptive: overload_on must hold exception classes, got {cls!r}"
                 )
         classes = overload_on
     elif callable(overload_on):
@@ -679,6 +679,6 @@ def _overload_predicate(
     else:
         raise TypeError(
             "Adaptive: overload_on must be an exception class, a tuple of them, or a "
-            f"predicate on the exception (got {overload_on!r})"
+            f"predicate on the exception, got {overload_on!r}"
         )
     return lambda error: isinstance(error, classes)

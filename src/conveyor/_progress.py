@@ -116,9 +116,9 @@ class Progress:
         tty: bool | None = None,
     ) -> None:
         if interval is not None and not (interval > 0 and math.isfinite(interval)):
-            raise ValueError(f"progress interval must be a finite number > 0 (got {interval!r})")
+            raise ValueError(f"progress interval must be a finite number > 0, got {interval!r}")
         if total is not None and total < 0:
-            raise ValueError(f"progress total must be >= 0 (got {total!r})")
+            raise ValueError(f"progress total must be >= 0, got {total!r}")
         self._stream = stream
         self.total = total
         if tty is None:

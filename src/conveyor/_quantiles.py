@@ -46,9 +46,9 @@ class Quantiles:
         self, accuracy: float = 0.01, smallest: float = 1e-9, largest: float = 1e9
     ) -> None:
         if not 0 < accuracy < 1:
-            raise ValueError(f"accuracy must be in (0, 1) (got {accuracy!r})")
+            raise ValueError(f"accuracy must be in (0, 1), got {accuracy!r}")
         if not 0 < smallest < largest:
-            raise ValueError(f"need 0 < smallest < largest (got {smallest!r}, {largest!r})")
+            raise ValueError(f"need 0 < smallest < largest, got {smallest!r}, {largest!r}")
         self._gamma = (1 + accuracy) / (1 - accuracy)
         self._inv_log_gamma = 1 / math.log(self._gamma)
         self._smallest = smallest
@@ -122,7 +122,7 @@ class Quantiles:
         """Several quantiles in one pass over the buckets (qs in any order)."""
         for q in qs:
             if not 0 <= q <= 1:
-                raise ValueError(f"quantile must be within 0..1 (got {q!r})")
+                raise ValueError(f"quantile must be within 0..1, got {q!r}")
         if not self._count:
             return tuple(None for _ in qs)
         # The value of rank floor(q * (n - 1)) among the n sorted values: the "lower" method.
@@ -164,7 +164,7 @@ class Throughput:
 
     def __init__(self, window: float = 10.0, resolution: int = 20) -> None:
         if not window > 0:
-            raise ValueError(f"window must be > 0 (got {window!r})")
+            raise ValueError(f"window must be > 0, got {window!r}")
         self.window = window
         self._spacing = window / resolution
         self._samples: deque[tuple[float, int]] = deque()
