@@ -475,6 +475,43 @@ async def test_batched_callable_is_closed_after_the_block() -> None:
         await fn(4)
 
 
+async def test_batched_block_cancel_releases_callers_outside_it() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def job(x: int) -> int:
+        started.set()
+        release.wait(10)
+        return x
+
+    _REGISTRY["blocking"] = job
+    errors: list[BaseException] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as inner:
+        async with trio.open_nursery() as outside:
+            with trio.CancelScope() as block_scope:
+                async with conveyor.in_process_batched(
+                    _call_registered, inner, batch_size=1, max_batches=1
+                ) as fn:
+
+                    async def caller(i: int) -> None:
+                        try:
+                            await fn("blocking", i)
+                        except trio.ClosedResourceError as exc:
+                            errors.append(exc)
+
+                    outside.start_soon(caller, 1)  # shipped, running
+                    await trio.to_thread.run_sync(started.wait, 10)
+                    outside.start_soon(caller, 2)  # waits for capacity: never shipped
+                    await trio.sleep(0.01)
+                    block_scope.cancel()
+                    await trio.sleep_forever()
+            assert block_scope.cancelled_caught
+        release.set()
+    # Both callers outside the block got an answer instead of waiting forever.
+    assert len(errors) == 2
+    assert all("block ended (cancelled or failed)" in str(e) for e in errors)
+
+
 @pytest.mark.slow
 async def test_batched_dead_worker_fails_every_caller_of_the_batch(tmp_path: Path) -> None:
     errors: list[BaseException] = []

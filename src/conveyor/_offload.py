@@ -293,13 +293,18 @@ async def in_process_batched(
     else:
         _check_positive_int("in_process_batched max_batches", max_batches)
 
-    async with trio.open_nursery() as nursery:
-        batcher: _Batcher[R] = _Batcher(backend, batch_size, max_batches, nursery)
-        nursery.start_soon(batcher.dispatch)
-        try:
-            yield batcher.call  # type: ignore[misc]
-        finally:
-            batcher.close()
+    batcher: _Batcher[R] = _Batcher(backend, batch_size, max_batches)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batcher.dispatch, nursery)
+            try:
+                yield batcher.call  # type: ignore[misc]
+            finally:
+                batcher.close()
+    finally:
+        # After a cancel or an error, calls made from tasks outside the block may still be
+        # waiting (never shipped, or their batch was cancelled): they must not wait forever.
+        batcher.fail_leftovers()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,20 +449,30 @@ class _Batch:
 class _Batcher(Generic[R]):
     """Collects calls; one dispatcher task ships them in batches as capacity frees up."""
 
-    def __init__(
-        self, backend: _Backend, batch_size: int, max_batches: int, nursery: trio.Nursery
-    ) -> None:
+    def __init__(self, backend: _Backend, batch_size: int, max_batches: int) -> None:
         self._backend = backend
         self._batch_size = batch_size
         self._capacity = trio.Semaphore(max_batches)
-        self._nursery = nursery
         self._pending: list[_Call] = []
+        self._unsettled: set[_Call] = set()
         self._arrived = trio.Event()
         self._closed = False
 
     def close(self) -> None:
         self._closed = True
         self._arrived.set()
+
+    def fail_leftovers(self) -> None:
+        self._closed = True
+        for call in self._unsettled:
+            if not call.done.is_set():
+                call.error = trio.ClosedResourceError(
+                    "the in_process_batched block ended (cancelled or failed) before this"
+                    " call was answered"
+                )
+                call.done.set()
+        self._unsettled.clear()
+        self._pending.clear()
 
     async def call(self, *args: Any) -> R:
         if self._closed:
@@ -466,6 +481,7 @@ class _Batcher(Generic[R]):
             )
         call = _Call(_dump_args(self._backend.fn_name, args))
         self._pending.append(call)
+        self._unsettled.add(call)
         self._arrived.set()
         try:
             await call.done.wait()
@@ -475,13 +491,15 @@ class _Batcher(Generic[R]):
             elif not call.done.is_set():
                 call.batch.abandon(call)
             raise
+        finally:
+            self._unsettled.discard(call)
         if call.error is not None:
             raise call.error
         assert call.reply is not None
         result: R = _load_reply(call.reply)
         return result
 
-    async def dispatch(self) -> None:
+    async def dispatch(self, nursery: trio.Nursery) -> None:
         while True:
             await self._capacity.acquire()
             while not self._pending:
@@ -497,7 +515,7 @@ class _Batcher(Generic[R]):
             batch = _Batch(calls)
             for call in calls:
                 call.batch = batch
-            self._nursery.start_soon(self._ship, batch)
+            nursery.start_soon(self._ship, batch)
 
     async def _ship(self, batch: _Batch) -> None:
         replies: list[_Reply] | None = None
@@ -517,6 +535,12 @@ class _Batcher(Generic[R]):
                     call.reply = reply
         finally:
             for call in batch.calls:
+                if call.reply is None and call.error is None and not call.abandoned:
+                    # the batch was cancelled from outside (the block is ending)
+                    call.error = trio.ClosedResourceError(
+                        "the in_process_batched block ended (cancelled or failed) before"
+                        " this call was answered"
+                    )
                 call.done.set()
             self._capacity.release()
 
