@@ -12,6 +12,7 @@ Functions run in worker processes live in tests/_procfuncs.py: a worker imports 
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import functools
 import multiprocessing
 import os
@@ -334,6 +335,20 @@ async def test_executor_values_and_worker_frames(
     assert "in _inner_failure" in text and "in fail_on" in text
     with pytest.raises(conveyor.NotPicklableError, match=r"functools\.partial"):
         await conveyor.in_process(lambda x: x, process_pool)(1)
+
+
+@pytest.mark.slow
+async def test_executor_dead_worker_gives_the_executors_own_error(tmp_path: Path) -> None:
+    # Documented: other backends keep their own dead-worker errors (retryable Exceptions);
+    # a ProcessPoolExecutor then stays broken, unlike trio-parallel's default backend.
+    with concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        fn = conveyor.in_process(functools.partial(pf.die_once, str(tmp_path), "exit"), pool)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            await fn(1)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            await fn(1)
 
 
 async def test_executor_bridge_parks_no_thread_per_call(
