@@ -311,12 +311,19 @@ async def test_no_kill_on_cancel_waits_for_the_job(tmp_path: Path) -> None:
     fn = conveyor.in_process(
         functools.partial(pf.write_pid_then_sleep, str(tmp_path), 0.5), kill_on_cancel=False
     )
+    returned: list[int] = []
+
+    async def call() -> None:
+        returned.append(await fn(1))
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fn, 1)
+        nursery.start_soon(call)
         (pid,) = await wait_for_files(tmp_path, 1)
         nursery.cancel_scope.cancel()
+    assert returned == [1]  # waited out; the cancel landed at the next checkpoint
     # The job ran to its end (about 0.5 s after it wrote its pid) and its worker lives on,
     # back in trio-parallel's cache for the next job.
+    assert (tmp_path / "1.pid").exists()
     assert pid_running(pid)
     assert await conveyor.in_process(pf.getpid)() == pid
 
@@ -412,16 +419,24 @@ async def test_executor_cancel_without_kill_waits_for_the_running_job() -> None:
         time.sleep(0.2)
         return x
 
+    returned: list[int] = []
     with concurrent.futures.ThreadPoolExecutor(1) as inner:
         executor = RecordingExecutor(inner)
         fn = conveyor.in_process(_call_registered, executor, kill_on_cancel=False)
         _REGISTRY["job"] = job
+
+        async def call() -> None:
+            returned.append(await fn("job", 1))
+            await trio.lowlevel.checkpoint()  # the cancel lands here
+            returned.append(-1)  # pragma: no cover
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(fn, "job", 1)
+            nursery.start_soon(call)
             await trio.to_thread.run_sync(started.wait, 10)
             nursery.cancel_scope.cancel()
         (running,) = executor.futures
         assert running.done()  # the cancel waited for it
+    assert returned == [1]  # and its result was handed over, as trio.to_thread does
 
 
 # A thread executor runs `_run_jobs` in this process, so a registry lets tests use local

@@ -191,15 +191,20 @@ def in_process(
     Problems pickling the function, an argument or a result raise
     :class:`NotPicklableError`, whose message names the culprit.
 
+    The function is pickled at the first call and the pickle reused: a function that
+    cannot be pickled fails every call (in a pool, one ``Failed`` per item, none lost)
+    instead of failing here.
+
     **Cancellation handling**: with the default backend and ``kill_on_cancel=True``, a
     cancel kills the worker process running the job and raises ``trio.Cancelled`` at once
-    (trio-parallel starts a new worker for the next job); with ``kill_on_cancel=False`` the
-    cancel waits for the job to finish, discards its result, then raises. With an
-    ``executor``, a job still queued in the executor is cancelled (``Future.cancel()``) and
-    never runs. A job already running cannot be killed through the ``Executor`` interface:
-    with ``kill_on_cancel=True`` the caller returns at once and the job runs to completion
-    in the executor, its result discarded; with ``kill_on_cancel=False`` the caller waits
-    for it to finish first.
+    (trio-parallel starts a new worker for the next job). With an ``executor``, a job still
+    queued in the executor is cancelled (``Future.cancel()``) and never runs; a job already
+    running cannot be killed through the ``Executor`` interface, so with
+    ``kill_on_cancel=True`` the caller raises ``trio.Cancelled`` at once while the job runs
+    to completion in the executor, its result discarded. With ``kill_on_cancel=False``
+    (either backend) a cancel waits for the running job to finish, like
+    ``trio.to_thread.run_sync``: the call returns the job's result (or raises its error)
+    and the cancel takes effect at the caller's next checkpoint.
 
     **Dead workers**: a worker that dies mid-job raises :class:`WorkerDied` (default
     backend); the pool's default retry policy retries it on a fresh worker.
@@ -414,10 +419,12 @@ async def _wait_future(future: concurrent.futures.Future[T], kill_on_cancel: boo
     except trio.Cancelled:
         # A queued job is dropped; a running one cannot be stopped through the Executor
         # interface: either stop waiting (its result is discarded) or wait it out.
-        if not future.cancel() and not kill_on_cancel:
-            with trio.CancelScope(shield=True):
-                await done.wait()
-        raise
+        if future.cancel() or kill_on_cancel:
+            raise
+        # Waited out like trio.to_thread.run_sync(abandon_on_cancel=False): the call returns
+        # the job's outcome, and the cancel lands at the caller's next checkpoint.
+        with trio.CancelScope(shield=True):
+            await done.wait()
     return future.result()
 
 
