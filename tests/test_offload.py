@@ -666,6 +666,18 @@ async def test_run_cancel_kills_running_jobs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+async def test_run_attempt_timeout_kills_the_worker(tmp_path: Path) -> None:
+    fn = conveyor.in_process(functools.partial(pf.write_pid_then_sleep, str(tmp_path), 10))
+    start = time.monotonic()
+    report = await conveyor.run(fn, [1], workers=1, timeout=3)
+    assert time.monotonic() - start < 5
+    (failed,) = report.failed
+    assert isinstance(failed.error, conveyor.AttemptTimeout)
+    (pid,) = read_pids(tmp_path)
+    assert not pid_running(int(pid))
+
+
+@pytest.mark.slow
 async def test_loop_stays_responsive_while_processes_work() -> None:
     lateness: list[float] = []
 
