@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import trio
 import trio_parallel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import conveyor
 from tests import _procfuncs as pf
@@ -480,6 +482,37 @@ async def test_batched_gives_each_caller_its_own_result_or_error() -> None:
     assert "in _inner_failure" in "".join(traceback.format_exception(error))
 
 
+@settings(deadline=None, max_examples=25)
+@given(
+    items=st.lists(st.integers(-50, 50), max_size=40),
+    bad=st.integers(-50, 50),
+    batch_size=st.integers(1, 12),
+    max_batches=st.integers(1, 3),
+)
+async def test_batched_outcomes_equal_direct_calls(
+    items: list[int], bad: int, batch_size: int, max_batches: int
+) -> None:
+    """Whatever the batching, each call gets exactly what calling f directly gives."""
+    f = functools.partial(pf.fail_on, bad)
+    got: dict[int, object] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_batches) as executor:
+        async with conveyor.in_process_batched(
+            f, executor, batch_size=batch_size, max_batches=max_batches
+        ) as fn:
+
+            async def one(index: int, x: int) -> None:
+                try:
+                    got[index] = await fn(x)
+                except pf.ItemError as exc:
+                    got[index] = str(exc)
+
+            async with trio.open_nursery() as nursery:
+                for index, x in enumerate(items):
+                    nursery.start_soon(one, index, x)
+    expected = {i: (f"item {x} is bad" if x == bad else 2 * x) for i, x in enumerate(items)}
+    assert got == expected
+
+
 async def test_batched_one_unpicklable_argument_fails_only_itself() -> None:
     outcomes: dict[int, object] = {}
     async with conveyor.in_process_batched(pf.add, batch_size=8) as fn:
@@ -634,6 +667,17 @@ async def test_run_unpicklable_function_fails_fast_and_shows_the_fix() -> None:
         report = await conveyor.run(conveyor.in_process(lambda x: x), range(3), workers=2)
     assert len(report.failed) == 3 and not report.succeeded
     assert all("functools.partial" in str(f.error) for f in report.failed)
+
+
+async def test_run_batched_keeps_per_item_results_and_failures() -> None:
+    async with conveyor.in_process_batched(
+        functools.partial(pf.fail_on, 7), batch_size=16
+    ) as fn:
+        report = await conveyor.run(fn, range(50), workers=64)
+    assert sorted(r.value for r in report.succeeded) == [2 * i for i in range(50) if i != 7]
+    (failed,) = report.failed
+    assert failed.item == 7 and isinstance(failed.error, pf.ItemError)
+    assert "in _inner_failure" in failed.traceback
 
 
 @pytest.mark.slow
