@@ -16,6 +16,7 @@ import concurrent.futures.process
 import functools
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -292,6 +293,8 @@ async def test_dead_worker_raises_worker_died_then_a_fresh_worker_runs(
         await fn(5)
     assert info.value.exitcode == exitcode
     assert isinstance(info.value, trio_parallel.BrokenWorkerError)
+    copy = pickle.loads(pickle.dumps(info.value))  # e.g. a Report saved to disk
+    assert (str(copy), copy.exitcode) == (str(info.value), exitcode)
     assert await fn(5) == 5
 
 

@@ -77,6 +77,9 @@ class WorkerDied(trio_parallel.BrokenWorkerError):  # type: ignore[misc]
         super().__init__(message)
         self.exitcode = exitcode
 
+    def __reduce__(self) -> tuple[type[WorkerDied], tuple[str, int | None]]:
+        return (type(self), (str(self), self.exitcode))
+
 
 class NotPicklableError(pickle.PicklingError, TypeError):
     """The function, an argument or a result could not be pickled (or unpickled) on its way
