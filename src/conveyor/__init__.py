@@ -1,0 +1,73 @@
+"""conveyor: process many items concurrently on trio, with retries, limits and an exact ledger.
+
+Every item you hand to conveyor ends as exactly one of ``Succeeded``, ``Failed`` or
+``Unfinished``: nothing is ever lost, also after a cancel. See README.md.
+"""
+
+# The pool and its three entry points.
+from ._api import MapStream as MapStream
+from ._api import map as map
+from ._api import open_pool as open_pool
+from ._api import run as run
+
+# Heavy work off the event loop: threads and worker processes.
+from ._offload import NotPicklableError as NotPicklableError
+from ._offload import RemoteError as RemoteError
+from ._offload import WorkerDied as WorkerDied
+from ._offload import in_process as in_process
+from ._offload import in_process_batched as in_process_batched
+from ._offload import in_thread as in_thread
+
+# (the pool, continued)
+from ._pool import AttemptTimeout as AttemptTimeout
+from ._pool import Pool as Pool
+
+# What became of each item.
+from ._records import Failed as Failed
+from ._records import ItemsFailed as ItemsFailed
+from ._records import ItemUnfinished as ItemUnfinished
+from ._records import Record as Record
+from ._records import Report as Report
+from ._records import Succeeded as Succeeded
+from ._records import Unfinished as Unfinished
+
+# Retries.
+from ._retry import Backoff as Backoff
+from ._retry import Retry as Retry
+from ._retry import RetryAfter as RetryAfter
+
+# Observability.
+from ._stats import Stats as Stats
+
+__version__ = "0.1.0"
+
+__all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
+    # the pool
+    "AttemptTimeout",
+    "MapStream",
+    "Pool",
+    "map",
+    "open_pool",
+    "run",
+    # records
+    "Failed",
+    "ItemUnfinished",
+    "ItemsFailed",
+    "Record",
+    "Report",
+    "Succeeded",
+    "Unfinished",
+    # offload
+    "NotPicklableError",
+    "RemoteError",
+    "WorkerDied",
+    "in_process",
+    "in_process_batched",
+    "in_thread",
+    # retries
+    "Backoff",
+    "Retry",
+    "RetryAfter",
+    # observability
+    "Stats",
+]

@@ -1,0 +1,333 @@
+"""The three ways in: `run` (all at once), `map` (a stream of records), `open_pool` (by hand).
+
+All three share the same keyword-only options and check them at the call, before any work
+starts.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from ._options import check_fn, check_items, check_options
+from ._pool import Pool
+from ._records import Record, Report
+from ._retry import Retry
+
+__all__ = ["MapStream", "map", "open_pool", "run"]
+
+T = TypeVar("T")
+
+Items = Iterable[Any] | AsyncIterable[Any]
+
+
+def default_buffer(workers: int) -> int:
+    """The work channel's size when ``buffer`` is not given: ``max(64, workers)``.
+
+    Big enough that workers find the next item waiting (no task switch per item) and the
+    feeder refills it in batches; small enough to keep memory bounded.
+    """
+    return max(64, workers)
+
+
+def _make_pool(
+    fn: Callable[[Any], Awaitable[T]],
+    *,
+    workers: int,
+    buffer: int | None,
+    retry: Retry | None,
+    timeout: float | None,
+    drain: float,
+    outbox_limit: int | None = None,
+) -> Pool[T]:
+    check_fn(fn)
+    check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
+    return Pool(
+        fn,
+        workers=workers,
+        buffer=default_buffer(workers) if buffer is None else buffer,
+        retry=retry,
+        timeout=timeout,
+        drain=drain,
+        outbox_limit=outbox_limit,
+    )
+
+
+async def run(
+    fn: Callable[[Any], Awaitable[T]],
+    items: Items,
+    *,
+    workers: int = 10,
+    buffer: int | None = None,
+    retry: Retry | None = None,
+    timeout: float | None = None,
+    drain: float = 0.0,
+) -> Report:
+    """Run ``await fn(item)`` for every item, ``workers`` at a time, and return the account.
+
+    Args:
+        fn: an ``async def fn(item)``; its return value is the item's value. Wrap a sync
+            function with :func:`conveyor.in_thread` or :func:`conveyor.in_process`.
+        items: any iterable or async iterable, consumed lazily as the work channel makes
+            room (a million items never sit in memory at once).
+        workers: how many attempts run at once (>= 1).
+        buffer: the work channel's size (>= 0; default: ``max(64, workers)``). The pool
+            holds at most ``buffer + workers`` items taken from ``items`` and not yet
+            settled, retries waiting for their backoff included; that bounds memory
+            whatever the number of items. Give it room (buffer > 0) if workers should
+            keep busy while retries wait.
+        retry: the retry policy (:class:`conveyor.Retry`); None makes one attempt.
+        timeout: seconds one attempt may take (None: no limit); a timed-out attempt
+            raises :class:`conveyor.AttemptTimeout`, retried like any error.
+        drain: the grace period, in seconds, for attempts already running when the run
+            is stopped from outside (see below). Default 0: cancel them at once.
+
+    Returns:
+        A :class:`conveyor.Report` with every ``Succeeded``, ``Failed`` and (after a stop)
+        ``Unfinished`` item.
+
+    Stopping: when the caller's cancel scope or deadline fires, or KeyboardInterrupt
+    arrives, the run stops taking items and starts no queued item or retry; attempts
+    already running get ``drain`` seconds to finish, then they are cancelled; then the
+    cancel (or exception) propagates. A cancelled call returns no value, so to keep the
+    account of a stopped run use :func:`open_pool` and ``pool.report()``.
+
+    Errors: exceptions from ``fn`` never escape: they are retried or recorded as
+    ``Failed``. An exception from ``items`` itself (the caller's own code) is raised as it
+    is, not wrapped in an ExceptionGroup.
+    """
+    check_items(items)
+    pool = _make_pool(
+        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain
+    )
+    async with pool._running(items):
+        pass
+    return pool.report()
+
+
+def open_pool(
+    fn: Callable[[Any], Awaitable[T]],
+    *,
+    workers: int = 10,
+    buffer: int | None = None,
+    retry: Retry | None = None,
+    timeout: float | None = None,
+    drain: float = 0.0,
+) -> AbstractAsyncContextManager[Pool[T]]:
+    """Open a pool and feed it by hand; the options are those of :func:`run`.
+
+    ::
+
+        async with conveyor.open_pool(fetch, workers=20) as pool:
+            for url in urls:
+                await pool.submit(url)      # waits while the work channel is full
+            pool.close()                    # optional: leaving the block closes it too
+            async for record in pool.results():
+                ...
+        report = pool.report()              # also after a cancel or an error
+
+    Leaving the block normally closes intake and waits until every accepted item has
+    settled. Leaving it by an exception or a cancel stops the pool like
+    :meth:`Pool.stop` (with the ``drain`` grace); the items still outstanding settle as
+    ``Unfinished``, and the exception propagates as it was raised.
+    """
+    pool = _make_pool(
+        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain
+    )
+    return pool._running()
+
+
+def map(  # the contract's name; it shadows the builtin inside this module only
+    fn: Callable[[Any], Awaitable[T]],
+    items: Items,
+    *,
+    ordered: bool = False,
+    window: int | None = None,
+    workers: int = 10,
+    buffer: int | None = None,
+    retry: Retry | None = None,
+    timeout: float | None = None,
+    drain: float = 0.0,
+) -> MapStream[T]:
+    """Stream a record for every item as it settles; the options are those of :func:`run`.
+
+    ``ordered=False`` yields records as they complete. ``ordered=True`` yields them in
+    input order through a reorder window of ``window`` items (default
+    ``2 * workers + buffer``): the pool never runs more than ``window`` items ahead of
+    the oldest one not yet yielded, so memory stays bounded.
+
+    Two forms::
+
+        async for record in conveyor.map(fn, items):          # simple
+            ...
+
+        async with conveyor.map(fn, items) as records:         # structured
+            async for record in records:
+                ...
+
+    Successes that were yielded are not kept, so streaming a million items holds only
+    the window. Leaving the loop early stops the pool: with the ``async with`` form that
+    happens, and is waited for, when the block ends; with the bare ``async for`` form
+    the pool is cancelled as soon as the iterator is dropped (use ``async with`` when you
+    need to know it has ended).
+    """
+    check_items(items)
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be True or False, got {ordered!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise TypeError(f"window must be an int >= 1, got {window!r}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if window is not None and not ordered:
+        raise ValueError("window only applies to ordered=True")
+    check_fn(fn)
+    check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
+    size = default_buffer(workers) if buffer is None else buffer
+    pool = _make_pool(
+        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
+        # Unordered: workers wait when this many records are unread (bounded memory).
+        # Ordered: the window bounds everything already.
+        outbox_limit=None if ordered else workers + size,
+    )
+    if ordered and window is None:
+        window = 2 * workers + size
+    return MapStream(pool, items, window if ordered else None)
+
+
+class MapStream(Generic[T]):
+    """What :func:`conveyor.map` returns: iterate it, or enter it with ``async with``."""
+
+    def __init__(self, pool: Pool[T], items: Items, window: int | None) -> None:
+        self._pool = pool
+        self._items = items
+        self._window = window
+        self._cm: AbstractAsyncContextManager[AsyncIterator[Record]] | None = None
+        self._used = False
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[AsyncIterator[Record]]:
+        if self._used:
+            raise RuntimeError("a conveyor.map stream can be iterated once")
+        self._used = True
+        pool = self._pool
+        records: AsyncIterator[Record]
+        if self._window is None:
+            feed: Items = self._items
+            records = pool.results()
+        else:
+            window = trio.Semaphore(self._window)
+            feed = _gated(self._items, window)
+            records = pool._results_in_order(window)
+        async with pool._running(feed), aclosing(records):  # type: ignore[type-var]
+            yield records
+            if not pool._tasks_done:
+                pool.stop()  # the caller left before the end: take and start nothing more
+
+    async def __aenter__(self) -> AsyncIterator[Record]:
+        self._cm = self._open()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._cm is not None
+        return await self._cm.__aexit__(exc_type, exc, tb)
+
+    def __aiter__(self) -> AsyncIterator[Record]:
+        return _DirectIterator(self)
+
+    def report(self) -> Report:
+        """The account of the stream's pool (complete once it has ended)."""
+        return self._pool.report()
+
+
+class _DirectIterator:
+    """The bare ``async for record in conveyor.map(...)`` form.
+
+    A nursery must not stay open across the ``yield`` of an async generator: if the
+    consumer leaves its loop early, the generator is finalised later, in another task,
+    and the cancel scopes would be exited out of order. So the pool runs in a system task
+    (``host``) behind a channel, and this iterator only receives from it. Leaving the loop
+    early drops the iterator, whose ``__del__`` asks trio to cancel the host; an
+    exception or cancel while waiting tears the host down before it propagates.
+    """
+
+    def __init__(self, stream: MapStream[Any]) -> None:
+        self._stream = stream
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._failure: BaseException | None = None
+        self._receive: trio.MemoryReceiveChannel[Record] | None = None
+        self._token = trio.lowlevel.current_trio_token()
+
+    def __aiter__(self) -> _DirectIterator:
+        return self
+
+    async def __anext__(self) -> Record:
+        if self._receive is None:
+            send, self._receive = trio.open_memory_channel[Record](0)
+            trio.lowlevel.spawn_system_task(
+                self._host, send, context=contextvars.copy_context()
+            )
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            await self._done.wait()
+            if self._failure is not None and not isinstance(self._failure, trio.Cancelled):
+                raise self._failure from None
+            raise StopAsyncIteration from None
+        except BaseException:
+            self._scope.cancel()
+            with trio.CancelScope(shield=True):
+                await self._done.wait()
+            raise
+
+    async def _host(self, send: trio.MemorySendChannel[Record]) -> None:
+        try:
+            with self._scope:
+                async with send, self._stream as records:
+                    async for record in records:
+                        await send.send(record)
+        except BaseException as exc:  # a system task must not raise: hand it over
+            self._failure = exc
+        finally:
+            self._done.set()
+
+    def __del__(self) -> None:
+        # Called by the garbage collector when the caller leaves its loop early. Only
+        # run_sync_soon is safe here (GC can run in the middle of trio's own code).
+        if self._receive is not None and not self._done.is_set():
+            try:
+                self._token.run_sync_soon(self._scope.cancel)
+            except trio.RunFinishedError:
+                pass
+
+
+async def _gated(items: Items, window: trio.Semaphore) -> AsyncIterator[Any]:
+    """Yield from ``items``, one window slot per item, taken before the item is."""
+    if isinstance(items, AsyncIterable):
+        async_iterator = aiter(items)
+        while True:
+            await window.acquire()
+            try:
+                item = await anext(async_iterator)
+            except StopAsyncIteration:
+                return
+            yield item
+    else:
+        iterator = iter(items)
+        while True:
+            await window.acquire()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            yield item

@@ -1,0 +1,611 @@
+"""The pool: workers fed by a memory channel, a retry scheduler, and the ledger.
+
+Shape (see DESIGN.md)::
+
+    items / submit() ──► work channel ──► workers ──► outbox ──► results() / report()
+                             ▲               │
+                             └── scheduler ◄─┘  (a heap of retries by due time)
+
+Task tree. ``Pool._running`` opens the *outer* nursery; the caller's ``async with`` block
+runs in its body. It starts two tasks:
+
+- ``_run_tasks``: the *inner* nursery (workers, retry scheduler, the feeder of ``items``),
+  inside a shielded cancel scope. The shield is what makes a graceful drain possible: an
+  outside cancel does not reach the workers directly, it goes through ``stop()``, which
+  closes intake and then cancels the inner scope at once or after the ``drain`` grace.
+- ``_watch``: sleeps until it is cancelled. If that cancel came from outside (the caller's
+  scope, a deadline, an error in the caller's block), it calls ``stop()``.
+
+The ledger is ``Pool._outstanding``: every accepted item is in it (keyed by its sequence
+number, so in submission order) until it settles. The work channel's send side closes when
+intake is closed and nothing is outstanding; the workers then see the channel end and exit.
+Whatever is still outstanding when the tasks are gone (stopped, cancelled, crashed) settles
+as ``Unfinished`` in ``_finalize``: nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import traceback
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
+
+import trio
+from trio.lowlevel import ParkingLot, checkpoint
+
+from ._records import Failed, Record, Report, Succeeded, Unfinished
+from ._retry import Retry
+from ._stats import Stats
+
+__all__ = ["AttemptTimeout", "Pool"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("conveyor")
+# A library does not configure logging; without this, Python's last-resort handler would
+# print every give-up to stderr in programs that never asked for conveyor's logs.
+logger.addHandler(logging.NullHandler())
+
+# A worker that keeps finding items already in the channel takes them without a checkpoint
+# (receive_nowait); after this many in a row it checkpoints anyway, so a task function that
+# never awaits cannot starve the rest of the program or miss a cancel.
+_STREAK = 64
+
+
+class AttemptTimeout(trio.TooSlowError):
+    """An attempt ran longer than the pool's per-attempt ``timeout``; retried like any error."""
+
+
+class _Job:
+    """One accepted item on its way through the pool (reused across its attempts)."""
+
+    __slots__ = ("attempts", "item", "last_error", "seq")
+
+    def __init__(self, item: Any, seq: int) -> None:
+        self.item = item
+        self.seq = seq
+        self.attempts = 0
+        self.last_error: BaseException | None = None
+
+
+class Pool(Generic[T]):
+    """A running pool of workers, as given by :func:`conveyor.open_pool`.
+
+    Feed it with :meth:`submit`, end intake with :meth:`close` (or leave the block), read
+    records as they settle with :meth:`results`, and get the account with :meth:`report`,
+    also after a cancel. Do not create it directly.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Awaitable[T]],
+        *,
+        workers: int,
+        buffer: int,
+        retry: Retry | None,
+        timeout: float | None,
+        drain: float,
+        outbox_limit: int | None = None,
+    ) -> None:
+        self._fn = fn
+        self._workers = workers
+        self._retry = retry
+        self._timeout = timeout
+        self._drain = drain
+        self._send, self._receive = trio.open_memory_channel[_Job](buffer)
+        # Ledger: accepted and not yet settled, in submission order.
+        self._outstanding: dict[int, _Job] = {}
+        self._next_seq = 0
+        self._intake_closed = False
+        self._send_closed = False
+        self._stopping = False
+        self._started = False
+        self._tasks_done = False
+        # Retry scheduler: (due time, seq, job); seq breaks ties in submission order.
+        self._heap: list[tuple[float, int, _Job]] = []
+        self._scheduler_lot = ParkingLot()
+        # Settled records not handed out yet: (seq, record).
+        self._outbox: deque[tuple[int, Record]] = deque()
+        self._outbox_limit = outbox_limit
+        self._reader_lot = ParkingLot()
+        self._reader_waiting = False
+        self._space_lot = ParkingLot()
+        # Intake is gated on the ledger, not on the channel: at most `capacity` items are
+        # outstanding, retries waiting for their backoff included (invariant 6). The
+        # feeder of `items` waits for half the buffer to be worked off and then refills
+        # it in one go, rather than waking once per item.
+        self._capacity = buffer + workers
+        self._feeder_low = self._capacity - max(1, buffer // 2)
+        self._intake_lot = ParkingLot()
+        self._intake_waiting = False
+        self._intake_low = -1
+        self._failed: list[Failed] = []
+        self._unfinished: list[Unfinished] = []
+        # Counters (plain ints: cheap on the hot path).
+        self._submitted = 0
+        self._succeeded = 0
+        self._retried = 0
+        self._attempts = 0
+        self._in_flight = 0
+        self._t0 = 0.0
+        self._t_end: float | None = None
+        self._inner_scope = trio.CancelScope(shield=True)
+        self._watch_scope = trio.CancelScope()
+        self._feed_scope = trio.CancelScope()
+
+    # ------------------------------------------------------------------ intake
+
+    async def submit(self, item: Any) -> None:
+        """Hand ``item`` to the pool, waiting while it is full (backpressure).
+
+        The pool is full when ``buffer + workers`` accepted items have not settled yet
+        (those waiting for a retry count too); a settling item frees a slot.
+
+        Raises:
+            trio.ClosedResourceError: intake is closed (:meth:`close` or :meth:`stop`).
+
+        If the call is cancelled, the item was not accepted and will not be processed.
+        """
+        if len(self._outstanding) >= self._capacity:
+            await self._wait_for_room(self._capacity - 1)
+        job = self._accept(item)
+        try:
+            await self._send.send(job)
+        except BaseException as exc:
+            self._unaccept(job)
+            if isinstance(exc, trio.ClosedResourceError):
+                raise trio.ClosedResourceError(self._closed_message()) from None
+            raise
+
+    def submit_nowait(self, item: Any) -> None:
+        """Hand ``item`` to the pool if the work channel has room now.
+
+        Raises:
+            trio.WouldBlock: the pool is full; the item was not accepted.
+            trio.ClosedResourceError: intake is closed.
+        """
+        if len(self._outstanding) >= self._capacity and not self._intake_closed:
+            raise trio.WouldBlock
+        job = self._accept(item)
+        try:
+            self._send.send_nowait(job)
+        except BaseException as exc:
+            self._unaccept(job)
+            if isinstance(exc, trio.ClosedResourceError):
+                raise trio.ClosedResourceError(self._closed_message()) from None
+            raise
+
+    def close(self) -> None:
+        """No more items: the pool finishes what it holds, then ends. Idempotent."""
+        self._intake_closed = True
+        self._wake_intake()
+        if not self._outstanding:
+            self._close_channel()
+
+    def stop(self, drain: float | None = None) -> None:
+        """Stop now: take no more items, start no queued item or retry, end the pool.
+
+        Attempts already running get ``drain`` seconds to finish (default: the pool's
+        ``drain`` option, 0 unless set), then they are cancelled. Everything not settled by
+        then settles as ``Unfinished``. Calling it again can only shorten the grace.
+        """
+        grace = self._drain if drain is None else drain
+        self._stopping = True
+        self._intake_closed = True
+        self._feed_scope.cancel()
+        self._wake_intake()
+        if grace <= 0:
+            self._inner_scope.cancel()
+        else:
+            deadline = trio.current_time() + grace
+            self._inner_scope.deadline = min(self._inner_scope.deadline, deadline)
+        self._close_channel()
+
+    def _closed_message(self) -> str:
+        how = "stop()" if self._stopping else "close()"
+        return f"the pool takes no more items: {how} was called or its block ended"
+
+    async def _wait_for_room(self, low: int) -> None:
+        """Wait until fewer than ``capacity`` items are outstanding (woken at ``low``)."""
+        while len(self._outstanding) >= self._capacity:
+            if self._intake_closed:
+                raise trio.ClosedResourceError(self._closed_message())
+            self._intake_low = max(self._intake_low, low)
+            self._intake_waiting = True
+            await self._intake_lot.park()
+
+    def _wake_intake(self) -> None:
+        self._intake_waiting = False
+        self._intake_low = -1
+        self._intake_lot.unpark_all()
+
+    def _accept(self, item: Any) -> _Job:
+        if self._intake_closed:
+            raise trio.ClosedResourceError(self._closed_message())
+        if not self._started:
+            raise RuntimeError("submit() is only possible inside the pool's `async with` block")
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        job = _Job(item, seq)
+        self._outstanding[seq] = job
+        self._submitted += 1
+        return job
+
+    def _unaccept(self, job: _Job) -> None:
+        del self._outstanding[job.seq]
+        self._submitted -= 1
+        if self._intake_closed and not self._outstanding:
+            self._close_channel()
+
+    def _close_channel(self) -> None:
+        if not self._send_closed:
+            self._send_closed = True
+            self._send.close()
+            self._scheduler_lot.unpark_all()
+
+    async def _feed(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+        """Accept every item of ``items``, lazily, as the channel makes room; then close."""
+        send = self._send
+        with self._feed_scope:
+            try:
+                outstanding = self._outstanding
+                capacity = self._capacity
+                low = self._feeder_low
+                accept = self._accept
+                # Room is awaited *before* the next item is taken, so an item taken from
+                # `items` is always in the ledger.
+                if isinstance(items, AsyncIterable):
+                    iterator = aiter(items)
+                    try:
+                        while True:
+                            if len(outstanding) >= capacity:
+                                await self._wait_for_room(low)
+                            try:
+                                item = await anext(iterator)
+                            except StopAsyncIteration:
+                                break
+                            await send.send(accept(item))
+                    finally:
+                        aclose = getattr(iterator, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
+                else:
+                    sync_iterator = iter(items)
+                    while True:
+                        if len(outstanding) >= capacity:
+                            await self._wait_for_room(low)
+                        try:
+                            item = next(sync_iterator)
+                        except StopIteration:
+                            break
+                        job = accept(item)
+                        try:
+                            send.send_nowait(job)
+                        except trio.WouldBlock:
+                            await send.send(job)
+            except trio.ClosedResourceError:
+                # stop() closed intake. An item taken from `items` but not sent stays in
+                # the ledger and settles as Unfinished: it was taken, so it is accounted.
+                return
+        self.close()
+
+    # ------------------------------------------------------------------ workers
+
+    async def _worker(self) -> None:
+        receive = self._receive.receive
+        receive_nowait = self._receive.receive_nowait
+        fn = self._fn
+        timeout = self._timeout
+        outstanding = self._outstanding
+        outbox = self._outbox
+        outbox_limit = self._outbox_limit
+        streak = 0
+        while True:
+            try:
+                job = receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    job = await receive()
+                except trio.EndOfChannel:
+                    return
+                streak = 0
+            except trio.EndOfChannel:
+                return
+            else:
+                streak += 1
+                if streak >= _STREAK:
+                    streak = 0
+                    await checkpoint()
+            if self._stopping:
+                return  # leave it outstanding: it settles as Unfinished
+            job.attempts = attempts = job.attempts + 1
+            self._attempts += 1
+            self._in_flight += 1
+            try:
+                if timeout is None:
+                    value = await fn(job.item)
+                else:
+                    with trio.move_on_after(timeout) as scope:
+                        value = await fn(job.item)
+                    if scope.cancelled_caught:
+                        raise AttemptTimeout(f"attempt took longer than timeout={timeout} s")
+            except Exception as error:
+                self._in_flight -= 1
+                self._attempt_failed(job, error)
+            except BaseException as error:
+                # Cancelled, KeyboardInterrupt, SystemExit...: never retried, never kept
+                # from propagating. The item stays outstanding and settles as Unfinished.
+                self._in_flight -= 1
+                if not isinstance(error, trio.Cancelled):
+                    job.last_error = error
+                raise
+            else:
+                self._in_flight -= 1
+                seq = job.seq
+                del outstanding[seq]
+                self._succeeded += 1
+                outbox.append((seq, Succeeded(job.item, value, attempts)))
+                if self._reader_waiting:
+                    self._wake_reader()
+                if self._intake_waiting and len(outstanding) <= self._intake_low:
+                    self._wake_intake()
+                    # Let the feeder refill before this worker empties the channel, or
+                    # the other workers find it empty and park (a task switch per item).
+                    streak = 0
+                    await checkpoint()
+                elif self._intake_closed and not outstanding:
+                    self._close_channel()
+            if outbox_limit is not None and len(outbox) >= outbox_limit:
+                await self._space_lot.park()
+
+    def _wake_reader(self) -> None:
+        self._reader_waiting = False
+        self._reader_lot.unpark_all()
+
+    def _attempt_failed(self, job: _Job, error: Exception) -> None:
+        job.last_error = error
+        retry = self._retry
+        if retry is not None and not self._stopping and retry.should_retry(error, job.attempts):
+            delay = retry.delay(error, job.attempts)
+            self._retried += 1
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "item %r failed on attempt %d of %d (%s: %s); retrying in %.3f s",
+                    job.item, job.attempts, retry.attempts, type(error).__name__, error, delay,
+                )
+            heapq.heappush(self._heap, (trio.current_time() + delay, job.seq, job))
+            self._scheduler_lot.unpark_all()
+            return
+        if retry is not None and job.attempts >= retry.attempts > 1:
+            why = f"gave up after {job.attempts} attempts"
+        else:
+            why = f"failed on attempt {job.attempts}"
+        logger.warning("item %r %s: %s: %s", job.item, why, type(error).__name__, error)
+        record = Failed(
+            job.item, error, job.attempts, "".join(traceback.format_exception(error))
+        )
+        self._failed.append(record)
+        del self._outstanding[job.seq]
+        self._outbox.append((job.seq, record))
+        if self._reader_waiting:
+            self._wake_reader()
+        if self._intake_waiting and len(self._outstanding) <= self._intake_low:
+            self._wake_intake()
+        elif self._intake_closed and not self._outstanding:
+            self._close_channel()
+
+    # ------------------------------------------------------------------ retries
+
+    async def _scheduler(self) -> None:
+        """Resend each retry over the work channel once its backoff has passed.
+
+        One task and a heap, not a sleeping task per item. It blocks only on sending into
+        the channel; the workers never send into their own channel, so a full channel
+        cannot deadlock the pool (even with ``buffer=0`` and one worker).
+        """
+        heap = self._heap
+        send = self._send
+        lot = self._scheduler_lot
+        while not self._send_closed:
+            if not heap:
+                await lot.park()
+                continue
+            due = heap[0][0]
+            if due > trio.current_time():
+                with trio.move_on_at(due):
+                    await lot.park()
+                continue
+            _, _, job = heapq.heappop(heap)
+            try:
+                await send.send(job)
+            except trio.ClosedResourceError:
+                return  # stop(): the job stays outstanding and settles as Unfinished
+
+    # ------------------------------------------------------------------ lifetime
+
+    @asynccontextmanager
+    async def _running(
+        self, feed: Iterable[Any] | AsyncIterable[Any] | None = None
+    ) -> AsyncIterator[Pool[T]]:
+        """Run the pool around the caller's block (see the module docstring)."""
+        if self._started:
+            raise RuntimeError("a pool runs once")
+        self._started = True
+        self._t0 = trio.current_time()
+        sole: BaseException | None = None
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._run_tasks, feed)
+                    nursery.start_soon(self._watch)
+                    try:
+                        yield self
+                    except BaseException:
+                        self.stop()
+                        raise
+                    if feed is None:
+                        self.close()
+            except BaseExceptionGroup as group:
+                sole = _sole_error(group)
+                if sole is None:
+                    raise
+        finally:
+            self._finalize()
+        if sole is not None:
+            # Raised outside the `except` so the group does not become its __context__:
+            # callers write `except ValueError`, not `except* ValueError`.
+            try:
+                raise sole
+            finally:
+                sole = None
+
+    async def _run_tasks(self, feed: Iterable[Any] | AsyncIterable[Any] | None) -> None:
+        try:
+            with self._inner_scope:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self._workers):
+                        nursery.start_soon(self._worker)
+                    nursery.start_soon(self._scheduler)
+                    if feed is not None:
+                        nursery.start_soon(self._feed, feed)
+        finally:
+            self._tasks_done = True
+            self._t_end = trio.current_time()
+            self._watch_scope.cancel()
+            self._reader_lot.unpark_all()
+            self._space_lot.unpark_all()
+
+    async def _watch(self) -> None:
+        with self._watch_scope:
+            try:
+                await trio.sleep_forever()
+            except BaseException:
+                if not self._watch_scope.cancel_called:
+                    self.stop()  # cancelled from outside: stop, with the configured drain
+                raise
+
+    def _finalize(self) -> None:
+        """Settle whatever is still outstanding as Unfinished (in submission order)."""
+        self._tasks_done = True
+        if self._t_end is None:
+            self._t_end = trio.current_time()
+        if not self._outstanding:
+            return
+        unfinished = [
+            Unfinished(job.item, job.attempts, job.last_error)
+            for job in self._outstanding.values()
+        ]
+        self._outstanding.clear()
+        self._heap.clear()
+        self._unfinished.extend(unfinished)
+        logger.warning("%d item(s) unfinished: the pool stopped before they settled",
+                       len(unfinished))
+
+    # ------------------------------------------------------------------ output
+
+    async def results(self) -> AsyncIterator[Record]:
+        """Yield each record (``Succeeded`` or ``Failed``) as its item settles.
+
+        Ends when the pool has ended. A success handed out here is not kept for
+        :meth:`report` (only counted), so a long stream does not accumulate.
+        """
+        outbox = self._outbox
+        streak = 0
+        while True:
+            if outbox:
+                _, record = outbox.popleft()
+                if self._space_lot:
+                    self._space_lot.unpark_all()
+                streak += 1
+                if streak >= _STREAK:
+                    streak = 0
+                    await checkpoint()
+                yield record
+            elif self._tasks_done:
+                return
+            else:
+                streak = 0
+                self._reader_waiting = True
+                await self._reader_lot.park()
+
+    async def _results_in_order(self, window: trio.Semaphore) -> AsyncIterator[Record]:
+        """Yield records in submission order; each yield frees one slot of ``window``."""
+        outbox = self._outbox
+        pending: dict[int, Record] = {}
+        expected = 0
+        try:
+            while True:
+                while outbox:
+                    seq, record = outbox.popleft()
+                    pending[seq] = record
+                if self._space_lot:
+                    self._space_lot.unpark_all()
+                if expected in pending:
+                    record = pending.pop(expected)
+                    expected += 1
+                    window.release()
+                    yield record
+                    await checkpoint()
+                elif self._tasks_done:
+                    # Stopped early: the gaps will never fill; hand out the rest in order.
+                    for seq in sorted(pending):
+                        yield pending.pop(seq)
+                    return
+                else:
+                    self._reader_waiting = True
+                    await self._reader_lot.park()
+        finally:
+            # Left early (cancel, break): records waiting for their turn go back to the
+            # outbox, so report() still has them.
+            outbox.extendleft((seq, pending[seq]) for seq in sorted(pending, reverse=True))
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the counters now."""
+        in_flight = self._in_flight
+        waiting_retry = len(self._heap)
+        end = self._t_end if self._t_end is not None else trio.current_time()
+        return Stats(
+            submitted=self._submitted,
+            succeeded=self._succeeded,
+            failed=len(self._failed),
+            unfinished=len(self._unfinished),
+            retried=self._retried,
+            attempts=self._attempts,
+            in_flight=in_flight,
+            queued=max(0, len(self._outstanding) - in_flight - waiting_retry),
+            waiting_retry=waiting_retry,
+            elapsed=max(0.0, end - self._t0) if self._started else 0.0,
+        )
+
+    def report(self) -> Report:
+        """The account: every failure and unfinished item, the successes not handed out.
+
+        Complete once the pool's block has ended (also after a cancel or an error);
+        inside the block it is a snapshot.
+        """
+        succeeded = [r for _, r in self._outbox if type(r) is Succeeded]
+        return Report(succeeded, list(self._failed), list(self._unfinished), self.stats)
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one real error in a group (ignoring Cancelled), or None if there is not exactly one."""
+    leaves = list(_leaves(group))
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if len(real) == 1:
+        return real[0]
+    if not real and leaves:
+        return leaves[0]
+    return None
+
+
+def _leaves(error: BaseException) -> Iterable[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for sub in error.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield error
+

@@ -1,0 +1,134 @@
+"""DESIGN.md invariants as hypothesis properties, over random worker counts, buffer sizes,
+attempt limits, per-item failure schedules and cancel times (virtual time: MockClock).
+
+1. every accepted item settles exactly once;  2. attempts never exceed Retry.attempts and a
+non-retryable error is attempted once;  3. at most `workers` attempts at once;  4. an
+exception from fn never escapes;  6. memory: items taken and not settled <= buffer + workers;
+5. when the pool ends nothing it started still runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+
+import conveyor
+from conveyor import Backoff, Retry, Succeeded
+
+from .strategies import Scenario, scenarios
+
+
+class Fatal(KeyError):
+    """Not retryable: Retry(retry_on=RuntimeError) rejects it."""
+
+
+def check(s: Scenario) -> None:
+    n = len(s.plans)
+    started: dict[int, int] = {}
+    decided: set[int] = set()
+    running = 0
+    max_running = 0
+    pulled = 0
+    # In open_pool mode the caller's own loop takes the next item before submit() waits.
+    capacity = s.buffer + s.workers + (s.mode == "open_pool")
+    over_capacity: list[int] = []
+
+    def items() -> Any:
+        nonlocal pulled
+        for i in range(n):
+            pulled += 1
+            if pulled - len(decided) > capacity:
+                over_capacity.append(pulled - len(decided))
+            yield i
+
+    async def fn(i: int) -> int:
+        nonlocal running, max_running
+        attempt = started[i] = started.get(i, 0) + 1
+        step = s.step(i, attempt)
+        running += 1
+        max_running = max(max_running, running)
+        try:
+            await trio.sleep(step.duration)
+        finally:
+            running -= 1
+        if step.outcome == "ok" or step.outcome == "fatal" or attempt == s.attempts:
+            decided.add(i)
+        if step.outcome == "retry":
+            raise RuntimeError(f"retryable {i}/{attempt}")
+        if step.outcome == "fatal":
+            raise Fatal(i)
+        return i * 10
+
+    retry = Retry(
+        attempts=s.attempts,
+        backoff=None if s.backoff is None else Backoff(initial=s.backoff, jitter=None),
+        retry_on=RuntimeError,
+    )
+    options: dict[str, Any] = {"workers": s.workers, "buffer": s.buffer, "retry": retry}
+    streamed: list[Any] = []
+    report: conveyor.Report | None = None
+
+    async def main() -> None:
+        nonlocal report
+        with trio.move_on_after(s.cancel_at if s.cancel_at is not None else 1e9):
+            if s.mode == "run":
+                report = await conveyor.run(fn, items(), **options)
+            elif s.mode in ("map", "ordered"):
+                stream = conveyor.map(fn, items(), ordered=s.mode == "ordered", **options)
+                try:
+                    async with stream as records:
+                        async for record in records:
+                            streamed.append(record)
+                finally:
+                    report = stream.report()
+            else:
+                pool_cm = conveyor.open_pool(fn, **options)
+                try:
+                    async with pool_cm as pool:
+                        for i in items():
+                            await pool.submit(i)
+                finally:
+                    report = pool.report()
+        assert running == 0  # invariant 5: nothing of the pool still runs
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert report is not None
+    stats = report.stats
+    yielded_ok = [r for r in streamed if isinstance(r, Succeeded)]
+    records = yielded_ok + report.succeeded + report.failed + report.unfinished
+    items_settled = sorted(r.item for r in records)
+
+    # 1. exactly once, and the counters agree with the records
+    assert items_settled == list(range(stats.submitted)), (items_settled, stats)
+    assert stats.succeeded == len(yielded_ok) + len(report.succeeded)
+    assert stats.failed == len(report.failed) and stats.unfinished == len(report.unfinished)
+    assert stats.in_flight == 0 and stats.queued == 0 and stats.waiting_retry == 0
+    assert stats.attempts == sum(started.values())
+    if s.cancel_at is None:
+        assert stats.submitted == n and not report.unfinished
+    if s.mode == "ordered":
+        assert [r.item for r in streamed] == sorted(r.item for r in streamed)
+
+    # 2. attempts bounded, fatal errors attempted once, each record's count is exact
+    for r in records:
+        assert r.attempts == started.get(r.item, 0) <= s.attempts
+    for r in yielded_ok + report.succeeded:
+        assert s.expected_attempts(r.item) == ("ok", r.attempts) and r.value == r.item * 10
+    for f in report.failed:
+        outcome, count = s.expected_attempts(f.item)
+        kind = "fatal" if isinstance(f.error, Fatal) else "retry"
+        assert (outcome, count) == (kind, f.attempts)
+        assert f.traceback.startswith("Traceback")
+
+    # 3. concurrency bounded by workers;  6. intake bounded by buffer + workers
+    assert max_running <= s.workers
+    assert not over_capacity, over_capacity
+
+
+@settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_invariants(s: Scenario) -> None:
+    check(s)
