@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import copyreg
 import functools
+import io
 import multiprocessing
 import os
 import pickle
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tblib.pickling_support
 import trio
 import trio_parallel
 from hypothesis import given, settings
@@ -293,8 +297,17 @@ async def test_dead_worker_raises_worker_died_then_a_fresh_worker_runs(
         await fn(5)
     assert info.value.exitcode == exitcode
     assert isinstance(info.value, trio_parallel.BrokenWorkerError)
-    copy = pickle.loads(pickle.dumps(info.value))  # e.g. a Report saved to disk
+    # It pickles (e.g. a Report saved to disk), also the way tblib does, which Dask installs
+    # for every exception class and which pickles the exception's chain too.
+    copy = pickle.loads(pickle.dumps(info.value))
     assert (str(copy), copy.exitcode) == (str(info.value), exitcode)
+    tblib_pickler = pickle.Pickler(io.BytesIO())
+    tblib_pickler.dispatch_table = {
+        **copyreg.dispatch_table,
+        types.TracebackType: tblib.pickling_support.pickle_traceback,
+        conveyor.WorkerDied: tblib.pickling_support.pickle_exception,
+    }
+    tblib_pickler.dump(info.value)
     assert await fn(5) == 5
 
 

@@ -61,7 +61,7 @@ class WorkerDied(trio_parallel.BrokenWorkerError):  # type: ignore[misc]
     """The worker process running a job died before it returned (crash, ``os._exit``, SIGKILL,
     out of memory).
 
-    Raised by :func:`in_process` with the default backend, chained from trio-parallel's
+    Raised by :func:`in_process` with the default backend in place of trio-parallel's
     ``BrokenWorkerError`` (which it subclasses, so code catching that still works). The job
     may have run partly, so it is only safe to retry if it is idempotent; the pool's default
     ``retry_on`` (every ``Exception``) retries it, and trio-parallel starts a fresh worker for
@@ -380,8 +380,14 @@ class _Backend:
                     limiter=self.limiter,
                 )
             except trio_parallel.BrokenWorkerError as exc:
-                raise _worker_died(self.fn_name, exc) from exc
-            return replies
+                died = _worker_died(self.fn_name, exc)
+            else:
+                return replies
+            # Raised outside the except block, so not chained to trio-parallel's error: that
+            # one holds the multiprocessing.Process, which cannot be pickled, and tblib (which
+            # Dask installs for every exception class) pickles the chain. WorkerDied's message
+            # carries what it said.
+            raise died
         # The call number makes each submission unique: an executor that deduplicates
         # identical calls (Dask's pure=True, its default) would otherwise hand a retry the
         # cached result of the attempt that failed.
@@ -392,14 +398,16 @@ class _Backend:
 
 
 def _worker_died(fn_name: str, exc: trio_parallel.BrokenWorkerError) -> WorkerDied:
-    exitcode = None
+    exitcode = pid = None
     for arg in exc.args:
         code = getattr(arg, "exitcode", None)
         if isinstance(code, int):
-            exitcode = code
+            exitcode, pid = code, getattr(arg, "pid", None)
+    which = "" if pid is None else f" (pid {pid})"
     how = "" if exitcode is None else f" (exit code {exitcode})"
     return WorkerDied(
-        f"the worker process running {fn_name} died{how} before returning a result",
+        f"the worker process{which} running {fn_name} died{how} before returning a result"
+        f" [{type(exc).__name__}: {exc.args[0] if exc.args else ''}]",
         exitcode,
     )
 
