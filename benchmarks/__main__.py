@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -38,8 +39,23 @@ MIN_ROUNDS = 5
 PACKAGES = ("conveyor", "trio", "trio-parallel", "outcome", "uvloop", "aiometer", "anyio")
 
 
+def git_revision() -> str | None:
+    """The checkout's commit (with "-dirty" if the tree has changes), when run from git."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
+    out: dict[str, str | None] = {"python": platform.python_version(), "git": git_revision()}
     for name in PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
@@ -117,6 +133,10 @@ def chart(rows: Sequence[Row], path: Path) -> Path | None:
     return path
 
 
+def _load(load: Sequence[float] | None) -> str:
+    return "?" if not load else "/".join(f"{x:.1f}" for x in load)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = Config(full=args.full, smoke=args.smoke)
@@ -129,22 +149,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     rows: list[Row] = []
+    seconds: dict[str, float] = {}
     for name in names:
+        t_scenario = time.perf_counter()
         module = importlib.import_module(SCENARIOS[name])
         progress(f"{name} ...")
         for case in module.cases(cfg):
             rows.extend(
                 run_case(case, rounds=args.rounds, warmup=0 if args.smoke else 1, progress=progress)
             )
+        seconds[name] = round(time.perf_counter() - t_scenario, 1)
+        progress(f"{name}: {seconds[name]:.0f} s")
     elapsed = time.perf_counter() - t0
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     mode = "smoke" if args.smoke else "full" if args.full else "quick"
     header = (
-        f"conveyor {vers['conveyor']} benchmarks, {started:%Y-%m-%d %H:%M} UTC, {mode} run, "
-        f"{args.rounds} rounds (median, min-max), {elapsed:.0f} s\n"
+        f"conveyor {vers['conveyor']} ({vers['git']}) benchmarks, {started:%Y-%m-%d %H:%M} UTC, "
+        f"{mode} run, {args.rounds} rounds (median, min-max), {elapsed:.0f} s\n"
         f"{mach['cpu_count']} CPUs, {mach['platform']}, {mach['python']}; trio {vers['trio']}, "
         f"trio-parallel {vers['trio-parallel']}, uvloop {vers['uvloop']}, "
-        f"aiometer {vers['aiometer']}\n"
+        f"aiometer {vers['aiometer']}; load average {_load(mach['load_avg_at_start'])} at start, "
+        f"{_load(load)} at end\n"
         "ratio = median / the asyncio reference (ref) measured in the same run; lower is better"
     )
     print(header)
@@ -156,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": mode,
         "rounds": args.rounds,
         "elapsed_s": round(elapsed, 1),
+        "scenario_seconds": seconds,
+        "load_avg_at_end": list(load) if load else None,
         "scenarios": names,
         "machine": mach,
         "versions": vers,

@@ -1,6 +1,6 @@
 """Scenario 1, overhead: what does the machinery cost per item when the work costs nothing?
 
-100,000 items (`--full`; 50,000 quick), `return x + 1`, 20 workers, with every system's
+100,000 items (`--full`; 30,000 in the quick run), `return x + 1`, 20 workers, with every system's
 bookkeeping on:
 
 - asyncio (seed 000): the reference, `_asyncio_seed.main` (pre-filled Queue, a frozen
@@ -144,7 +144,7 @@ def label(n: int) -> str:
 
 
 def cases(cfg: Config) -> list[Case]:
-    n = cfg.pick(quick=50_000, full=100_000, smoke=300)
+    n = cfg.pick(quick=30_000, full=100_000, smoke=300)
     # aiometer starts a task per item (~10x slower here): a tenth of the items keeps the quick
     # run quick; its figure is per item, so it stays comparable.
     n_aiometer = max(n // 10, 1)
