@@ -10,6 +10,12 @@ from ._api import map as map
 from ._api import open_pool as open_pool
 from ._api import run as run
 
+# Limits held around every attempt.
+from ._limits import Adaptive as Adaptive
+from ._limits import Limit as Limit
+from ._limits import PerKey as PerKey
+from ._limits import Rate as Rate
+
 # Heavy work off the event loop: threads and worker processes.
 from ._offload import NotPicklableError as NotPicklableError
 from ._offload import RemoteError as RemoteError
@@ -21,6 +27,9 @@ from ._offload import in_thread as in_thread
 # (the pool, continued)
 from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
+
+# Observability: the live progress line.
+from ._progress import Progress as Progress
 
 # What became of each item.
 from ._records import Failed as Failed
@@ -37,6 +46,7 @@ from ._retry import Retry as Retry
 from ._retry import RetryAfter as RetryAfter
 
 # Observability.
+from ._stats import Percentiles as Percentiles
 from ._stats import Stats as Stats
 
 __version__ = "0.1.0"
@@ -68,6 +78,13 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "Backoff",
     "Retry",
     "RetryAfter",
+    # limits
+    "Adaptive",
+    "Limit",
+    "PerKey",
+    "Rate",
     # observability
+    "Percentiles",
+    "Progress",
     "Stats",
 ]

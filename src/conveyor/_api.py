@@ -7,15 +7,17 @@ starts.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sized
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import trio
 
+from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._options import check_fn, check_items, check_options
 from ._pool import Pool
+from ._progress import Progress
 from ._records import Record, Report
 from ._retry import Retry
 
@@ -44,9 +46,18 @@ def _make_pool(
     timeout: float | None,
     drain: float,
     outbox_limit: int | None = None,
+    limiter: trio.CapacityLimiter | int | None = None,
+    rate: Rate | None = None,
+    per_key: PerKey[Any] | None = None,
+    adaptive: Adaptive | None = None,
+    progress: bool | Progress = False,
+    total: int | None = None,
 ) -> Pool[T]:
     check_fn(fn)
     check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
+    limits, per_key, adaptive = build_limits(
+        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive
+    )
     return Pool(
         fn,
         workers=workers,
@@ -55,7 +66,35 @@ def _make_pool(
         timeout=timeout,
         drain=drain,
         outbox_limit=outbox_limit,
+        limits=limits,
+        per_key=per_key,
+        adaptive=adaptive,
+        progress=_progress(progress, total),
     )
+
+
+def _progress(progress: object, total: int | None) -> Progress | None:
+    if progress is True:
+        return Progress(total=total)
+    if progress is False:
+        return None
+    if isinstance(progress, Progress):
+        if progress.total is None:
+            progress.total = total
+        return progress
+    raise TypeError(
+        f"progress must be True, False or a conveyor.Progress, got {progress!r}"
+    )
+
+
+def _total(items: Items) -> int | None:
+    """The number of items when ``items`` knows it (a list, a range...), for progress."""
+    if isinstance(items, Sized) and not isinstance(items, AsyncIterable):
+        try:
+            return len(items)
+        except TypeError:
+            return None
+    return None
 
 
 async def run(
@@ -67,6 +106,11 @@ async def run(
     retry: Retry | None = None,
     timeout: float | None = None,
     drain: float = 0.0,
+    limiter: trio.CapacityLimiter | int | None = None,
+    rate: Rate | None = None,
+    per_key: PerKey[Any] | None = None,
+    adaptive: Adaptive | None = None,
+    progress: bool | Progress = False,
 ) -> Report:
     """Run ``await fn(item)`` for every item, ``workers`` at a time, and return the account.
 
@@ -86,6 +130,23 @@ async def run(
             raises :class:`conveyor.AttemptTimeout`, retried like any error.
         drain: the grace period, in seconds, for attempts already running when the run
             is stopped from outside (see below). Default 0: cancel them at once.
+        limiter: at most this many attempts at once: an int (this pool's own limit) or a
+            :class:`trio.CapacityLimiter` (share it between pools, and the limit holds
+            across all of them: "at most 5 calls to this API in the whole program").
+        rate: a :class:`conveyor.Rate`: attempts start no faster than it allows. Share
+            one ``Rate`` between pools to hold it across them.
+        per_key: a :class:`conveyor.PerKey`: concurrency and rate per key of the item
+            (e.g. per host). A busy key's items are parked, not waited for by a worker,
+            so one slow key does not hold up the others.
+        adaptive: a :class:`conveyor.Adaptive` concurrency limit that finds what a
+            service can take (AIMD on the overload errors it names); its current value is
+            in ``stats.adaptive_limit``.
+        progress: True for a live progress line on stderr (redrawn on a terminal, a plain
+            line every 10 s otherwise), or a :class:`conveyor.Progress` to choose the
+            stream and interval. No effect on results.
+
+    Limits are held around every attempt, retries included (a retry waiting for its
+    backoff holds none), in this order: ``per_key``, ``limiter``, ``adaptive``, ``rate``.
 
     Returns:
         A :class:`conveyor.Report` with every ``Succeeded``, ``Failed`` and (after a stop)
@@ -103,7 +164,9 @@ async def run(
     """
     check_items(items)
     pool = _make_pool(
-        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain
+        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
+        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive,
+        progress=progress, total=_total(items),
     )
     async with pool._running(items):
         pass
@@ -118,6 +181,11 @@ def open_pool(
     retry: Retry | None = None,
     timeout: float | None = None,
     drain: float = 0.0,
+    limiter: trio.CapacityLimiter | int | None = None,
+    rate: Rate | None = None,
+    per_key: PerKey[Any] | None = None,
+    adaptive: Adaptive | None = None,
+    progress: bool | Progress = False,
 ) -> AbstractAsyncContextManager[Pool[T]]:
     """Open a pool and feed it by hand; the options are those of :func:`run`.
 
@@ -137,7 +205,8 @@ def open_pool(
     ``Unfinished``, and the exception propagates as it was raised.
     """
     pool = _make_pool(
-        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain
+        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
+        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive, progress=progress,
     )
     return pool._running()
 
@@ -153,6 +222,11 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     retry: Retry | None = None,
     timeout: float | None = None,
     drain: float = 0.0,
+    limiter: trio.CapacityLimiter | int | None = None,
+    rate: Rate | None = None,
+    per_key: PerKey[Any] | None = None,
+    adaptive: Adaptive | None = None,
+    progress: bool | Progress = False,
 ) -> MapStream[T]:
     """Stream a record for every item as it settles; the options are those of :func:`run`.
 
@@ -190,6 +264,8 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     size = default_buffer(workers) if buffer is None else buffer
     pool = _make_pool(
         fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
+        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive,
+        progress=progress, total=_total(items),
         # Unordered: workers wait when this many records are unread (bounded memory).
         # Ordered: the window bounds everything already.
         outbox_limit=None if ordered else workers + size,

@@ -432,7 +432,7 @@ class PerKey(Generic[J]):
                 continue
             keep: deque[_Parked[Any]] = deque()
             for entry in state.line:
-                if entry.resend is resend:
+                if entry.resend == resend:  # == : a bound method is a new object each time
                     taken.append(entry.job)
                     self._parked -= 1
                 else:
@@ -682,3 +682,39 @@ def _overload_predicate(
             f"predicate on the exception, got {overload_on!r}"
         )
     return lambda error: isinstance(error, classes)
+
+
+def build_limits(
+    *,
+    limiter: object = None,
+    rate: object = None,
+    per_key: object = None,
+    adaptive: object = None,
+) -> tuple[tuple[Limit, ...], PerKey[Any] | None, Adaptive | None]:
+    """Check the pool's limit options and stack them: ``(limits, per_key, adaptive)``.
+
+    Order of ``limits``: the concurrency limits first (``limiter``, then ``adaptive``), the
+    rate last, so an attempt's rate slot is taken right before it starts (a slot taken
+    before a wait for concurrency could let starts bunch up). ``per_key`` is apart: the
+    pool calls it before all of them, in its parking form.
+    """
+    limits: list[Limit] = []
+    if limiter is not None:
+        limits.append(capacity_limit(limiter))  # type: ignore[arg-type]
+    if adaptive is not None:
+        if not isinstance(adaptive, Adaptive):
+            raise TypeError(f"adaptive must be a conveyor.Adaptive or None, got {adaptive!r}")
+        limits.append(adaptive)
+    if rate is not None:
+        if not isinstance(rate, Rate):
+            raise TypeError(
+                f"rate must be a conveyor.Rate or None, got {rate!r} "
+                f"(for {rate!r} per second: rate=conveyor.Rate({rate!r}))"
+            )
+        limits.append(rate)
+    if per_key is not None and not isinstance(per_key, PerKey):
+        raise TypeError(
+            f"per_key must be a conveyor.PerKey or None, got {per_key!r} "
+            "(e.g. per_key=conveyor.PerKey(lambda url: urlsplit(url).hostname, limit=2))"
+        )
+    return tuple(limits), per_key, adaptive

@@ -36,9 +36,12 @@ from typing import Any, Generic, TypeVar
 import trio
 from trio.lowlevel import ParkingLot, checkpoint
 
+from ._limits import Adaptive, Claim, Limit, PerKey
+from ._progress import Progress
+from ._quantiles import Quantiles, Throughput
 from ._records import Failed, Record, Report, Succeeded, Unfinished
 from ._retry import Retry
-from ._stats import Stats
+from ._stats import Percentiles, Stats
 
 __all__ = ["AttemptTimeout", "Pool"]
 
@@ -54,21 +57,33 @@ logger.addHandler(logging.NullHandler())
 # never awaits cannot starve the rest of the program or miss a cancel.
 _STREAK = 64
 
+# Queue-wait and attempt-latency quantiles measure every item of a small pool, then every
+# 16th (by sequence number): two clock reads and two histogram inserts per item would cost
+# the no-op hot path ~20%, one in 16 costs ~1%, and 1,024 + n/16 samples keep p99 honest.
+_SAMPLE_ALL = 1024
+_SAMPLE_MASK = 15
+
 
 class AttemptTimeout(trio.TooSlowError):
     """An attempt ran longer than the pool's per-attempt ``timeout``; retried like any error."""
 
 
 class _Job:
-    """One accepted item on its way through the pool (reused across its attempts)."""
+    """One accepted item on its way through the pool (reused across its attempts).
 
-    __slots__ = ("attempts", "item", "last_error", "seq")
+    ``enqueued``: when it (re-)entered the work channel, for sampled jobs only (queue
+    wait). ``claim``: set while a per-key limit has resent it with a claim on its key.
+    """
+
+    __slots__ = ("attempts", "claim", "enqueued", "item", "last_error", "seq")
 
     def __init__(self, item: Any, seq: int) -> None:
         self.item = item
         self.seq = seq
         self.attempts = 0
         self.last_error: BaseException | None = None
+        self.claim: Claim | None = None
+        self.enqueued = 0.0
 
 
 class Pool(Generic[T]):
@@ -89,6 +104,10 @@ class Pool(Generic[T]):
         timeout: float | None,
         drain: float,
         outbox_limit: int | None = None,
+        limits: tuple[Limit, ...] = (),
+        per_key: PerKey[Any] | None = None,
+        adaptive: Adaptive | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self._fn = fn
         self._workers = workers
@@ -130,6 +149,22 @@ class Pool(Generic[T]):
         self._retried = 0
         self._attempts = 0
         self._in_flight = 0
+        # Limits (see _limits.py): the plain ones stacked around each attempt, the per-key
+        # one before them in its parking form.
+        self._limits = limits
+        self._per_key = per_key
+        self._adaptive = adaptive
+        self._limited = 0  # held by a worker waiting for a limit
+        self._parked = 0  # parked by per_key (in its lines, or resent with a claim)
+        self._claims_in_heap = 0  # of those, waiting in the heap for their due time
+        # Observability: sampled quantiles, recent throughput, wait_stats() waiters.
+        self._wait_q = Quantiles()
+        self._latency_q = Quantiles()
+        self._throughput = Throughput(window=10.0)
+        self._stats_lot = ParkingLot()
+        self._stats_waiting = False
+        self._progress = progress
+        self._progress_scope = trio.CancelScope()
         self._t0 = 0.0
         self._t_end: float | None = None
         self._inner_scope = trio.CancelScope(shield=True)
@@ -230,6 +265,8 @@ class Pool(Generic[T]):
         seq = self._next_seq
         self._next_seq = seq + 1
         job = _Job(item, seq)
+        if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+            job.enqueued = trio.current_time()
         self._outstanding[seq] = job
         self._submitted += 1
         return job
@@ -302,6 +339,15 @@ class Pool(Generic[T]):
         outstanding = self._outstanding
         outbox = self._outbox
         outbox_limit = self._outbox_limit
+        # Limits and stats: with no limit configured, the only per-item additions are two
+        # tests and, for sampled items, two clock reads and two histogram inserts.
+        per_key = self._per_key
+        guarded = bool(self._limits) or per_key is not None
+        key_token: object | None = None
+        start = 0.0
+        current_time = trio.current_time
+        wait_add = self._wait_q.add
+        latency_add = self._latency_q.add
         streak = 0
         while True:
             try:
@@ -321,35 +367,53 @@ class Pool(Generic[T]):
                     await checkpoint()
             if self._stopping:
                 return  # leave it outstanding: it settles as Unfinished
+            if per_key is not None:
+                # Parking form: a busy key keeps the item, not this worker (see _limits).
+                key_token = await self._admit(per_key, job)
+                if key_token is None:
+                    continue
+            seq = job.seq
+            sample = seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK
+            if sample:
+                start = current_time()
+                wait_add(start - job.enqueued)
             job.attempts = attempts = job.attempts + 1
             self._attempts += 1
-            self._in_flight += 1
             try:
-                if timeout is None:
-                    value = await fn(job.item)
+                if guarded:
+                    value = await self._guarded_attempt(job, key_token, sample)
                 else:
-                    with trio.move_on_after(timeout) as scope:
-                        value = await fn(job.item)
-                    if scope.cancelled_caught:
-                        raise AttemptTimeout(f"attempt took longer than timeout={timeout} s")
+                    self._in_flight += 1
+                    try:
+                        if timeout is None:
+                            value = await fn(job.item)
+                        else:
+                            with trio.move_on_after(timeout) as scope:
+                                value = await fn(job.item)
+                            if scope.cancelled_caught:
+                                raise AttemptTimeout(
+                                    f"attempt took longer than timeout={timeout} s"
+                                )
+                    finally:
+                        self._in_flight -= 1
+                        if sample:
+                            latency_add(current_time() - start)
             except Exception as error:
-                self._in_flight -= 1
                 self._attempt_failed(job, error)
             except BaseException as error:
                 # Cancelled, KeyboardInterrupt, SystemExit...: never retried, never kept
                 # from propagating. The item stays outstanding and settles as Unfinished.
-                self._in_flight -= 1
                 if not isinstance(error, trio.Cancelled):
                     job.last_error = error
                 raise
             else:
-                self._in_flight -= 1
-                seq = job.seq
                 del outstanding[seq]
                 self._succeeded += 1
                 outbox.append((seq, Succeeded(job.item, value, attempts)))
                 if self._reader_waiting:
                     self._wake_reader()
+                if self._stats_waiting:
+                    self._wake_stats()
                 if self._intake_waiting and len(outstanding) <= self._intake_low:
                     self._wake_intake()
                     # Let the feeder refill before this worker empties the channel, or
@@ -360,6 +424,95 @@ class Pool(Generic[T]):
                     self._close_channel()
             if outbox_limit is not None and len(outbox) >= outbox_limit:
                 await self._space_lot.park()
+
+    async def _admit(self, per_key: PerKey[Any], job: _Job) -> object | None:
+        """Ask the per-key limit for ``job``: a token, or None (parked, or failed)."""
+        claim = job.claim
+        if claim is not None:
+            job.claim = None  # a claim is used once
+            self._parked -= 1
+        try:
+            token = await per_key.admit(job.item, job, self._resend, claim)
+        except Exception as error:
+            # The key function raised on this item: it fails as if its attempt had.
+            job.attempts += 1
+            self._attempts += 1
+            self._attempt_failed(job, error)
+            return None
+        if token is None:
+            self._parked += 1
+        return token
+
+    def _resend(self, job: _Job, claim: Claim, due: float) -> None:
+        """The per-key limit hands a parked job back: into the channel at ``due``."""
+        job.claim = claim
+        self._claims_in_heap += 1
+        heapq.heappush(self._heap, (due, job.seq, job))
+        self._scheduler_lot.unpark_all()
+
+    async def _guarded_attempt(self, job: _Job, key_token: object | None, sample: bool) -> Any:
+        """One attempt inside the limits: acquired in order, released in reverse order.
+
+        Cancellation-safe: a cancelled acquire holds nothing, and whatever was acquired is
+        released in the ``finally``. A limit's wait counts as ``limited``, not in flight.
+        """
+        item = job.item
+        held: list[tuple[Limit, object]] = []
+        error: BaseException | None = None
+        try:
+            if self._limits:
+                self._limited += 1
+                try:
+                    for limit in self._limits:
+                        held.append((limit, await limit.acquire(item)))
+                finally:
+                    self._limited -= 1
+            self._in_flight += 1
+            start = trio.current_time() if sample else 0.0
+            try:
+                timeout = self._timeout
+                if timeout is None:
+                    return await self._fn(item)
+                with trio.move_on_after(timeout) as scope:
+                    value = await self._fn(item)
+                if scope.cancelled_caught:
+                    raise AttemptTimeout(f"attempt took longer than timeout={timeout} s")
+                return value
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._in_flight -= 1
+                if sample:
+                    self._latency_q.add(trio.current_time() - start)
+        finally:
+            for limit, token in reversed(held):
+                limit.release(token, error)
+            if key_token is not None:
+                assert self._per_key is not None
+                self._per_key.release(key_token, error)
+            error = None  # no reference cycle through the traceback
+
+    def _wake_stats(self) -> None:
+        self._stats_waiting = False
+        self._stats_lot.unpark_all()
+
+    async def wait_stats(self, predicate: Callable[[Stats], bool]) -> Stats:
+        """Wait until ``predicate(pool.stats)`` is true; return those stats.
+
+        ``await pool.wait_stats(lambda s: s.failed > 10)``: no polling loop. The predicate
+        is tested now and again whenever an item settles or is retried, so the returned
+        stats may be a few items past the first moment it held. When the pool's tasks
+        have ended it returns the last stats whether or not the predicate holds (test it
+        again if that matters). Costs the pool nothing while nobody waits.
+        """
+        await checkpoint()
+        while True:
+            stats = self.stats
+            if predicate(stats) or self._tasks_done:
+                return stats
+            self._stats_waiting = True
+            await self._stats_lot.park()
 
     def _wake_reader(self) -> None:
         self._reader_waiting = False
@@ -378,6 +531,8 @@ class Pool(Generic[T]):
                 )
             heapq.heappush(self._heap, (trio.current_time() + delay, job.seq, job))
             self._scheduler_lot.unpark_all()
+            if self._stats_waiting:
+                self._wake_stats()
             return
         if retry is not None and job.attempts >= retry.attempts > 1:
             why = f"gave up after {job.attempts} attempts"
@@ -392,6 +547,8 @@ class Pool(Generic[T]):
         self._outbox.append((job.seq, record))
         if self._reader_waiting:
             self._wake_reader()
+        if self._stats_waiting:
+            self._wake_stats()
         if self._intake_waiting and len(self._outstanding) <= self._intake_low:
             self._wake_intake()
         elif self._intake_closed and not self._outstanding:
@@ -418,7 +575,11 @@ class Pool(Generic[T]):
                 with trio.move_on_at(due):
                     await lot.park()
                 continue
-            _, _, job = heapq.heappop(heap)
+            _, seq, job = heapq.heappop(heap)
+            if job.claim is not None:
+                self._claims_in_heap -= 1
+            if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+                job.enqueued = trio.current_time()
             try:
                 await send.send(job)
             except trio.ClosedResourceError:
@@ -435,12 +596,15 @@ class Pool(Generic[T]):
             raise RuntimeError("a pool runs once")
         self._started = True
         self._t0 = trio.current_time()
+        self._throughput.observe(self._t0, 0)
         sole: BaseException | None = None
         try:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._run_tasks, feed)
                     nursery.start_soon(self._watch)
+                    if self._progress is not None:
+                        nursery.start_soon(self._show_progress, self._progress)
                     try:
                         yield self
                     except BaseException:
@@ -454,6 +618,8 @@ class Pool(Generic[T]):
                     raise
         finally:
             self._finalize()
+            if self._progress is not None:
+                self._progress.finish(self.stats)
         if sole is not None:
             # Raised outside the `except` so the group does not become its __context__:
             # callers write `except ValueError`, not `except* ValueError`.
@@ -475,8 +641,14 @@ class Pool(Generic[T]):
             self._tasks_done = True
             self._t_end = trio.current_time()
             self._watch_scope.cancel()
+            self._progress_scope.cancel()
             self._reader_lot.unpark_all()
             self._space_lot.unpark_all()
+            self._wake_stats()
+
+    async def _show_progress(self, progress: Progress) -> None:
+        with self._progress_scope:
+            await progress.run(lambda: self.stats)
 
     async def _watch(self) -> None:
         with self._watch_scope:
@@ -492,6 +664,16 @@ class Pool(Generic[T]):
         self._tasks_done = True
         if self._t_end is None:
             self._t_end = trio.current_time()
+        per_key = self._per_key
+        if per_key is not None:
+            # Take this pool's jobs back from the per-key limit (it may be shared, and
+            # outlive the pool): parked ones, and the claims of jobs resent to us.
+            per_key.withdraw(self._resend)
+            for job in self._outstanding.values():
+                if job.claim is not None:
+                    per_key.discard(job.claim)
+                    job.claim = None
+        self._parked = self._claims_in_heap = 0
         if not self._outstanding:
             return
         unfinished = [
@@ -566,19 +748,37 @@ class Pool(Generic[T]):
     def stats(self) -> Stats:
         """A snapshot of the counters now."""
         in_flight = self._in_flight
-        waiting_retry = len(self._heap)
+        limited = self._limited
+        parked = self._parked
+        waiting_retry = len(self._heap) - self._claims_in_heap  # claims count as parked
         end = self._t_end if self._t_end is not None else trio.current_time()
+        succeeded = self._succeeded
+        failed = len(self._failed)
+        unfinished = len(self._unfinished)
+        adaptive = self._adaptive
         return Stats(
             submitted=self._submitted,
-            succeeded=self._succeeded,
-            failed=len(self._failed),
-            unfinished=len(self._unfinished),
+            succeeded=succeeded,
+            failed=failed,
+            unfinished=unfinished,
             retried=self._retried,
             attempts=self._attempts,
             in_flight=in_flight,
-            queued=max(0, len(self._outstanding) - in_flight - waiting_retry),
+            queued=max(
+                0, len(self._outstanding) - in_flight - waiting_retry - limited - parked
+            ),
             waiting_retry=waiting_retry,
             elapsed=max(0.0, end - self._t0) if self._started else 0.0,
+            limited=limited,
+            parked=parked,
+            recent_throughput=(
+                self._throughput.observe(end, succeeded + failed + unfinished)
+                if self._started
+                else None
+            ),
+            queue_wait=_percentiles(self._wait_q),
+            attempt_latency=_percentiles(self._latency_q),
+            adaptive_limit=None if adaptive is None else adaptive.limit,
         )
 
     def report(self) -> Report:
@@ -589,6 +789,11 @@ class Pool(Generic[T]):
         """
         succeeded = [r for _, r in self._outbox if type(r) is Succeeded]
         return Report(succeeded, list(self._failed), list(self._unfinished), self.stats)
+
+
+def _percentiles(quantiles: Quantiles) -> Percentiles:
+    p50, p90, p99 = quantiles.quantiles(0.5, 0.9, 0.99)
+    return Percentiles(quantiles.count, p50, p90, p99, quantiles.max)
 
 
 def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
