@@ -607,6 +607,10 @@ def _load_reply(reply: _Reply) -> Any:
         return pickle.loads(blob)
     error = pickle.loads(blob)
     assert isinstance(error, BaseException)
+    # The worker's text shows the whole chain; drop whatever a tblib-enabled pickle (Dask
+    # installs one) restored, so each frame shows once, the same way on every backend.
+    error.__traceback__ = None
+    error.__context__ = None
     error.__cause__ = _RemoteTraceback(remote_tb)
     raise error
 
