@@ -1,0 +1,436 @@
+"""The durable journal of ``run(..., journal=path, key=...)``.
+
+Contract layer: a re-run skips what the journal holds as succeeded and runs the rest; a
+cancel, an error or Ctrl-C commits the tail before propagating; a file that is not a journal
+(or was written with another key function) is refused at the call. Collaboration layer: the
+SQLite file itself (rows committed in small batches while the run goes on; a succeeded row
+is never replaced). A hypothesis property: over several interrupted runs, every item's
+value is computed once per success, never more.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import os
+import pickle
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import conveyor
+from conveyor import Retry, Succeeded
+from conveyor._journal import JournalError, _Db, check_journal, key_fingerprint, run_journaled
+
+
+async def jrun(fn: Callable[[Any], Awaitable[Any]], items: Any, **options: Any) -> conveyor.Report:
+    """``conveyor.run`` with ``journal=``/``key=`` (through the module until run() has them)."""
+    if "journal" in inspect.signature(conveyor.run).parameters:
+        return await conveyor.run(fn, items, **options)
+    from conveyor._api import _make_pool
+
+    spec = check_journal(options.pop("journal", None), options.pop("key", None))
+    assert spec is not None
+    pool = _make_pool(
+        fn,
+        workers=options.pop("workers", 10),
+        buffer=options.pop("buffer", None),
+        retry=options.pop("retry", None),
+        timeout=options.pop("timeout", None),
+        drain=options.pop("drain", 0.0),
+        progress=options.pop("progress", False),
+        total=len(items) if hasattr(items, "__len__") else None,
+    )
+    assert not options, options
+    return await run_journaled(pool, items, spec)
+
+
+def rows(path: Path) -> dict[Any, tuple[str, int, Any, str | None]]:
+    """The journal's rows, read with a separate connection: key -> (status, attempts,
+    value, error)."""
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            key: (status, attempts, None if value is None else pickle.loads(value), error)
+            for key, status, attempts, value, error in conn.execute(
+                "SELECT key, status, attempts, value, error FROM conveyor_items"
+            )
+        }
+    finally:
+        conn.close()
+
+
+class Counting:
+    """A task function that counts its calls per item and fails the items in ``fail``."""
+
+    def __init__(self, fail: set[int] | None = None) -> None:
+        self.calls: Counter[int] = Counter()
+        self.fail = fail or set()
+
+    async def __call__(self, n: int) -> int:
+        self.calls[n] += 1
+        await trio.lowlevel.checkpoint()
+        if n in self.fail:
+            raise ValueError(f"bad item {n}")
+        return n * n
+
+
+def key_of(n: int) -> str:
+    return f"item-{n}"
+
+
+def other_key(n: int) -> str:
+    return f"item-{n}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+async def test_a_rerun_skips_succeeded_items_and_returns_their_stored_values(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "job.journal"
+    first = Counting()
+    report = await jrun(first, range(250), journal=journal, key=key_of)
+    assert sorted(r.value for r in report.succeeded) == [n * n for n in range(250)]
+    assert all(count == 1 for count in first.calls.values()) and len(first.calls) == 250
+    assert {k: v[:3] for k, v in rows(journal).items()} == {
+        key_of(n): ("succeeded", 1, n * n) for n in range(250)
+    }
+
+    second = Counting()
+    again = await jrun(second, list(range(250)), journal=journal, key=key_of)
+    assert not second.calls  # nothing ran
+    assert sorted((r.item, r.value, r.attempts) for r in again.succeeded) == [
+        (n, n * n, 1) for n in range(250)
+    ]
+    assert again.ok
+    assert again.stats.succeeded == 0  # stats count this run's work only
+
+
+async def test_failed_items_run_again_and_succeeded_ones_do_not(tmp_path: Path) -> None:
+    journal = tmp_path / "job.journal"
+    first = Counting(fail={3, 7})
+    report = await jrun(first, range(10), journal=journal, key=key_of)
+    assert sorted(r.item for r in report.failed) == [3, 7]
+    stored = rows(journal)
+    assert stored[key_of(3)] == ("failed", 1, None, "ValueError: bad item 3")
+    assert stored[key_of(0)][0] == "succeeded"
+
+    second = Counting()
+    again = await jrun(second, range(10), journal=journal, key=key_of)
+    assert set(second.calls) == {3, 7}
+    assert again.ok
+    assert sorted(r.value for r in again.succeeded) == [n * n for n in range(10)]
+    assert {status for status, *_ in rows(journal).values()} == {"succeeded"}
+
+
+async def test_attempts_are_stored_with_the_value(tmp_path: Path, autojump_clock: Any) -> None:
+    journal = tmp_path / "job.journal"
+    tries: Counter[int] = Counter()
+
+    async def flaky(n: int) -> int:
+        tries[n] += 1
+        if tries[n] < 3:
+            raise ConnectionError("try again")
+        return n
+
+    await jrun(flaky, [1, 2], journal=journal, key=key_of,
+               retry=Retry(attempts=5, backoff=None))
+    again = await jrun(flaky, [1, 2], journal=journal, key=key_of)
+    assert sorted((r.item, r.attempts) for r in again.succeeded) == [(1, 3), (2, 3)]
+
+
+async def test_the_item_is_its_own_key_when_no_key_function_is_given(tmp_path: Path) -> None:
+    journal = tmp_path / "urls.journal"
+    first = Counting()
+    await jrun(first, [1, 2, 3], journal=journal)
+    assert set(rows(journal)) == {1, 2, 3}
+    second = Counting()
+    report = await jrun(second, [1, 2, 3, 4], journal=str(journal))
+    assert set(second.calls) == {4}
+    assert sorted(r.value for r in report.succeeded) == [1, 4, 9, 16]
+
+
+async def test_async_iterable_items_are_filtered_too(tmp_path: Path) -> None:
+    journal = tmp_path / "job.journal"
+
+    async def numbers(n: int) -> AsyncIterator[int]:
+        for k in range(n):
+            await trio.lowlevel.checkpoint()
+            yield k
+
+    await jrun(Counting(), numbers(20), journal=journal, key=key_of)
+    second = Counting()
+    report = await jrun(second, numbers(30), journal=journal, key=key_of)
+    assert set(second.calls) == set(range(20, 30))
+    assert len(report.succeeded) == 30
+
+
+async def test_progress_counts_only_the_items_left_to_run(tmp_path: Path) -> None:
+    journal = tmp_path / "job.journal"
+    await jrun(Counting(), range(60), journal=journal, key=key_of)
+    progress = conveyor.Progress(io.StringIO(), tty=False)
+    await jrun(Counting(), range(100), journal=journal, key=key_of, progress=progress)
+    assert progress.total == 40
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: the tail is committed before the exception propagates
+
+
+async def test_a_cancelled_run_commits_its_successes_and_the_rerun_does_the_rest(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "job.journal"
+    first = Counting()
+    thirty = trio.Event()
+
+    async def half(n: int) -> int:
+        if n >= 30:
+            await trio.sleep_forever()
+        value = await first(n)
+        if len(first.calls) == 30:
+            thirty.set()
+        return value
+
+    async def cancel_at_thirty(scope: trio.CancelScope) -> None:
+        await thirty.wait()
+        scope.cancel()  # the 30 have settled: a worker settles its item as fn returns
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_at_thirty, scope)
+            await jrun(half, range(50), journal=journal, key=key_of, workers=50)
+    assert scope.cancelled_caught
+    stored = rows(journal)
+    # 30 successes: fewer than a batch, committed by the shielded final flush.
+    assert {k for k, v in stored.items() if v[0] == "succeeded"} == {key_of(n) for n in range(30)}
+    assert {k for k, v in stored.items() if v[0] == "unfinished"} == {
+        key_of(n) for n in range(30, 50)
+    }
+    second = Counting()
+    report = await jrun(second, range(50), journal=journal, key=key_of)
+    assert set(second.calls) == set(range(30, 50))
+    assert sorted(r.value for r in report.succeeded) == [n * n for n in range(50)]
+
+
+async def test_keyboard_interrupt_commits_the_tail_and_propagates(tmp_path: Path) -> None:
+    journal = tmp_path / "job.journal"
+
+    async def interrupted(n: int) -> int:
+        if n == 40:
+            await trio.sleep(0.05)  # let the others settle first
+            raise KeyboardInterrupt
+        return n
+
+    with pytest.raises(KeyboardInterrupt):
+        await jrun(interrupted, range(41), journal=journal, key=key_of, workers=41)
+    stored = rows(journal)
+    assert {k for k, v in stored.items() if v[0] == "succeeded"} == {key_of(n) for n in range(40)}
+    assert stored[key_of(40)][0] == "unfinished"
+
+
+@pytest.mark.slow
+async def test_rows_are_committed_in_small_batches_while_the_run_goes_on(tmp_path: Path) -> None:
+    journal = tmp_path / "job.journal"
+    release = trio.Event()
+
+    async def fn(n: int) -> int:
+        if n >= 150:
+            await release.wait()
+        return n
+
+    async def watch() -> None:
+        # Another connection sees the committed rows while the run is still going.
+        with trio.fail_after(10):
+            while True:
+                await trio.sleep(0.02)
+                if journal.exists():
+                    done = await trio.to_thread.run_sync(rows, journal)
+                    if len(done) == 150:
+                        break
+        release.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        report = await jrun(fn, range(300), journal=journal, key=key_of, workers=200)
+    assert len(report.succeeded) == 300
+    assert len(rows(journal)) == 300
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused at the call
+
+
+async def never(n: int) -> int:
+    raise AssertionError("must not run")
+
+
+async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+    journal = tmp_path / "job.journal"
+    journal.write_bytes(os.urandom(4096))
+    with pytest.raises(JournalError, match=r"job\.journal' is not a conveyor journal"):
+        await jrun(never, range(3), journal=journal, key=key_of)
+    assert len(journal.read_bytes()) == 4096
+
+
+async def test_a_damaged_journal_is_refused(tmp_path: Path) -> None:
+    journal = tmp_path / "job.journal"
+    await jrun(Counting(), range(2000), journal=journal, key=key_of)
+    data = bytearray(journal.read_bytes())
+    assert len(data) > 3 * 4096
+    data[2 * 4096 : 3 * 4096] = os.urandom(4096)  # a page in the middle
+    journal.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match=r"job\.journal' (is damaged|is not a conveyor)"):
+        await jrun(never, range(3), journal=journal, key=key_of)
+
+
+async def test_a_database_of_another_program_is_refused(tmp_path: Path) -> None:
+    journal = tmp_path / "app.db"
+    conn = sqlite3.connect(journal)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(
+        JournalError,
+        match=r"is an SQLite database but not a conveyor journal \(its tables: users\)",
+    ):
+        await jrun(never, range(3), journal=journal, key=key_of)
+    assert sqlite3.connect(journal).execute("SELECT name FROM sqlite_master").fetchall() == [
+        ("users",)
+    ]
+
+
+async def test_a_journal_of_another_key_function_is_refused(tmp_path: Path) -> None:
+    journal = tmp_path / "job.journal"
+    await jrun(Counting(), range(3), journal=journal, key=key_of)
+    with pytest.raises(
+        JournalError,
+        match=r"written with the key function 'tests\.test_journal\.key_of', this run uses "
+        r"'tests\.test_journal\.other_key'",
+    ):
+        await jrun(never, range(3), journal=journal, key=other_key)
+    with pytest.raises(JournalError, match=r"this run uses 'item'"):
+        await jrun(never, range(3), journal=journal)
+
+
+async def test_a_journal_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match=r"cannot open it"):
+        await jrun(never, range(3), journal=tmp_path / "nowhere" / "job.journal", key=key_of)
+
+
+async def test_two_items_with_one_key_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match=r"two items have the journal key 'item-1'"):
+        await jrun(Counting(), [0, 1, 2, 1], journal=tmp_path / "j", key=key_of)
+
+
+@pytest.mark.parametrize("bad_key", [1.5, None, ("a", 1), True, 2**64])
+async def test_a_key_that_sqlite_cannot_hold_exactly_is_refused(
+    tmp_path: Path, bad_key: object
+) -> None:
+    with pytest.raises(TypeError, match=r"journal key must be a str, bytes or a 64-bit int; "
+                                        r"key\(item\) is .* for item 0"):
+        await jrun(Counting(), [0], journal=tmp_path / "j", key=lambda n: bad_key)
+
+
+async def test_a_value_that_cannot_be_pickled_is_an_error(tmp_path: Path) -> None:
+    async def unpicklable(n: int) -> Any:
+        return lambda: n
+
+    with pytest.raises(JournalError, match=r"the value of item 0 cannot be pickled"):
+        await jrun(unpicklable, [0], journal=tmp_path / "j", key=key_of)
+
+
+def test_journal_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"key= only applies with journal=PATH"):
+        check_journal(None, key_of)
+    with pytest.raises(TypeError, match=r"journal must be a file path \(str or os.PathLike\)"):
+        check_journal(42, None)
+    with pytest.raises(TypeError, match=r"journal must be a non-empty str path"):
+        check_journal("", None)
+    with pytest.raises(TypeError, match=r"key must be a callable"):
+        check_journal("j", "id")
+    assert check_journal(None, None) is None
+
+
+def test_key_fingerprints() -> None:
+    assert key_fingerprint(None) == "item"
+    assert key_fingerprint(key_of) == "tests.test_journal.key_of"
+    assert key_fingerprint(functools.partial(key_of)) == "partial(tests.test_journal.key_of)"
+    assert key_fingerprint(Counting()) == "tests.test_journal.Counting"
+
+
+def test_a_succeeded_row_is_never_replaced(tmp_path: Path) -> None:
+    spec = check_journal(tmp_path / "j", key_of)
+    assert spec is not None
+    db = _Db(spec)
+    try:
+        db.write([("a", "succeeded", 1, pickle.dumps(1), None, 0.0)])
+        db.write([("a", "failed", 2, None, "ValueError: x", 0.0),
+                  ("b", "failed", 1, None, "ValueError: y", 0.0)])
+        db.write([("b", "unfinished", 3, None, None, 0.0)])
+    finally:
+        db.close()
+    assert rows(tmp_path / "j") == {
+        "a": ("succeeded", 1, 1, None),
+        "b": ("unfinished", 3, None, None),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: interrupted runs never compute a success twice, and end complete
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    n=st.integers(1, 60),
+    stops=st.lists(st.integers(0, 60), min_size=0, max_size=3),
+    flaky=st.sets(st.integers(0, 59), max_size=10),
+)
+async def test_interrupted_runs_end_complete_and_compute_each_success_once(
+    n: int, stops: list[int], flaky: set[int]
+) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = Path(tmp) / "job.journal"
+        successes: Counter[int] = Counter()
+        failed_once: set[int] = set()
+
+        for stop_after in [*stops, None]:
+            started = 0
+            scope = trio.CancelScope()
+
+            async def fn(
+                k: int, stop_after: int | None = stop_after, scope: trio.CancelScope = scope
+            ) -> int:
+                nonlocal started
+                started += 1
+                if stop_after is not None and started > stop_after:
+                    scope.cancel()  # like Ctrl-C: the run stops with attempts in flight
+                    await trio.sleep_forever()
+                await trio.lowlevel.checkpoint()
+                if k in flaky and k not in failed_once:
+                    failed_once.add(k)
+                    raise ValueError("flaky")
+                successes[k] += 1
+                return -k
+
+            with scope:
+                report = await jrun(fn, range(n), journal=journal, key=key_of, workers=4,
+                                    retry=Retry(attempts=2, backoff=None))
+        # The last run was not stopped: everything that can succeed has, in the report.
+        assert sorted(r.item for r in report.succeeded) == list(range(n))
+        assert all(r.value == -r.item for r in report.succeeded if isinstance(r, Succeeded))
+        assert set(successes) == set(range(n))
+        assert all(count == 1 for count in successes.values()), successes
