@@ -255,10 +255,12 @@ async def test_rows_are_committed_in_small_batches_while_the_run_goes_on(tmp_pat
         with trio.fail_after(10):
             while True:
                 await trio.sleep(0.02)
-                if journal.exists():
+                try:
                     done = await trio.to_thread.run_sync(rows, journal)
-                    if len(done) == 150:
-                        break
+                except sqlite3.OperationalError:
+                    continue  # not created yet
+                if len(done) == 150:
+                    break
         release.set()
 
     async with trio.open_nursery() as nursery:
