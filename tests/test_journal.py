@@ -11,7 +11,6 @@ value is computed once per success, never more.
 from __future__ import annotations
 
 import functools
-import inspect
 import io
 import os
 import pickle
@@ -27,30 +26,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import conveyor
-from conveyor import Retry, Succeeded
-from conveyor._journal import JournalError, _Db, check_journal, key_fingerprint, run_journaled
+from conveyor import JournalError, Retry, Succeeded
+from conveyor._journal import _Db, check_journal, key_fingerprint
 
 
 async def jrun(fn: Callable[[Any], Awaitable[Any]], items: Any, **options: Any) -> conveyor.Report:
-    """``conveyor.run`` with ``journal=``/``key=`` (through the module until run() has them)."""
-    if "journal" in inspect.signature(conveyor.run).parameters:
-        return await conveyor.run(fn, items, **options)
-    from conveyor._api import _make_pool
-
-    spec = check_journal(options.pop("journal", None), options.pop("key", None))
-    assert spec is not None
-    pool = _make_pool(
-        fn,
-        workers=options.pop("workers", 10),
-        buffer=options.pop("buffer", None),
-        retry=options.pop("retry", None),
-        timeout=options.pop("timeout", None),
-        drain=options.pop("drain", 0.0),
-        progress=options.pop("progress", False),
-        total=len(items) if hasattr(items, "__len__") else None,
-    )
-    assert not options, options
-    return await run_journaled(pool, items, spec)
+    return await conveyor.run(fn, items, **options)
 
 
 def rows(path: Path) -> dict[Any, tuple[str, int, Any, str | None]]:
@@ -436,3 +417,10 @@ async def test_interrupted_runs_end_complete_and_compute_each_success_once(
         assert all(r.value == -r.item for r in report.succeeded if isinstance(r, Succeeded))
         assert set(successes) == set(range(n))
         assert all(count == 1 for count in successes.values()), successes
+
+
+async def test_run_checks_the_journal_options_at_the_call() -> None:
+    with pytest.raises(ValueError, match=r"key= only applies with journal=PATH"):
+        await conveyor.run(never, [1], key=key_of)
+    with pytest.raises(TypeError, match=r"journal must be a file path"):
+        await conveyor.run(never, [1], journal=3)  # type: ignore[arg-type]

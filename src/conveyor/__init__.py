@@ -10,6 +10,9 @@ from ._api import map as map
 from ._api import open_pool as open_pool
 from ._api import run as run
 
+# Resumable runs: run(..., journal=path, key=...).
+from ._journal import JournalError as JournalError
+
 # Limits held around every attempt.
 from ._limits import Adaptive as Adaptive
 from ._limits import Limit as Limit
@@ -59,6 +62,8 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "map",
     "open_pool",
     "run",
+    # resumable runs
+    "JournalError",
     # records
     "Failed",
     "ItemUnfinished",

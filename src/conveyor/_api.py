@@ -7,6 +7,7 @@ starts.
 from __future__ import annotations
 
 import contextvars
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sized
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from types import TracebackType
@@ -14,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from ._journal import check_journal, run_journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._options import check_fn, check_items, check_options
 from ._pool import Pool
@@ -111,6 +113,8 @@ async def run(
     per_key: PerKey[Any] | None = None,
     adaptive: Adaptive | None = None,
     progress: bool | Progress = False,
+    journal: str | os.PathLike[str] | None = None,
+    key: Callable[[Any], str | int | bytes] | None = None,
 ) -> Report:
     """Run ``await fn(item)`` for every item, ``workers`` at a time, and return the account.
 
@@ -144,13 +148,24 @@ async def run(
         progress: True for a live progress line on stderr (redrawn on a terminal, a plain
             line every 10 s otherwise), or a :class:`conveyor.Progress` to choose the
             stream and interval. No effect on results.
+        journal: a file path: record each settled item by ``key`` in this SQLite file,
+            so that running again with the same journal skips the items it holds as
+            succeeded (they come back as ``Succeeded`` with the stored value and
+            attempts) and runs the others. Committed every 100 records or 0.2 s, and on
+            a stop before the exception propagates; values must be picklable. A file that
+            is not a journal, or was written with another key function, raises
+            :class:`conveyor.JournalError` at the call.
+        key: with ``journal``: ``item -> str | int | bytes``, distinct per item, cheap
+            and stable across runs (default: the item itself). Identified across runs by
+            its module and qualified name.
 
     Limits are held around every attempt, retries included (a retry waiting for its
     backoff holds none), in this order: ``per_key``, ``limiter``, ``adaptive``, ``rate``.
 
     Returns:
         A :class:`conveyor.Report` with every ``Succeeded``, ``Failed`` and (after a stop)
-        ``Unfinished`` item.
+        ``Unfinished`` item. With a journal, ``succeeded`` also holds the items taken from
+        it (first), while ``stats`` counts this run's work only.
 
     Stopping: when the caller's cancel scope or deadline fires, or KeyboardInterrupt
     arrives, the run stops taking items and starts no queued item or retry; attempts
@@ -163,11 +178,14 @@ async def run(
     is, not wrapped in an ExceptionGroup.
     """
     check_items(items)
+    journal_spec = check_journal(journal, key)
     pool = _make_pool(
         fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
         limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive,
         progress=progress, total=_total(items),
     )
+    if journal_spec is not None:
+        return await run_journaled(pool, items, journal_spec)
     async with pool._running(items):
         pass
     return pool.report()
