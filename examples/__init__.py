@@ -1,0 +1,1 @@
+"""Runnable examples (``python -m examples.predict ...`` from the repository root)."""

@@ -1,0 +1,553 @@
+"""Score a CSV of feature rows on a fleet of flaky prediction servers, resumably.
+
+The job of seed 000, for real: too many rows to score locally, so batches of rows go to K
+prediction servers over HTTP, concurrently, through ``conveyor.run``:
+
+- **Routing**: each attempt goes to the least-loaded server that has room (at most
+  ``per_server`` requests at once on each), preferring servers that did not just answer
+  429/503 or drop a connection. It is chosen per *attempt*, not per batch: a retry goes
+  wherever there is room, so one overloaded or dead server does not hold its batches.
+- **Retries**: 503 and 429 are retried after their ``Retry-After`` (raised as
+  ``conveyor.RetryAfter``), dropped connections and other transport errors after the
+  backoff; a 400 (a bad row) or 413 gives up at once.
+- **Bad rows**: a 400 names the bad rows of its batch; once a pass is over, the other rows
+  of such batches are sent again as a smaller batch, until every good row is scored and
+  every bad row is reported with the server's reason.
+- **Resuming**: ``journal=OUTPUT.journal, key=batch_key``: a run that was stopped (Ctrl-C,
+  a crash, SIGKILL) and started again with the same output path sends only the batches
+  the journal does not hold as succeeded. A batch's key is its rows' positions and a hash
+  of their text, so a changed input file or batch size never reuses a stale result.
+- **Output**: predictions in input order (``row,prediction``; empty for a row that could
+  not be scored), written from the final report, so a batch scored twice (its journal
+  row lost in a crash) still appears once; failures with their reasons in
+  ``OUTPUT.failures.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+import conveyor
+
+from .model import WIDTH
+
+BATCH_SIZE = 500
+PER_SERVER = 4
+ATTEMPTS = 8
+TIMEOUT = 30.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Rows sent in one request: their input positions and their values.
+
+    ``key`` (the journal key) names the rows and hashes their text: stable across runs of
+    the same input, different for another input or another batching.
+    """
+
+    key: str
+    positions: tuple[int, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    @classmethod
+    def of(cls, positions: Sequence[int], texts: Sequence[Sequence[str]]) -> Batch:
+        digest = hashlib.blake2b(digest_size=8)
+        for position, text in zip(positions, texts, strict=True):
+            digest.update(f"{position}:{','.join(text)}\n".encode())
+        first, last = positions[0], positions[-1]
+        key = f"rows {first}-{last} ({len(positions)}) {digest.hexdigest()}"
+        return cls(key, tuple(positions), tuple(tuple(_cell(c) for c in t) for t in texts))
+
+    def without(self, bad: set[int]) -> Batch | None:
+        """The same batch without the rows at ``bad`` indexes (None if nothing is left)."""
+        keep = [i for i in range(len(self.positions)) if i not in bad]
+        if not keep:
+            return None
+        return Batch.of(
+            [self.positions[i] for i in keep],
+            [[_text(v) for v in self.rows[i]] for i in keep],
+        )
+
+    def body(self) -> bytes:
+        # NaN travels as the JSON extension token NaN, which the server reads and refuses.
+        return json.dumps({"rows": self.rows}).encode()
+
+
+def batch_key(batch: Batch) -> str:
+    """The journal key of a batch."""
+    return batch.key
+
+
+def _cell(text: str) -> Any:
+    """A CSV cell as sent: a float when it is a number (NaN included), else the text, which
+    the server refuses by name (the client does not second-guess the server's checks)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def read_batches(path: Path, batch_size: int) -> tuple[list[Batch], int]:
+    """The batches of a CSV file of feature rows (one header line), and the row count."""
+    batches: list[Batch] = []
+    positions: list[int] = []
+    texts: list[list[str]] = []
+    count = 0
+    with path.open(newline="") as file:
+        reader = csv.reader(file)
+        next(reader, None)  # the header
+        for count, row in enumerate(reader, start=1):
+            positions.append(count - 1)
+            texts.append(row)
+            if len(positions) == batch_size:
+                batches.append(Batch.of(positions, texts))
+                positions, texts = [], []
+    if positions:
+        batches.append(Batch.of(positions, texts))
+    return batches, count
+
+
+def write_sample(path: Path, rows: int, seed: int = 0) -> list[tuple[int, str]]:
+    """Write ``rows`` random feature rows (a few of them bad); return the bad ones' positions
+    and what is wrong with each."""
+    rng = random.Random(seed)
+    bad_kinds = ["nan", "short", "long", "text", "huge"]
+    # About one bad row in 8,000, at seeded positions, each kind in turn.
+    count = max(1, rows // 8000) if rows >= 100 else 0
+    bad_at = dict(zip(sorted(rng.sample(range(rows), count)),
+                      (bad_kinds[i % len(bad_kinds)] for i in range(count)), strict=True))
+    bad: list[tuple[int, str]] = []
+    with path.open("w", newline="") as file:
+        file.write(",".join(f"x{i}" for i in range(WIDTH)) + "\n")
+        for position in range(rows):
+            values = [f"{rng.gauss(0.0, 1.0):.6f}" for _ in range(WIDTH)]
+            kind = bad_at.get(position)
+            if kind == "nan":
+                values[3] = "nan"
+            elif kind == "short":
+                values.pop()
+            elif kind == "long":
+                values.append("0.5")
+            elif kind == "text":
+                values[1] = "n/a"
+            elif kind == "huge":
+                values[5] = "1e300"
+            if kind is not None:
+                bad.append((position, kind))
+            file.write(",".join(values) + "\n")
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors (what the retry policy looks at)
+
+
+class ServerBusy(conveyor.RetryAfter):
+    """429 or 503: retried after the server's Retry-After."""
+
+    def __init__(self, status: int, delay: float, server: int) -> None:
+        super().__init__(delay, f"{status} from server {server} (Retry-After {delay:g} s)")
+        self.status = status
+
+
+class ServerError(Exception):
+    """Another 5xx, or an answer that does not hold one prediction per row: retried."""
+
+
+class Rejected(Exception):
+    """400 or 413: the batch itself is bad; not retried. ``bad_rows``: (index in the batch,
+    reason) named by the server."""
+
+    def __init__(self, message: str, bad_rows: list[tuple[int, str]]) -> None:
+        super().__init__(message)
+        self.bad_rows = bad_rows
+
+
+RETRYABLE = (ServerBusy, ServerError, httpx.TransportError, conveyor.AttemptTimeout)
+
+
+def reason(error: BaseException) -> str:
+    """A short name for why an attempt failed (the report groups by it)."""
+    if isinstance(error, ServerBusy):
+        return {429: "429 too many requests", 503: "503 unavailable"}.get(
+            error.status, str(error.status))
+    if isinstance(error, httpx.RemoteProtocolError):
+        return "connection dropped"
+    if isinstance(error, httpx.ConnectError):
+        return "cannot connect"
+    if isinstance(error, httpx.TransportError | conveyor.AttemptTimeout):
+        return type(error).__name__
+    if isinstance(error, Rejected):
+        return "400 bad rows" if error.bad_rows else f"rejected: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The fleet: least-loaded routing with a per-server limit
+
+
+@dataclass
+class Server:
+    index: int
+    url: str
+    in_flight: int = 0
+    sent: int = 0
+    cool_until: float = -math.inf
+
+
+@dataclass
+class Fleet:
+    """K servers, at most ``per_server`` requests on each at once."""
+
+    urls: Sequence[str]
+    per_server: int
+    http: httpx.AsyncClient
+    servers: list[Server] = field(init=False)
+    room: trio.lowlevel.ParkingLot = field(init=False, default_factory=trio.lowlevel.ParkingLot)
+    # Per attempt: (seconds, succeeded?) and, per batch key, the reasons of its failures.
+    latencies: list[tuple[float, bool]] = field(init=False, default_factory=list)
+    failures: dict[str, Counter[str]] = field(init=False,
+                                             default_factory=lambda: defaultdict(Counter))
+
+    def __post_init__(self) -> None:
+        self.servers = [Server(i + 1, url.rstrip("/")) for i, url in enumerate(self.urls)]
+
+    async def _take(self) -> Server:
+        while True:
+            now = trio.current_time()
+            free = [s for s in self.servers if s.in_flight < self.per_server]
+            if free:
+                server = min(free, key=lambda s: (s.cool_until > now, s.in_flight, s.sent))
+                server.in_flight += 1
+                server.sent += 1
+                return server
+            await self.room.park()
+
+    def _give_back(self, server: Server) -> None:
+        server.in_flight -= 1
+        self.room.unpark()
+
+    async def predict(self, batch: Batch) -> list[float]:
+        """One attempt: send ``batch`` to a server; its predictions, or an error."""
+        server = await self._take()
+        start = trio.current_time()
+        ok = False
+        try:
+            predictions = await self._post(server, batch)
+            ok = True
+            return predictions
+        except Exception as error:
+            self.failures[batch.key][reason(error)] += 1
+            if isinstance(error, RETRYABLE):
+                # Prefer the other servers for a while.
+                delay = error.retry_after if isinstance(error, ServerBusy) else 0.5
+                server.cool_until = trio.current_time() + delay
+            raise
+        finally:
+            self.latencies.append((trio.current_time() - start, ok))
+            self._give_back(server)
+
+    async def _post(self, server: Server, batch: Batch) -> list[float]:
+        response = await self.http.post(
+            f"{server.url}/predict", content=batch.body(),
+            headers={"content-type": "application/json"},
+        )
+        status = response.status_code
+        if status == 200:
+            try:
+                predictions = response.json()["predictions"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ServerError(f"server {server.index}: unreadable answer: {error}") from None
+            if not isinstance(predictions, list) or len(predictions) != len(batch.rows):
+                raise ServerError(f"server {server.index}: wrong number of predictions")
+            return predictions
+        if status in (429, 503):
+            raise ServerBusy(status, _retry_after(response.headers.get("retry-after")),
+                             server.index)
+        if status in (400, 413):
+            bad_rows: list[tuple[int, str]] = []
+            message = f"{status}"
+            try:
+                answer = response.json()
+                message = f"{status}: {answer['error']}"
+                bad_rows = [(int(r["row"]), str(r["reason"])) for r in answer.get("bad_rows", [])]
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise Rejected(message, bad_rows)
+        raise ServerError(f"server {server.index}: HTTP {status}")
+
+
+def _retry_after(value: str | None) -> float:
+    """Retry-After in seconds (whole seconds by the standard; a fraction is accepted; an
+    HTTP date or garbage counts as 1 s)."""
+    try:
+        delay = float(value) if value is not None else 1.0
+    except ValueError:
+        return 1.0
+    return min(max(delay, 0.0), 60.0) if math.isfinite(delay) else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class Outcome:
+    """What a run of the client did (the demo and the tests read it)."""
+
+    rows: int
+    batches: int
+    scored: int = 0
+    predictions: list[float | None] = field(default_factory=list)
+    bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
+    given_up: list[tuple[Batch, int, str]] = field(default_factory=list)  # batch, attempts, why
+    from_journal: int = 0
+    sent_batches: int = 0
+    repair_batches: int = 0
+    requests: int = 0
+    retried: Counter[str] = field(default_factory=Counter)  # reason -> batches retried for it
+    retries: Counter[str] = field(default_factory=Counter)  # reason -> failed attempts retried
+    latencies: list[tuple[float, bool]] = field(default_factory=list)
+    slots: int = 0
+    elapsed: float = 0.0  # the whole job: reading, sending, writing
+    sending: float = 0.0  # inside conveyor.run
+
+
+async def score_file(
+    input_path: Path,
+    output_path: Path,
+    urls: Sequence[str],
+    *,
+    batch_size: int = BATCH_SIZE,
+    per_server: int = PER_SERVER,
+    attempts: int = ATTEMPTS,
+    progress: bool = True,
+) -> Outcome:
+    """Score every row of ``input_path`` on the servers at ``urls``; write the outputs."""
+    started = time.perf_counter()
+    batches, rows = await trio.to_thread.run_sync(read_batches, input_path, batch_size)
+    outcome = Outcome(rows=rows, batches=len(batches), slots=len(urls) * per_server)
+    journal = output_path.with_name(output_path.name + ".journal")
+    retry = conveyor.Retry(
+        attempts=attempts,
+        backoff=conveyor.Backoff(initial=0.1, max=2.0),
+        retry_on=RETRYABLE,
+    )
+    limits = httpx.Limits(max_connections=outcome.slots + len(urls),
+                          max_keepalive_connections=outcome.slots)
+    scored: dict[str, tuple[Batch, list[float]]] = {}
+    async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
+        fleet = Fleet(urls, per_server, http)
+        pending = batches
+        while pending:
+            sending = time.perf_counter()
+            report = await conveyor.run(
+                fleet.predict, pending,
+                workers=outcome.slots, retry=retry, timeout=TIMEOUT,
+                journal=journal, key=batch_key, progress=progress,
+            )
+            outcome.sending += time.perf_counter() - sending
+            outcome.from_journal += len(report.succeeded) - report.stats.succeeded
+            outcome.sent_batches += report.stats.submitted
+            outcome.requests += report.stats.attempts
+            for success in report.succeeded:
+                scored[success.item.key] = (success.item, success.value)
+            pending = []
+            for failed in report.failed:
+                batch: Batch = failed.item
+                error = failed.error
+                if isinstance(error, Rejected) and error.bad_rows:
+                    named = {index for index, _ in error.bad_rows}
+                    for index, why in error.bad_rows:
+                        outcome.bad_rows.append((batch.positions[index], why))
+                    rest = batch.without(named)
+                    if rest is not None:
+                        pending.append(rest)  # the good rows, as a new batch, next pass
+                else:
+                    outcome.given_up.append((batch, failed.attempts, reason(error)))
+            outcome.repair_batches += len(pending)
+    for reasons in fleet.failures.values():
+        for why, count in reasons.items():
+            if why.startswith(("400", "rejected")):
+                continue
+            outcome.retried[why] += 1
+            outcome.retries[why] += count
+    outcome.latencies = fleet.latencies
+
+    # Predictions in input order, each row at most once (a batch is in `scored` once).
+    predictions: list[float | None] = [None] * rows
+    for batch, values in scored.values():
+        for position, value in zip(batch.positions, values, strict=True):
+            if predictions[position] is not None:
+                raise AssertionError(f"row {position} scored twice")
+            predictions[position] = value
+    outcome.predictions = predictions
+    outcome.scored = sum(1 for p in predictions if p is not None)
+    outcome.bad_rows.sort()
+    await trio.to_thread.run_sync(write_outputs, output_path, outcome)
+    outcome.elapsed = time.perf_counter() - started
+    return outcome
+
+
+def failures_path(output_path: Path) -> Path:
+    return output_path.with_name(output_path.name + ".failures.csv")
+
+
+def write_outputs(output_path: Path, outcome: Outcome) -> None:
+    """``row,prediction`` in input order, and the failures file; each written to a temporary
+    file first, then renamed, so a reader never sees half a file."""
+    temporary = output_path.with_name(output_path.name + ".part")
+    with temporary.open("w", newline="") as file:
+        file.write("row,prediction\n")
+        file.writelines(
+            f"{row},{'' if value is None else repr(value)}\n"
+            for row, value in enumerate(outcome.predictions)
+        )
+    os.replace(temporary, output_path)
+    failures = failures_path(output_path)
+    temporary = failures.with_name(failures.name + ".part")
+    with temporary.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["kind", "rows", "attempts", "reason"])
+        for position, why in outcome.bad_rows:
+            writer.writerow(["bad row", position, 1, why])
+        for batch, attempts, why in outcome.given_up:
+            writer.writerow(
+                ["batch", f"{batch.positions[0]}-{batch.positions[-1]}", attempts, why]
+            )
+    os.replace(temporary, failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def ideal_seconds(outcome: Outcome) -> tuple[float, float]:
+    """(ideal time at this fault rate, ideal time without faults).
+
+    The ideal keeps every slot (``per_server`` x servers) busy, each request taking the
+    median latency of the successful ones, with no time lost waiting for Retry-After or
+    backoff: ``requests x median / slots``. At this fault rate the requests are every
+    attempt made; without faults, one per batch sent.
+    """
+    good = [seconds for seconds, ok in outcome.latencies if ok]
+    if not good or not outcome.slots:
+        return 0.0, 0.0
+    median = statistics.median(good)
+    with_faults = len(outcome.latencies) * median / outcome.slots
+    without = outcome.sent_batches * median / outcome.slots
+    return with_faults, without
+
+
+def format_report(outcome: Outcome, output_path: Path, servers: int) -> str:
+    lines = [
+        f"predict: {outcome.rows:,} rows in {outcome.batches} batches, {servers} servers, "
+        f"{outcome.slots} requests at once at most",
+        f"  scored    {outcome.scored:,} rows -> {output_path}",
+        f"  batches   {outcome.sent_batches} sent ({outcome.repair_batches} of them the good "
+        f"rows of rejected batches), {outcome.from_journal} taken from the journal; "
+        f"{outcome.requests} requests",
+    ]
+    if outcome.retries:
+        why = ", ".join(
+            f"{reason_} x{outcome.retries[reason_]} ({outcome.retried[reason_]} batches)"
+            for reason_ in sorted(outcome.retries, key=outcome.retries.__getitem__, reverse=True)
+        )
+        lines.append(f"  retried   {sum(outcome.retries.values())} attempts: {why}")
+    else:
+        lines.append("  retried   nothing")
+    rejected = len({p for p, _ in outcome.bad_rows})
+    lines.append(
+        f"  given up  {rejected} bad rows (400, at once), {len(outcome.given_up)} batches "
+        f"after retries -> {failures_path(output_path)}"
+    )
+    for position, why in outcome.bad_rows[:8]:
+        lines.append(f"              row {position}: {why}")
+    if len(outcome.bad_rows) > 8:
+        lines.append(f"              ... and {len(outcome.bad_rows) - 8} more")
+    for batch, attempts, why in outcome.given_up[:5]:
+        lines.append(f"              {batch.key}: {why} after {attempts} attempts")
+    with_faults, without = ideal_seconds(outcome)
+    if with_faults:
+        lines.append(
+            f"  time      {outcome.elapsed:.1f} s in all, {outcome.sending:.1f} s sending; "
+            f"ideal {with_faults:.1f} s at this fault rate ({len(outcome.latencies)} "
+            f"requests x median latency / {outcome.slots} slots), {without:.1f} s without "
+            f"faults: sending took {outcome.sending / with_faults:.2f}x the ideal"
+        )
+    else:
+        lines.append(f"  time      {outcome.elapsed:.1f} s (nothing sent)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="CSV of feature rows (a header line first)")
+    parser.add_argument("--servers", required=True,
+                        help="comma-separated base URLs, e.g. http://127.0.0.1:8001,...")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="predictions CSV (OUTPUT.journal and OUTPUT.failures.csv beside)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--per-server", type=int, default=PER_SERVER,
+                        help="requests at once on each server")
+    parser.add_argument("--attempts", type=int, default=ATTEMPTS, help="attempts per batch")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+
+def main(args: argparse.Namespace) -> int:
+    urls = [u for u in args.servers.split(",") if u]
+    if not urls:
+        raise SystemExit("client: --servers needs at least one URL")
+    for name in ("batch_size", "per_server", "attempts"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"client: --{name.replace('_', '-')} must be >= 1")
+    try:
+        outcome = trio.run(
+            lambda: score_file(
+                args.input, args.output, urls, batch_size=args.batch_size,
+                per_server=args.per_server, attempts=args.attempts,
+                progress=not args.no_progress,
+            )
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted: the batches done so far are in the journal; run the same "
+              "command again to resume", file=sys.stderr, flush=True)
+        return 130
+    except conveyor.JournalError as error:
+        raise SystemExit(f"client: {error}") from None
+    print(format_report(outcome, args.output, len(urls)), flush=True)
+    return 0
+
+
+def iter_csv(path: Path) -> Iterator[list[str]]:
+    """The rows of a CSV file (tests and the demo read outputs with it)."""
+    with path.open(newline="") as file:
+        yield from csv.reader(file)

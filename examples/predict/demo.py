@@ -1,0 +1,144 @@
+"""``make demo``: 4 flaky servers, the client over a 100,000-row sample, the report.
+
+Starts 4 prediction servers as processes (each answers 10% of requests 503, cuts 5% of its
+answers off half-way; the fourth is a small replica that answers 429 above 2 requests at
+once), writes a sample with a few bad rows, scores it through the client, checks every
+prediction against the model computed locally, runs the client again to show that the
+journal makes the second run send nothing already done, stops the servers and prints what
+each one saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from . import client
+from .model import predict_row
+
+# Per server: its fault flags.
+FLEET: list[list[str]] = [
+    ["--fail-rate", "0.1", "--drop-rate", "0.05"],
+    ["--fail-rate", "0.1", "--drop-rate", "0.05"],
+    ["--fail-rate", "0.1", "--drop-rate", "0.05"],
+    ["--fail-rate", "0.1", "--drop-rate", "0.05", "--max-concurrent", "2"],
+]
+
+
+async def _first_line(stream: trio.abc.ReceiveStream) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
+@asynccontextmanager
+async def servers(fleet: Sequence[Sequence[str]], serve_for: float = 300.0,
+                  ) -> AsyncIterator[tuple[list[str], list[str]]]:
+    """Start one server process per flag list; yield (their URLs, a list that receives their
+    final counters once they stopped). They stop when the block ends (stdin closed), after
+    ``serve_for`` seconds, or if this process dies (their stdin closes too)."""
+    processes: list[trio.Process] = []
+    counters: list[str] = []
+    try:
+        for i, flags in enumerate(fleet):
+            processes.append(await trio.lowlevel.open_process(
+                [sys.executable, "-m", "examples.predict", "serve", "--port", "0",
+                 "--stop-on-eof", "--serve-for", str(serve_for), "--seed", str(i), *flags],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            ))
+        urls = []
+        for process in processes:
+            assert process.stdout is not None
+            with trio.fail_after(60):
+                line = await _first_line(process.stdout)
+            if not line.startswith("listening on "):
+                raise RuntimeError(f"a server did not start: {line!r}")
+            urls.append("http://" + line.removeprefix("listening on ").strip())
+        yield urls, counters
+    finally:
+        with trio.CancelScope(shield=True):
+            for process in processes:
+                if process.stdin is not None:
+                    await process.stdin.aclose()
+            for process in processes:
+                with trio.move_on_after(10):
+                    rest = b""
+                    if process.stdout is not None:
+                        while chunk := await process.stdout.receive_some():
+                            rest += chunk
+                    await process.wait()
+                    counters.append(rest.decode().strip())
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
+def check(outcome: client.Outcome, sample: Path) -> str:
+    """Every prediction equals the model computed here; every row scored or reported."""
+    batches, _ = client.read_batches(sample, client.BATCH_SIZE)
+    bad = {position for position, _ in outcome.bad_rows}
+    mismatched = unscored = 0
+    for batch in batches:
+        for position, row in zip(batch.positions, batch.rows, strict=True):
+            got = outcome.predictions[position]
+            if position in bad:
+                continue
+            if got is None:
+                unscored += 1
+            elif got != predict_row(list(row)):
+                mismatched += 1
+    if mismatched or unscored:
+        return f"FAILED: {mismatched} predictions differ from the model, {unscored} rows lost"
+    return (f"{outcome.scored:,} predictions equal the model computed locally; "
+            f"{len(bad)} bad rows reported; none lost, none twice")
+
+
+async def run_demo(rows: int, workdir: Path) -> int:
+    started = time.perf_counter()
+    sample = workdir / "sample.csv"
+    output = workdir / "predictions.csv"
+    for stale in (output, output.with_name(output.name + ".journal")):
+        stale.unlink(missing_ok=True)
+    planted = await trio.to_thread.run_sync(client.write_sample, sample, rows)
+    print(f"sample: {rows:,} rows, {len(planted)} of them bad, in {sample}", flush=True)
+    async with servers(FLEET) as (urls, counters):
+        print(f"servers: {', '.join(urls)} (10% 503, 5% dropped; the last one 429s above 2 "
+              f"at once)", flush=True)
+        outcome = await client.score_file(sample, output, urls)
+        print(client.format_report(outcome, output, len(urls)), flush=True)
+        print(f"  checked   {check(outcome, sample)}", flush=True)
+        again = await client.score_file(sample, output, urls, progress=False)
+        print(f"run again (same output, so the same journal): {again.from_journal} batches "
+              f"taken from the journal, {again.sent_batches} sent "
+              f"(the rejected ones, checked again), {again.elapsed:.1f} s; "
+              f"output unchanged: {again.predictions == outcome.predictions}", flush=True)
+    for i, line in enumerate(counters, start=1):
+        seen = json.loads(line.removeprefix("stopped: ")) if line.startswith("stopped: ") else line
+        print(f"server {i} saw: {seen}")
+    print(f"demo done in {time.perf_counter() - started:.1f} s (files in {workdir})")
+    return 0 if "FAILED" not in check(outcome, sample) else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, default=100_000, help="rows in the sample")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the sample and outputs go (default: a new temp dir)")
+
+
+def main(args: argparse.Namespace) -> int:
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="conveyor-predict-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return trio.run(run_demo, args.rows, workdir)
