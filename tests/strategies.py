@@ -27,6 +27,12 @@ class Scenario:
     plans: list[list[Step]]  # per item, per attempt (the last step repeats)
     cancel_at: float | None
     mode: Literal["run", "map", "ordered", "open_pool"]
+    limiter: int | None = None  # limiter=: at most this many attempts at once
+    keys: int | None = None  # per_key=PerKey(item % keys, limit=1): one attempt per key
+
+    def key(self, item: int) -> int:
+        assert self.keys is not None
+        return item % self.keys
 
     def step(self, item: int, attempt: int) -> Step:
         plan = self.plans[item]
@@ -60,4 +66,6 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         plans=draw(st.lists(st.lists(steps, min_size=1, max_size=4), min_size=n, max_size=n)),
         cancel_at=None if mode == "run" else draw(st.none() | st.floats(0, 20)),
         mode=mode,
+        limiter=draw(st.none() | st.integers(1, 3)),
+        keys=draw(st.none() | st.integers(1, 4)),
     )

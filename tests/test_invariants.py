@@ -4,7 +4,9 @@ attempt limits, per-item failure schedules and cancel times (virtual time: MockC
 1. every accepted item settles exactly once;  2. attempts never exceed Retry.attempts and a
 non-retryable error is attempted once;  3. at most `workers` attempts at once;  4. an
 exception from fn never escapes;  6. memory: items taken and not settled <= buffer + workers;
-5. when the pool ends nothing it started still runs.
+5. when the pool ends nothing it started still runs. With limits drawn too: at most
+`limiter` attempts at once, at most one per key under `per_key` (parking included), and the
+stats agree with the records (nothing left limited or parked).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def check(s: Scenario) -> None:
     decided: set[int] = set()
     running = 0
     max_running = 0
+    per_key_running: dict[int, int] = {}
+    max_per_key = 0
     pulled = 0
     # In open_pool mode the caller's own loop takes the next item before submit() waits.
     capacity = s.buffer + s.workers + (s.mode == "open_pool")
@@ -45,15 +49,19 @@ def check(s: Scenario) -> None:
             yield i
 
     async def fn(i: int) -> int:
-        nonlocal running, max_running
+        nonlocal running, max_running, max_per_key
         attempt = started[i] = started.get(i, 0) + 1
         step = s.step(i, attempt)
         running += 1
         max_running = max(max_running, running)
+        k = s.key(i) if s.keys is not None else 0
+        per_key_running[k] = per_key_running.get(k, 0) + 1
+        max_per_key = max(max_per_key, per_key_running[k])
         try:
             await trio.sleep(step.duration)
         finally:
             running -= 1
+            per_key_running[k] -= 1
         if step.outcome == "ok" or step.outcome == "fatal" or attempt == s.attempts:
             decided.add(i)
         if step.outcome == "retry":
@@ -68,6 +76,9 @@ def check(s: Scenario) -> None:
         retry_on=RuntimeError,
     )
     options: dict[str, Any] = {"workers": s.workers, "buffer": s.buffer, "retry": retry}
+    options["limiter"] = s.limiter
+    if s.keys is not None:
+        options["per_key"] = conveyor.PerKey(s.key, limit=1)
     streamed: list[Any] = []
     report: conveyor.Report | None = None
 
@@ -106,6 +117,8 @@ def check(s: Scenario) -> None:
     assert stats.succeeded == len(yielded_ok) + len(report.succeeded)
     assert stats.failed == len(report.failed) and stats.unfinished == len(report.unfinished)
     assert stats.in_flight == 0 and stats.queued == 0 and stats.waiting_retry == 0
+    assert stats.limited == 0 and stats.parked == 0
+    assert stats.attempt_latency.count == stats.attempts  # small runs: each one measured
     assert stats.attempts == sum(started.values())
     if s.cancel_at is None:
         assert stats.submitted == n and not report.unfinished
@@ -123,8 +136,14 @@ def check(s: Scenario) -> None:
         assert (outcome, count) == (kind, f.attempts)
         assert f.traceback.startswith("Traceback")
 
-    # 3. concurrency bounded by workers;  6. intake bounded by buffer + workers
+    # 3. concurrency bounded by workers, the limiter and per key;  6. intake bounded by
+    # buffer + workers (parked items included)
     assert max_running <= s.workers
+    if s.limiter is not None:
+        assert max_running <= s.limiter
+    if s.keys is not None:
+        assert max_per_key <= 1
+        assert options["per_key"].keys == 0 and options["per_key"].parked == 0
     assert not over_capacity, over_capacity
 
 

@@ -310,7 +310,12 @@ class Pool(Generic[T]):
                         if aclose is not None:
                             await aclose()
                 else:
+                    # The hot loop of intake: _accept inlined (this task only ever runs
+                    # between its own awaits, so intake cannot close under it; a stop()
+                    # cancels it at its next await).
                     sync_iterator = iter(items)
+                    send_nowait = send.send_nowait
+                    current_time = trio.current_time
                     while True:
                         if len(outstanding) >= capacity:
                             await self._wait_for_room(low)
@@ -318,9 +323,15 @@ class Pool(Generic[T]):
                             item = next(sync_iterator)
                         except StopIteration:
                             break
-                        job = accept(item)
+                        seq = self._next_seq
+                        self._next_seq = seq + 1
+                        job = _Job(item, seq)
+                        if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+                            job.enqueued = current_time()
+                        outstanding[seq] = job
+                        self._submitted += 1
                         try:
-                            send.send_nowait(job)
+                            send_nowait(job)
                         except trio.WouldBlock:
                             await send.send(job)
             except trio.ClosedResourceError:
@@ -377,12 +388,12 @@ class Pool(Generic[T]):
             if sample:
                 start = current_time()
                 wait_add(start - job.enqueued)
-            job.attempts = attempts = job.attempts + 1
-            self._attempts += 1
             try:
                 if guarded:
                     value = await self._guarded_attempt(job, key_token, sample)
                 else:
+                    job.attempts += 1
+                    self._attempts += 1
                     self._in_flight += 1
                     try:
                         if timeout is None:
@@ -409,7 +420,7 @@ class Pool(Generic[T]):
             else:
                 del outstanding[seq]
                 self._succeeded += 1
-                outbox.append((seq, Succeeded(job.item, value, attempts)))
+                outbox.append((seq, Succeeded(job.item, value, job.attempts)))
                 if self._reader_waiting:
                     self._wake_reader()
                 if self._stats_waiting:
@@ -467,6 +478,10 @@ class Pool(Generic[T]):
                         held.append((limit, await limit.acquire(item)))
                 finally:
                     self._limited -= 1
+            # The attempt starts only now: one cancelled while waiting for a limit is not
+            # counted (its item settles as Unfinished with the attempts it really made).
+            job.attempts += 1
+            self._attempts += 1
             self._in_flight += 1
             start = trio.current_time() if sample else 0.0
             try:
