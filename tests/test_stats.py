@@ -112,6 +112,30 @@ async def test_retries_go_through_the_rate_as_well(
     assert report.stats.attempts == 10 and report.stats.retried == 5
 
 
+async def test_stop_starts_nothing_that_was_waiting_for_a_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    started: list[str] = []
+
+    async def work(item: str) -> str:
+        started.append(item)
+        await trio.sleep(3)
+        return item
+
+    async with conveyor.open_pool(work, workers=2, limiter=1) as pool:
+        await pool.submit("a")
+        await pool.submit("b")  # its worker waits for the limiter
+        await trio.sleep(1)
+        assert pool.stats.limited == 1 and pool.stats.in_flight == 1
+        pool.stop(drain=5)  # "a" may finish; "b" must not start once "a" lets go at 3 s
+    report = pool.report()
+    assert started == ["a"]
+    assert [r.item for r in report.succeeded] == ["a"]
+    [unfinished] = report.unfinished
+    assert unfinished.item == "b" and unfinished.attempts == 0
+    assert report.stats.attempts == 1
+
+
 def host(item: str) -> str:
     return item.split("/")[0]
 

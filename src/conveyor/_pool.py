@@ -64,6 +64,10 @@ _SAMPLE_ALL = 1024
 _SAMPLE_MASK = 15
 
 
+class _StoppedBeforeStart(BaseException):
+    """Internal: the pool was stopped while this attempt waited for a limit."""
+
+
 class AttemptTimeout(trio.TooSlowError):
     """An attempt ran longer than the pool's per-attempt ``timeout``; retried like any error."""
 
@@ -411,6 +415,8 @@ class Pool(Generic[T]):
                             latency_add(current_time() - start)
             except Exception as error:
                 self._attempt_failed(job, error)
+            except _StoppedBeforeStart:
+                return  # leave it outstanding: it settles as Unfinished
             except BaseException as error:
                 # Cancelled, KeyboardInterrupt, SystemExit...: never retried, never kept
                 # from propagating. The item stays outstanding and settles as Unfinished.
@@ -478,6 +484,9 @@ class Pool(Generic[T]):
                         held.append((limit, await limit.acquire(item)))
                 finally:
                     self._limited -= 1
+            if self._stopping:
+                # stop() came while this waited: it starts no queued item, this one included.
+                raise _StoppedBeforeStart
             # The attempt starts only now: one cancelled while waiting for a limit is not
             # counted (its item settles as Unfinished with the attempts it really made).
             job.attempts += 1
