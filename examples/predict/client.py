@@ -132,16 +132,18 @@ def read_batches(path: Path, batch_size: int) -> tuple[list[Batch], int]:
     return batches, count
 
 
-def write_sample(path: Path, rows: int, seed: int = 0) -> list[tuple[int, str]]:
-    """Write ``rows`` random feature rows (a few of them bad); return the bad ones' positions
-    and what is wrong with each."""
+def write_sample(
+    path: Path, rows: int, seed: int = 0, bad: int | None = None
+) -> list[tuple[int, str]]:
+    """Write ``rows`` random feature rows, ``bad`` of them bad (default: one in 8,000, at
+    least one); return the bad ones' positions and what is wrong with each (``nan``,
+    ``short``, ``long``, ``text``, ``huge``, in turn)."""
     rng = random.Random(seed)
     bad_kinds = ["nan", "short", "long", "text", "huge"]
-    # About one bad row in 8,000, at seeded positions, each kind in turn.
-    count = max(1, rows // 8000) if rows >= 100 else 0
+    count = min(rows, max(1, rows // 8000) if bad is None else bad)
     bad_at = dict(zip(sorted(rng.sample(range(rows), count)),
                       (bad_kinds[i % len(bad_kinds)] for i in range(count)), strict=True))
-    bad: list[tuple[int, str]] = []
+    planted: list[tuple[int, str]] = []
     with path.open("w", newline="") as file:
         file.write(",".join(f"x{i}" for i in range(WIDTH)) + "\n")
         for position in range(rows):
@@ -158,9 +160,9 @@ def write_sample(path: Path, rows: int, seed: int = 0) -> list[tuple[int, str]]:
             elif kind == "huge":
                 values[5] = "1e300"
             if kind is not None:
-                bad.append((position, kind))
+                planted.append((position, kind))
             file.write(",".join(values) + "\n")
-    return bad
+    return planted
 
 
 # ---------------------------------------------------------------------------------------------
