@@ -20,8 +20,9 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest
 
+# 4 flaky prediction servers, the batch client over 100,000 rows, the report (examples/predict).
 demo: $(STAMP)
-	$(PY) examples/retry_queue.py --scale 0.05
+	$(PY) -m examples.predict demo
 
 # The bench extra (uvloop, aiometer, matplotlib) on top of the usual set-up, with its own stamp.
 BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
