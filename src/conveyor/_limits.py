@@ -218,11 +218,25 @@ class CapacityLimit:
 
     async def acquire(self, item: Any = None) -> object:
         token = object()
-        await self.limiter.acquire_on_behalf_of(token)
+        await _borrow(self.limiter, token)
         return token
 
     def release(self, token: object, error: BaseException | None) -> None:
         self.limiter.release_on_behalf_of(token)
+
+
+async def _borrow(limiter: trio.CapacityLimiter, token: object) -> None:
+    """``limiter.acquire_on_behalf_of(token)`` without its scheduling round when a token is
+    free at once (first come first served still: the nowait form refuses while others wait).
+
+    ``acquire_on_behalf_of`` always yields to the scheduler, which costs the worker loop
+    about as much as a no-op attempt; the pool's worker loop checkpoints on its own.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        limiter.acquire_on_behalf_of_nowait(token)
+    except trio.WouldBlock:
+        await limiter.acquire_on_behalf_of(token)
 
 
 def capacity_limit(limiter: trio.CapacityLimiter | int) -> CapacityLimit:
@@ -629,7 +643,7 @@ class Adaptive:
 
     async def acquire(self, item: Any = None) -> _AdaptiveToken:
         token = _AdaptiveToken(self._epoch, 0.0)
-        await self._limiter.acquire_on_behalf_of(token)
+        await _borrow(self._limiter, token)
         # The window an attempt belongs to is the one it starts in, not the one it queued in.
         token.epoch = self._epoch
         if self.latency_target is not None:
