@@ -31,12 +31,14 @@ Items = Iterable[Any] | AsyncIterable[Any]
 
 
 def default_buffer(workers: int) -> int:
-    """The work channel's size when ``buffer`` is not given: ``max(64, workers)``.
+    """The work channel's size when ``buffer`` is not given: ``max(256, workers)``.
 
-    Big enough that workers find the next item waiting (no task switch per item) and the
-    feeder refills it in batches; small enough to keep memory bounded.
+    Big enough that workers find the next item waiting and the feeder refills it in
+    batches, so a task switch is not paid per item (measured with callgrind on no-op
+    items: 64 costs 1.2x the instructions per item of 256); small enough to keep memory
+    bounded.
     """
-    return max(64, workers)
+    return max(256, workers)
 
 
 def _make_pool(
@@ -124,7 +126,7 @@ async def run(
         items: any iterable or async iterable, consumed lazily as the work channel makes
             room (a million items never sit in memory at once).
         workers: how many attempts run at once (>= 1).
-        buffer: the work channel's size (>= 0; default: ``max(64, workers)``). The pool
+        buffer: the work channel's size (>= 0; default: ``max(256, workers)``). The pool
             holds at most ``buffer + workers`` items taken from ``items`` and not yet
             settled, retries waiting for their backoff included; that bounds memory
             whatever the number of items. Give it room (buffer > 0) if workers should
