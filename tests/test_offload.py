@@ -680,9 +680,13 @@ async def test_run_reports_worker_error_with_worker_frames() -> None:
 
 async def test_run_unpicklable_function_fails_fast_and_shows_the_fix() -> None:
     with trio.fail_after(1):
-        report = await conveyor.run(conveyor.in_process(lambda x: x), range(3), workers=2)
+        report = await conveyor.run(
+            conveyor.in_process(lambda x: x), range(3), workers=2,
+            retry=conveyor.Retry(attempts=5, backoff=None),
+        )
     assert len(report.failed) == 3 and not report.succeeded
     assert all("functools.partial" in str(f.error) for f in report.failed)
+    assert all(f.attempts == 1 for f in report.failed)  # retryable = False: never retried
 
 
 async def test_run_batched_keeps_per_item_results_and_failures() -> None:

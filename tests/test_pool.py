@@ -542,7 +542,8 @@ async def test_report_raise_for_failures(autojump_clock: trio.testing.MockClock)
     report = await conveyor.run(task, range(3))
     assert not report.ok
     # (items 1 and 2 fail at the same moment: either may be listed first)
-    with pytest.raises(conveyor.ItemsFailed, match=r"2 failed: [12] \(ValueError: bad [12]\)") as info:
+    message = r"2 failed: [12] \(ValueError: bad [12]\)"
+    with pytest.raises(conveyor.ItemsFailed, match=message) as info:
         report.raise_for_failures()
     assert sorted(r.item for r in info.value.failed) == [1, 2]
     ok = await conveyor.run(task, [0])

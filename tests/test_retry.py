@@ -51,3 +51,15 @@ def test_retry_after_hints() -> None:
     assert retry_after_hint(err) is None
     assert Retry(backoff=None).delay(ValueError(), 1) == 0.0
     assert Retry(backoff=Backoff(initial=1, jitter=None)).delay(RetryAfter(9), 1) == 9.0
+
+
+def test_retryable_false_is_never_retried() -> None:
+    class Permanent(Exception):
+        retryable = False
+
+    retry = Retry(attempts=5)
+    assert not retry.should_retry(Permanent(), 1)
+    flagged = ValueError()
+    flagged.retryable = False  # type: ignore[attr-defined]
+    assert not Retry(attempts=5, retry_on=ValueError).should_retry(flagged, 1)
+    assert retry.should_retry(ValueError(), 1)

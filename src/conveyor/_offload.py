@@ -90,10 +90,12 @@ class NotPicklableError(pickle.PicklingError, TypeError):
     module level, and bind extra arguments with :func:`functools.partial`.
 
     It subclasses both :class:`pickle.PicklingError` and :class:`TypeError`, the two errors
-    :mod:`pickle` raises for these problems, so existing handlers keep working. The pool's
-    default retry policy retries it like any ``Exception``; it will fail the same way each
-    time, so pass ``retry_on`` that excludes it if you want it to fail at the first attempt.
+    :mod:`pickle` raises for these problems, so existing handlers keep working. It would
+    fail the same way on every attempt, so it carries ``retryable = False`` and a pool
+    records it as ``Failed`` at once, whatever ``Retry.retry_on`` says.
     """
+
+    retryable = False
 
 
 class RemoteError(RuntimeError):

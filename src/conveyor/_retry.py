@@ -109,7 +109,9 @@ class Retry:
         backoff: the delay between attempts; None resends a failed item at once.
         retry_on: which errors deserve another attempt: an exception class, a tuple of them,
             or a predicate ``f(exc) -> bool``. Errors it rejects fail at once. The default
-            retries every :class:`Exception`. ``BaseException`` that is not an
+            retries every :class:`Exception`. An exception whose ``retryable`` attribute is
+            ``False`` (e.g. :class:`conveyor.NotPicklableError`: it would fail the same way
+            every time) is never retried. ``BaseException`` that is not an
             ``Exception`` (``KeyboardInterrupt``, ``trio.Cancelled``...) is never retried.
     """
 
@@ -131,7 +133,11 @@ class Retry:
 
     def should_retry(self, error: Exception, attempts: int) -> bool:
         """Whether an item that failed with ``error`` after ``attempts`` attempts goes again."""
-        return attempts < self.attempts and self._check(error)
+        return (
+            attempts < self.attempts
+            and getattr(error, "retryable", True) is not False
+            and self._check(error)
+        )
 
     def delay(self, error: Exception, attempts: int) -> float:
         """Seconds to wait before the next attempt: the error's hint, else the backoff."""
