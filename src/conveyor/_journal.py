@@ -379,8 +379,9 @@ class _Writer:
                 f"pickled ({type(error).__name__}: {error}); a journaled run needs "
                 f"picklable values"
             ) from error
-        return (self.spec.key_of(record.item), "succeeded", record.attempts, blob, None,
-                time.time())
+        # The key was checked when the item was fed: no second check on the hot path.
+        key = record.item if self.spec.key is None else self.spec.key(record.item)
+        return (key, "succeeded", record.attempts, blob, None, time.time())
 
     def other_row(self, record: Failed | Unfinished) -> Row:
         if type(record) is Failed:
