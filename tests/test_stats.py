@@ -171,6 +171,46 @@ async def test_per_key_limit_of_2_with_3_hosts_holds_and_a_slow_host_starves_no_
     assert report.stats.parked == 0
 
 
+async def test_a_per_key_limit_shared_by_two_pools_survives_one_being_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    per_key = conveyor.PerKey(host, limit=1)
+    running: Counter[str] = Counter()
+    peak: Counter[str] = Counter()
+
+    async def fetch(url: str) -> str:
+        h = host(url)
+        running[h] += 1
+        peak[h] = max(peak[h], running[h])
+        try:
+            await trio.sleep(1)
+        finally:
+            running[h] -= 1
+        return url
+
+    urls = [f"{h}/{i}" for i in range(6) for h in "ab"]
+    reports: dict[str, conveyor.Report] = {}
+
+    async def doomed() -> None:
+        with trio.move_on_after(2.5):  # cancelled while most of its items are parked
+            async with conveyor.open_pool(fetch, workers=4, per_key=per_key) as pool:
+                for url in urls:
+                    await pool.submit(url)
+        reports["doomed"] = pool.report()
+
+    async def survivor() -> None:
+        reports["survivor"] = await conveyor.run(fetch, urls, workers=4, per_key=per_key)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(doomed)
+        nursery.start_soon(survivor)
+    assert peak == {"a": 1, "b": 1}  # one at a time per host, across both pools
+    assert len(reports["survivor"].succeeded) == 12  # its items came through after the cancel
+    cut = reports["doomed"]
+    assert cut.unfinished and len(cut.succeeded) + len(cut.unfinished) == 12
+    assert per_key.keys == 0 and per_key.parked == 0  # the cancelled pool left nothing behind
+
+
 async def test_per_key_rate_and_a_retry_of_a_parked_item(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -15,7 +15,6 @@ from ._journal import JournalError as JournalError
 
 # Limits held around every attempt.
 from ._limits import Adaptive as Adaptive
-from ._limits import Limit as Limit
 from ._limits import PerKey as PerKey
 from ._limits import Rate as Rate
 
@@ -85,7 +84,6 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "RetryAfter",
     # limits
     "Adaptive",
-    "Limit",
     "PerKey",
     "Rate",
     # observability

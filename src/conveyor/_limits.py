@@ -323,6 +323,13 @@ class PerKey(Generic[J]):
     (parking full) are served before parked jobs, since they hold a worker each. A parked job
     waiting for a rate slot is admitted at that slot's time and starts when a worker picks it
     up, never earlier.
+
+    How far ahead a pool looks: parked items are accepted items, so they count against the
+    pool's ``buffer + workers``. When one slow key's items fill that, the pool takes no more
+    items until some settle; give it a larger ``buffer`` to look further past a slow key.
+
+    Shareable: pass the same ``PerKey`` to several pools and the per-key limits hold across
+    all of them (a stopping pool takes its parked items back).
     """
 
     def __init__(
@@ -577,7 +584,8 @@ class Adaptive:
         overload_on: what signals overload: an exception class, a tuple of them, or a
             predicate on the exception (e.g. an HTTP 429 / 503 status).
         latency_target: optional; an attempt slower than this many seconds counts as an
-            overload signal too.
+            overload signal too. Measured from the moment this limit grants the slot (with a
+            ``rate`` as well, that includes the wait for the rate's slot).
         min: the lowest limit (>= 1).
         max: the highest limit (>= min).
         initial: where to start (default ``min``).
