@@ -393,9 +393,11 @@ async def score_file(
                 else:
                     outcome.given_up.append((batch, failed.attempts, reason(error)))
             outcome.repair_batches += len(pending)
+    for batch, _, why in outcome.given_up:
+        fleet.failures[batch.key][why] -= 1  # its last failure was not retried
     for reasons in fleet.failures.values():
         for why, count in reasons.items():
-            if why.startswith(("400", "rejected")):
+            if count <= 0 or why.startswith(("400", "rejected")):
                 continue
             outcome.retried[why] += 1
             outcome.retries[why] += count
@@ -503,7 +505,7 @@ def format_report(outcome: Outcome, output_path: Path, servers: int) -> str:
             f"faults: sending took {outcome.sending / with_faults:.2f}x the ideal"
         )
     else:
-        lines.append(f"  time      {outcome.elapsed:.1f} s (nothing sent)")
+        lines.append(f"  time      {outcome.elapsed:.1f} s (no request succeeded: no ideal)")
     return "\n".join(lines)
 
 
