@@ -83,6 +83,26 @@ async def test_an_int_limiter_is_private_to_its_pool(
     assert report.stats.succeeded == 20
 
 
+async def test_a_retry_waiting_for_its_backoff_holds_no_limiter_token(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    starts: list[tuple[str, float]] = []
+
+    async def work(item: str) -> None:
+        starts.append((item, trio.current_time()))
+        await trio.sleep(1)
+        if item == "a" and len(starts) == 1:
+            raise Flaky
+
+    retry = conveyor.Retry(attempts=2, backoff=conveyor.Backoff(initial=5, jitter=None))
+    async with conveyor.open_pool(work, workers=2, limiter=1, retry=retry) as pool:
+        await pool.submit("a")
+        await trio.sleep(0.5)  # "a" holds the token; "b" comes second
+        await pool.submit("b")
+    # "b" runs while "a" waits out its 5 s backoff: the waiting retry holds no token.
+    assert starts == [("a", 0.0), ("b", 1.0), ("a", 6.0)]
+
+
 async def test_rate_through_the_pool_starts_attempts_exactly_on_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
