@@ -307,6 +307,8 @@ async def test_adaptive_limit_backs_off_under_overload_and_recovers(
     assert report.stats.succeeded == 300
     assert seen[0] == 12
     assert min(seen) <= capacity  # backed off below the service's capacity
+    low = seen.index(min(seen))
+    assert max(seen[low:]) > min(seen)  # and climbed back from there
     assert adaptive.decreases >= 1
     assert max(seen[len(seen) // 2 :]) <= 2 * capacity  # and stayed near it
     assert report.stats.adaptive_limit == adaptive.limit
