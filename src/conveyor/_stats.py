@@ -13,7 +13,7 @@ class Percentiles:
 
     Attributes:
         count: how many durations were measured (each attempt while the pool is small;
-            beyond the first 1,024 items, every 16th item, which keeps the hot path cheap).
+            beyond the first 1,024 items, every 64th item, which keeps the hot path cheap).
         p50, p90, p99: the quantiles; None when nothing was measured yet.
         max: the longest measured duration; None when nothing was measured.
     """
