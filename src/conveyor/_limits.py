@@ -14,7 +14,12 @@ attempt (retries included)::
         for limit, token in reversed(list(zip(limits, tokens))):
             limit.release(token, error)             # in reverse order
 
-``acquire`` is cancellation-safe: if it is cancelled, nothing is held. The token is whatever
+``acquire`` is cancellation-safe: if it is cancelled, nothing is held.
+
+Checkpoints: when there is nothing to wait for, ``acquire`` returns without a checkpoint
+(a scheduling round costs about as much as a no-op attempt); the pool's worker loop takes
+its own checkpoints, so a cancel is seen there. When it has to wait, it waits in trio's
+usual cancellable way. The token is whatever
 the limit needs to undo its acquire; that is how :class:`Adaptive` learns an attempt's latency
 without a wider ``release`` signature (its token carries the start time). A retry waiting for
 its backoff holds no token: tokens are held by attempts, not by items.
@@ -180,9 +185,7 @@ class Rate:
 
     async def acquire(self, item: Any = None) -> None:
         """Wait for this attempt's slot. Slots are reserved in call order."""
-        # Conforming now: no wait and no scheduling round, only a cancellation point (taken
-        # before reserving, so a cancel here holds nothing).
-        await trio.lowlevel.checkpoint_if_cancelled()
+        # Conforming now: no wait and no checkpoint (see "Checkpoints" in the module doc).
         gcra = self._gcra
         gcra.check_run()
         now = trio.current_time()
@@ -218,25 +221,18 @@ class CapacityLimit:
 
     async def acquire(self, item: Any = None) -> object:
         token = object()
-        await _borrow(self.limiter, token)
+        limiter = self.limiter
+        try:
+            # A free token at once: no scheduling round (acquire_on_behalf_of always takes
+            # one, which costs about as much as a no-op attempt). Still first come first
+            # served: the nowait form refuses while others wait.
+            limiter.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            await limiter.acquire_on_behalf_of(token)
         return token
 
     def release(self, token: object, error: BaseException | None) -> None:
         self.limiter.release_on_behalf_of(token)
-
-
-async def _borrow(limiter: trio.CapacityLimiter, token: object) -> None:
-    """``limiter.acquire_on_behalf_of(token)`` without its scheduling round when a token is
-    free at once (first come first served still: the nowait form refuses while others wait).
-
-    ``acquire_on_behalf_of`` always yields to the scheduler, which costs the worker loop
-    about as much as a no-op attempt; the pool's worker loop checkpoints on its own.
-    """
-    await trio.lowlevel.checkpoint_if_cancelled()
-    try:
-        limiter.acquire_on_behalf_of_nowait(token)
-    except trio.WouldBlock:
-        await limiter.acquire_on_behalf_of(token)
 
 
 def capacity_limit(limiter: trio.CapacityLimiter | int) -> CapacityLimit:
@@ -417,7 +413,6 @@ class PerKey(Generic[J]):
             self._parked += 1
             return None
         state = self._state_for(item)
-        await trio.lowlevel.checkpoint_if_cancelled()  # before holding anything
         if not state.line and state.running + state.calling < self.limit:
             gcra = state.gcra
             now = trio.current_time()
@@ -651,7 +646,10 @@ class Adaptive:
 
     async def acquire(self, item: Any = None) -> _AdaptiveToken:
         token = _AdaptiveToken(self._epoch, 0.0)
-        await _borrow(self._limiter, token)
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(token)  # as CapacityLimit.acquire
+        except trio.WouldBlock:
+            await self._limiter.acquire_on_behalf_of(token)
         # The window an attempt belongs to is the one it starts in, not the one it queued in.
         token.epoch = self._epoch
         if self.latency_target is not None:
