@@ -593,3 +593,31 @@ def test_records() -> None:
     assert unfinished.outcome is None
     with pytest.raises(conveyor.ItemUnfinished, match="'z' did not finish"):
         unfinished.unwrap()
+
+
+async def test_map_with_a_slow_reader_keeps_the_outbox_bounded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Memory of a stream is bounded by buffer + workers + unread records (invariant 6),
+    # however slowly the caller reads: the pool takes no more items than that.
+    pulled = 0
+
+    def items() -> Any:
+        nonlocal pulled
+        for n in range(10_000):
+            pulled += 1
+            yield n
+
+    async def task(n: int) -> int:
+        return n
+
+    workers, buffer = 4, 4
+    most = 0
+    async with conveyor.map(task, items(), workers=workers, buffer=buffer) as records:
+        async for record in records:
+            await trio.sleep(1)  # a slow consumer
+            most = max(most, pulled - record.item)
+            if record.item >= 200:
+                break
+    # unread records are bounded by workers + buffer; in the pool at most buffer + workers
+    assert most <= 3 * (workers + buffer)
