@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from math import ceil, log
 
 __all__ = ["Quantiles", "Throughput"]
 
@@ -71,7 +72,7 @@ class Quantiles:
         if value <= self._smallest:
             self._zeros += 1
             return
-        index = math.ceil(math.log(value) * self._inv_log_gamma)
+        index = ceil(log(value) * self._inv_log_gamma)
         if index > self._max_index:
             index = self._max_index
         buckets = self._buckets
