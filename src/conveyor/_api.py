@@ -50,6 +50,7 @@ def _make_pool(
     timeout: float | None,
     drain: float,
     outbox_limit: int | None = None,
+    ordered: bool = False,
     limiter: trio.CapacityLimiter | int | None = None,
     rate: Rate | None = None,
     per_key: PerKey[Any] | None = None,
@@ -70,6 +71,7 @@ def _make_pool(
         timeout=timeout,
         drain=drain,
         outbox_limit=outbox_limit,
+        ordered=ordered,
         limits=limits,
         per_key=per_key,
         adaptive=adaptive,
@@ -289,6 +291,7 @@ def map(  # the contract's name; it shadows the builtin inside this module only
         # Unordered: workers wait when this many records are unread (bounded memory).
         # Ordered: the window bounds everything already.
         outbox_limit=None if ordered else workers + size,
+        ordered=ordered,
     )
     if ordered and window is None:
         window = 2 * workers + size

@@ -113,6 +113,7 @@ class Pool(Generic[T]):
         timeout: float | None,
         drain: float,
         outbox_limit: int | None = None,
+        ordered: bool = False,
         limits: tuple[Limit, ...] = (),
         per_key: PerKey[Any] | None = None,
         adaptive: Adaptive | None = None,
@@ -136,7 +137,10 @@ class Pool(Generic[T]):
         self._heap: list[tuple[float, int, _Job]] = []
         self._scheduler_lot = ParkingLot()
         # Settled records not handed out yet: (seq, record).
-        self._outbox: deque[tuple[int, Record]] = deque()
+        # Records only; (seq, record) pairs when an ordered reader needs the sequence
+        # number (one allocation less per item for everyone else).
+        self._outbox: deque[Any] = deque()
+        self._keep_seq = ordered
         self._outbox_limit = outbox_limit
         self._reader_lot = ParkingLot()
         self._reader_waiting = False
@@ -363,6 +367,7 @@ class Pool(Generic[T]):
         outstanding = self._outstanding
         outbox = self._outbox
         outbox_limit = self._outbox_limit
+        keep_seq = self._keep_seq
         # Limits and stats: with no limit configured, the only per-item additions are two
         # tests and, for sampled items, two clock reads and two histogram inserts.
         per_key = self._per_key
@@ -435,7 +440,8 @@ class Pool(Generic[T]):
             else:
                 del outstanding[seq]
                 self._succeeded += 1
-                outbox.append((seq, Succeeded(job.item, value, job.attempts)))
+                record = Succeeded(job.item, value, job.attempts)
+                outbox.append((seq, record) if keep_seq else record)
                 if self._reader_waiting:
                     self._wake_reader()
                 if self._stats_waiting:
@@ -586,7 +592,7 @@ class Pool(Generic[T]):
         )
         self._failed.append(record)
         del self._outstanding[job.seq]
-        self._outbox.append((job.seq, record))
+        self._outbox.append((job.seq, record) if self._keep_seq else record)
         if self._reader_waiting:
             self._wake_reader()
         if self._stats_waiting:
@@ -741,10 +747,13 @@ class Pool(Generic[T]):
         # Wake workers waiting for room only once the outbox is down to half its limit,
         # so they refill it in a batch rather than one record per read.
         low = (self._outbox_limit or 0) // 2
+        keep_seq = self._keep_seq
         streak = 0
         while True:
             if outbox:
-                _, record = outbox.popleft()
+                record = outbox.popleft()
+                if keep_seq:
+                    record = record[1]
                 if self._space_lot and len(outbox) <= low:
                     self._space_lot.unpark_all()
                 streak += 1
@@ -761,6 +770,7 @@ class Pool(Generic[T]):
 
     async def _results_in_order(self, window: trio.Semaphore) -> AsyncIterator[Record]:
         """Yield records in submission order; each yield frees one slot of ``window``."""
+        assert self._keep_seq, "an ordered reader needs a pool made with ordered=True"
         outbox = self._outbox
         pending: dict[int, Record] = {}
         expected = 0
@@ -833,7 +843,8 @@ class Pool(Generic[T]):
         Complete once the pool's block has ended (also after a cancel or an error);
         inside the block it is a snapshot.
         """
-        succeeded = [r for _, r in self._outbox if type(r) is Succeeded]
+        records = (e[1] for e in self._outbox) if self._keep_seq else self._outbox
+        succeeded = [r for r in records if type(r) is Succeeded]
         return Report(succeeded, list(self._failed), list(self._unfinished), self.stats)
 
 
