@@ -17,19 +17,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from ._proc import read_line
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "producer_consumer.py"
 
 pytestmark = pytest.mark.slow
-
-
-async def read_line(stream: trio.abc.ReceiveStream) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = await stream.receive_some(1)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode()
 
 
 async def test_sigint_stops_producers_drains_and_accounts_for_every_item() -> None:
