@@ -332,7 +332,7 @@ class Pool(Generic[T]):
                     # cancels it at its next await).
                     sync_iterator = iter(items)
                     send_nowait = send.send_nowait
-                    current_time = trio.current_time
+                    current_time = self._now
                     while True:
                         if len(outstanding) >= capacity:
                             await self._wait_for_room(low)
@@ -415,14 +415,9 @@ class Pool(Generic[T]):
                     self._in_flight += 1
                     try:
                         if timeout is None:
-                            value = await fn(job.item)
+                            value = await fn(job.item)  # the hot path: no extra frame
                         else:
-                            with trio.move_on_after(timeout) as scope:
-                                value = await fn(job.item)
-                            if scope.cancelled_caught:
-                                raise AttemptTimeout(
-                                    f"attempt took longer than timeout={timeout} s"
-                                )
+                            value = await self._timed(job.item, timeout)
                     finally:
                         self._in_flight -= 1
                         if sample:
@@ -517,11 +512,7 @@ class Pool(Generic[T]):
                 timeout = self._timeout
                 if timeout is None:
                     return await self._fn(item)
-                with trio.move_on_after(timeout) as scope:
-                    value = await self._fn(item)
-                if scope.cancelled_caught:
-                    raise AttemptTimeout(f"attempt took longer than timeout={timeout} s")
-                return value
+                return await self._timed(item, timeout)
             except BaseException as exc:
                 error = exc
                 raise
@@ -536,6 +527,13 @@ class Pool(Generic[T]):
                 assert self._per_key is not None
                 self._per_key.release(key_token, error)
             error = None  # no reference cycle through the traceback
+
+    async def _timed(self, item: Any, timeout: float) -> Any:
+        """``fn(item)`` within the per-attempt ``timeout``, else :class:`AttemptTimeout`."""
+        with trio.move_on_after(timeout):
+            return await self._fn(item)
+        # only reached when the scope's own deadline cancelled the attempt
+        raise AttemptTimeout(f"attempt took longer than timeout={timeout} s")
 
     def _wake_stats(self) -> None:
         self._stats_waiting = False
