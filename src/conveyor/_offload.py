@@ -31,7 +31,7 @@ import pickle
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, TypeVarTuple, Unpack
 
 import trio
@@ -445,36 +445,50 @@ async def _wait_future(future: concurrent.futures.Future[T], kill_on_cancel: boo
 # Batching
 
 
-@dataclass(eq=False)
+_BLOCK_ENDED = (
+    "the in_process_batched block ended (cancelled or failed) before this call was answered"
+)
+
+
 class _Call:
-    blob: bytes
-    reply: _Reply | None = None
-    error: BaseException | None = None
-    done: trio.Event = field(default_factory=trio.Event)
-    batch: _Batch | None = None
-    abandoned: bool = False
+    """One waiting caller. It parks with ``wait_task_rescheduled`` (no Event, no cancel
+    scope of its own) and is woken exactly once: by :meth:`_Batcher._answer` with its
+    ``reply`` or ``error`` set, or by trio itself when it is cancelled (see ``abort``)."""
+
+    __slots__ = ("abandoned", "batch", "blob", "error", "reply", "task")
+
+    def __init__(self, blob: bytes, task: trio.lowlevel.Task) -> None:
+        self.blob = blob
+        self.task = task
+        self.batch: _Batch | None = None
+        self.reply: _Reply | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
 
 
-@dataclass(eq=False)
 class _Batch:
-    calls: list[_Call]
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    """Calls shipped together; cancelled (``scope``) only once none of them waits any more."""
 
-    def abandon(self, call: _Call) -> None:
-        call.abandoned = True
-        if all(c.abandoned for c in self.calls):
-            self.scope.cancel()
+    __slots__ = ("calls", "live", "scope")
+
+    def __init__(self, calls: list[_Call]) -> None:
+        self.calls = calls
+        self.live = len(calls)
+        self.scope = trio.CancelScope()
 
 
 class _Batcher(Generic[R]):
-    """Collects calls; one dispatcher task ships them in batches as capacity frees up."""
+    """Collects calls; one dispatcher task ships them in batches as capacity frees up.
+
+    Per call, the parent only pickles the arguments, appends to a list, parks the caller
+    and later reschedules it: one ``reschedule`` per caller, all from the batch's own task.
+    """
 
     def __init__(self, backend: _Backend, batch_size: int, max_batches: int) -> None:
         self._backend = backend
         self._batch_size = batch_size
         self._capacity = trio.Semaphore(max_batches)
         self._pending: list[_Call] = []
-        self._unsettled: set[_Call] = set()
         self._arrived = trio.Event()
         self._closed = False
 
@@ -482,37 +496,38 @@ class _Batcher(Generic[R]):
         self._closed = True
         self._arrived.set()
 
+    @trio.lowlevel.enable_ki_protection
     def fail_leftovers(self) -> None:
+        # Only calls never shipped can be left: every shipped batch answers its callers in
+        # _ship's finally, and all _ship tasks have ended when the block's nursery has.
         self._closed = True
-        for call in self._unsettled:
-            if not call.done.is_set():
-                call.error = trio.ClosedResourceError(
-                    "the in_process_batched block ended (cancelled or failed) before this"
-                    " call was answered"
-                )
-                call.done.set()
-        self._unsettled.clear()
-        self._pending.clear()
+        pending, self._pending = self._pending, []
+        for call in pending:
+            call.error = trio.ClosedResourceError(_BLOCK_ENDED)
+            trio.lowlevel.reschedule(call.task)
 
     async def call(self, *args: Any) -> R:
         if self._closed:
             raise trio.ClosedResourceError(
                 "this in_process_batched callable was used after its async with block ended"
             )
-        call = _Call(_dump_args(self._backend.fn_name, args))
+        call = _Call(_dump_args(self._backend.fn_name, args), trio.lowlevel.current_task())
         self._pending.append(call)
-        self._unsettled.add(call)
         self._arrived.set()
-        try:
-            await call.done.wait()
-        except trio.Cancelled:
-            if call.batch is None:  # not shipped yet: just withdraw it
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            # The caller is cancelled before it was answered: it stops waiting at once.
+            batch = call.batch
+            if batch is None:  # not shipped yet: just withdraw it
                 self._pending.remove(call)
-            elif not call.done.is_set():
-                call.batch.abandon(call)
-            raise
-        finally:
-            self._unsettled.discard(call)
+            else:  # its result will be discarded; the last one out cancels the batch
+                call.abandoned = True
+                batch.live -= 1
+                if not batch.live:
+                    batch.scope.cancel()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
         if call.error is not None:
             raise call.error
         assert call.reply is not None
@@ -539,30 +554,43 @@ class _Batcher(Generic[R]):
 
     async def _ship(self, batch: _Batch) -> None:
         replies: list[_Reply] | None = None
+        error: Exception | None = None
         try:
             with batch.scope:
                 replies = await self._backend.run([c.blob for c in batch.calls])
         except Exception as exc:
-            # Each caller raises its own copy: one exception object raised from many tasks
-            # would collect all their frames in one traceback.
-            for call in batch.calls:
-                call.error = copy.copy(exc)
-                call.error.__cause__ = exc.__cause__
-                call.error.__traceback__ = exc.__traceback__
-        else:
-            if replies is not None:  # else every caller was cancelled: nobody is waiting
-                for call, reply in zip(batch.calls, replies, strict=True):
-                    call.reply = reply
+            error = exc
         finally:
-            for call in batch.calls:
-                if call.reply is None and call.error is None and not call.abandoned:
-                    # the batch was cancelled from outside (the block is ending)
-                    call.error = trio.ClosedResourceError(
-                        "the in_process_batched block ended (cancelled or failed) before"
-                        " this call was answered"
-                    )
-                call.done.set()
             self._capacity.release()
+            self._answer(batch, replies, error)
+
+    @staticmethod
+    @trio.lowlevel.enable_ki_protection
+    def _answer(batch: _Batch, replies: list[_Reply] | None, error: Exception | None) -> None:
+        # Wakes every caller still waiting, each exactly once. Neither replies nor error:
+        # the batch was cancelled, by its callers (all abandoned: nobody to wake) or from
+        # outside (the block is ending).
+        if not batch.live:
+            return
+        reschedule = trio.lowlevel.reschedule
+        if replies is not None:
+            for call, reply in zip(batch.calls, replies, strict=True):
+                if not call.abandoned:
+                    call.reply = reply
+                    reschedule(call.task)
+            return
+        for call in batch.calls:
+            if call.abandoned:
+                continue
+            if error is None:
+                call.error = trio.ClosedResourceError(_BLOCK_ENDED)
+            else:
+                # Each caller raises its own copy: one exception object raised from many
+                # tasks would collect all their frames in one traceback.
+                call.error = copy.copy(error)
+                call.error.__cause__ = error.__cause__
+                call.error.__traceback__ = error.__traceback__
+            reschedule(call.task)
 
 
 # ---------------------------------------------------------------------------------------------
