@@ -664,6 +664,45 @@ async def test_batched_cancel_of_one_caller_keeps_the_others() -> None:
     assert len(future.result()) == 2
 
 
+async def test_batched_caller_cancelled_before_shipping_is_withdrawn() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def job(x: int) -> int:
+        started.set()
+        release.wait(10)
+        return 10 * x
+
+    _REGISTRY["held"] = job
+    got: dict[int, int] = {}
+    scopes: dict[int, trio.CancelScope] = {}
+
+    async def one(i: int) -> None:
+        with trio.CancelScope() as scope:
+            scopes[i] = scope
+            got[i] = await fn("held", i)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as inner:
+        executor = RecordingExecutor(inner)
+        async with conveyor.in_process_batched(
+            _call_registered, executor, batch_size=2, max_batches=1
+        ) as fn:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 1)
+                await trio.to_thread.run_sync(started.wait, 10)  # batch [1] runs
+                for i in (2, 3, 4):  # wait for capacity, unshipped
+                    nursery.start_soon(one, i)
+                await trio.sleep(0.01)
+                scopes[3].cancel()  # withdrawn before it was shipped
+                await trio.sleep(0.01)
+                release.set()
+    assert got == {1: 10, 2: 20, 4: 40}
+    assert scopes[3].cancelled_caught
+    # [1], then [2, 4]: 3 never reached the executor
+    shipped = [sorted(pickle.loads(r[1]) for r in f_.result()) for f_ in executor.futures]
+    assert shipped == [[10], [20, 40]]
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end: through conveyor.run
 

@@ -490,6 +490,7 @@ class _Batcher(Generic[R]):
         self._capacity = trio.Semaphore(max_batches)
         self._pending: list[_Call] = []
         self._arrived = trio.Event()
+        self._dispatcher_idle = False  # waiting on _arrived: the next call sets it
         self._closed = False
 
     def close(self) -> None:
@@ -511,9 +512,15 @@ class _Batcher(Generic[R]):
             raise trio.ClosedResourceError(
                 "this in_process_batched callable was used after its async with block ended"
             )
-        call = _Call(_dump_args(self._backend.fn_name, args), trio.lowlevel.current_task())
+        try:  # the hot path inlined; _dump_args finds the culprit and raises
+            blob = pickle.dumps(args, _PROTOCOL)
+        except Exception:
+            blob = _dump_args(self._backend.fn_name, args)
+        call = _Call(blob, trio.lowlevel.current_task())
         self._pending.append(call)
-        self._arrived.set()
+        if self._dispatcher_idle:
+            self._dispatcher_idle = False
+            self._arrived.set()
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             # The caller is cancelled before it was answered: it stops waiting at once.
@@ -528,11 +535,15 @@ class _Batcher(Generic[R]):
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-        if call.error is not None:
+        reply = call.reply
+        if reply is None:
+            assert call.error is not None
             raise call.error
-        assert call.reply is not None
-        result: R = _load_reply(call.reply)
-        return result
+        if reply[0]:  # the hot path of _load_reply inlined
+            result: R = pickle.loads(reply[1])
+            return result
+        _load_reply(reply)  # raises the worker's exception
+        raise AssertionError("unreachable")
 
     async def dispatch(self, nursery: trio.Nursery) -> None:
         while True:
@@ -542,6 +553,7 @@ class _Batcher(Generic[R]):
                     self._capacity.release()
                     return
                 self._arrived = trio.Event()
+                self._dispatcher_idle = True
                 await self._arrived.wait()
             # One more tick, so that callers woken together join the same batch.
             await trio.lowlevel.checkpoint()
