@@ -14,6 +14,8 @@ How a job travels to a worker process and back (every backend, the same way):
   which the parent attaches as ``__cause__`` (as :mod:`concurrent.futures.process` does), so
   ``traceback.format_exception(error)`` shows the frames inside the worker. An exception that
   cannot itself be pickled is replaced by a :class:`RemoteError` carrying its type and text.
+  For :func:`in_process_batched`, :func:`_run_batch` does the same but returns the values
+  themselves, after checking that they pickle: a batch's results cross in one pickle.
 - The backend (trio-parallel, or a ``concurrent.futures.Executor``) therefore only ever moves
   bytes, so its own pickling (pickle or cloudpickle) never decides what works.
 """
@@ -258,8 +260,11 @@ async def in_process_batched(
     microseconds), not the work. Here, calls made while the worker processes are busy (or
     in the same scheduling tick) wait together and go to a worker as one batch of up to
     ``batch_size`` calls: one message there, one back. Each caller still gets its own result
-    or its own exception (with its worker traceback); one bad item fails only itself. Batches
-    form on their own: give the pool more workers than one batch, e.g.::
+    or its own exception (with its worker traceback); one bad item fails only itself. The
+    results of a batch travel back as one list, checked in the worker to pickle (a result
+    that cannot fails only its own call); so a result that pickles in the worker but cannot
+    be unpickled in the parent fails every call of its batch, each with its own copy of
+    the error. Batches form on their own: give the pool more workers than one batch, e.g.::
 
         async with conveyor.in_process_batched(score, batch_size=256) as fn:
             report = await conveyor.run(fn, items, workers=1024)
@@ -367,17 +372,25 @@ class _Backend:
         return pickle.dumps(self.fn, _PROTOCOL)
 
     async def run(self, arg_blobs: list[bytes]) -> list[_Reply]:
+        replies: list[_Reply] = await self.submit(_run_jobs, arg_blobs)
+        return replies
+
+    async def submit(
+        self, worker: Callable[[str, bytes, Sequence[bytes], int], list[T]], arg_blobs: list[bytes]
+    ) -> list[T]:
+        """Run ``worker(fn_name, fn_blob, arg_blobs, call_number)`` in a worker process."""
         try:
             fn_blob = self.fn_blob
         except Exception as exc:
             raise _not_picklable_function(self.fn_name, self.fn, exc) from exc
         if self.executor is None:
             try:
-                replies: list[_Reply] = await trio_parallel.run_sync(
-                    _run_jobs,
+                replies: list[T] = await trio_parallel.run_sync(
+                    worker,
                     self.fn_name,
                     fn_blob,
                     arg_blobs,
+                    0,
                     kill_on_cancel=self.kill_on_cancel,
                     limiter=self.limiter,
                 )
@@ -394,7 +407,7 @@ class _Backend:
         # identical calls (Dask's pure=True, its default) would otherwise hand a retry the
         # cached result of the attempt that failed.
         future = self.executor.submit(
-            _run_jobs, self.fn_name, fn_blob, arg_blobs, next(_call_numbers)
+            worker, self.fn_name, fn_blob, arg_blobs, next(_call_numbers)
         )
         return await _wait_future(future, self.kill_on_cancel)
 
@@ -453,15 +466,17 @@ _BLOCK_ENDED = (
 class _Call:
     """One waiting caller. It parks with ``wait_task_rescheduled`` (no Event, no cancel
     scope of its own) and is woken exactly once: by :meth:`_Batcher._answer` with its
-    ``reply`` or ``error`` set, or by trio itself when it is cancelled (see ``abort``)."""
+    ``value``, ``failure`` (the worker's error reply) or ``error`` set, or by trio itself
+    when it is cancelled (see ``abort`` in :meth:`_Batcher.call`)."""
 
-    __slots__ = ("abandoned", "batch", "blob", "error", "reply", "task")
+    __slots__ = ("abandoned", "batch", "blob", "error", "failure", "task", "value")
 
     def __init__(self, blob: bytes, task: trio.lowlevel.Task) -> None:
         self.blob = blob
         self.task = task
         self.batch: _Batch | None = None
-        self.reply: _Reply | None = None
+        self.value: Any = None
+        self.failure: _Reply | None = None
         self.error: BaseException | None = None
         self.abandoned = False
 
@@ -535,15 +550,12 @@ class _Batcher(Generic[R]):
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-        reply = call.reply
-        if reply is None:
-            assert call.error is not None
+        if call.failure is not None:
+            _load_reply(call.failure)  # raises the worker's exception
+        if call.error is not None:
             raise call.error
-        if reply[0]:  # the hot path of _load_reply inlined
-            result: R = pickle.loads(reply[1])
-            return result
-        _load_reply(reply)  # raises the worker's exception
-        raise AssertionError("unreachable")
+        result: R = call.value
+        return result
 
     async def dispatch(self, nursery: trio.Nursery) -> None:
         while True:
@@ -565,11 +577,11 @@ class _Batcher(Generic[R]):
             nursery.start_soon(self._ship, batch)
 
     async def _ship(self, batch: _Batch) -> None:
-        replies: list[_Reply] | None = None
+        replies: list[Any] | None = None
         error: Exception | None = None
         try:
             with batch.scope:
-                replies = await self._backend.run([c.blob for c in batch.calls])
+                replies = await self._backend.submit(_run_batch, [c.blob for c in batch.calls])
         except Exception as exc:
             error = exc
         finally:
@@ -578,7 +590,7 @@ class _Batcher(Generic[R]):
 
     @staticmethod
     @trio.lowlevel.enable_ki_protection
-    def _answer(batch: _Batch, replies: list[_Reply] | None, error: Exception | None) -> None:
+    def _answer(batch: _Batch, replies: list[Any] | None, error: Exception | None) -> None:
         # Wakes every caller still waiting, each exactly once. Neither replies nor error:
         # the batch was cancelled, by its callers (all abandoned: nobody to wake) or from
         # outside (the block is ending).
@@ -588,7 +600,10 @@ class _Batcher(Generic[R]):
         if replies is not None:
             for call, reply in zip(batch.calls, replies, strict=True):
                 if not call.abandoned:
-                    call.reply = reply
+                    if type(reply) is _Failure:
+                        call.failure = reply.reply
+                    else:
+                        call.value = reply
                     reschedule(call.task)
             return
         for call in batch.calls:
@@ -697,12 +712,81 @@ def _run_jobs(
         try:
             replies.append((True, pickle.dumps(value, _PROTOCOL), ""))
         except Exception as exc:
-            problem = NotPicklableError(
-                f"cannot send the result of {fn_name} back from the worker process: the"
-                f" {type(value).__name__} it returned cannot be pickled"
-                f" ({type(exc).__name__}: {exc})"
-            )
-            replies.append(_error_reply(problem, exc))
+            replies.append(_result_not_picklable(fn_name, value, exc))
+    return replies
+
+
+def _load_function(fn_name: str, fn_blob: bytes) -> tuple[Callable[..., Any] | None, _Reply]:
+    try:
+        return pickle.loads(fn_blob), (True, b"", "")
+    except Exception as exc:
+        problem = NotPicklableError(
+            f"the worker process cannot load the function {fn_name}"
+            f" ({type(exc).__name__}: {exc}); is its module importable there?"
+        )
+        return None, _error_reply(problem, exc)
+
+
+def _args_not_loadable(fn_name: str, exc: Exception) -> _Reply:
+    problem = NotPicklableError(
+        f"the worker process cannot load the arguments of {fn_name}"
+        f" ({type(exc).__name__}: {exc})"
+    )
+    return _error_reply(problem, exc)
+
+
+def _result_not_picklable(fn_name: str, value: object, exc: Exception) -> _Reply:
+    problem = NotPicklableError(
+        f"cannot send the result of {fn_name} back from the worker process: the"
+        f" {type(value).__name__} it returned cannot be pickled"
+        f" ({type(exc).__name__}: {exc})"
+    )
+    return _error_reply(problem, exc)
+
+
+class _Failure:
+    """In the list :func:`_run_batch` returns: a call that failed, with its error reply (which
+    the caller loads and raises). Any other entry is the call's return value."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: _Reply) -> None:
+        self.reply = reply
+
+    def __reduce__(self) -> tuple[type[_Failure], tuple[_Reply]]:
+        return (_Failure, (self.reply,))
+
+
+def _run_batch(
+    fn_name: str, fn_blob: bytes, arg_blobs: Sequence[bytes], call_number: int = 0
+) -> list[Any]:
+    """Like :func:`_run_jobs`, but a call that succeeds is answered by its value itself, not
+    by a pickle of it: the backend then pickles (and the parent unpickles) the whole list in
+    one go instead of once per call. Each value is checked here to pickle, so one that
+    cannot is replaced by its own :class:`NotPicklableError` and fails only its call."""
+    fn, failure = _load_function(fn_name, fn_blob)
+    if fn is None:
+        return [_Failure(failure) for _ in arg_blobs]
+    replies: list[Any] = []
+    for arg_blob in arg_blobs:
+        try:
+            args = pickle.loads(arg_blob)
+        except Exception as exc:
+            replies.append(_Failure(_args_not_loadable(fn_name, exc)))
+            continue
+        try:
+            replies.append(fn(*args))
+        except Exception as exc:
+            replies.append(_Failure(_error_reply(exc)))
+    try:
+        pickle.dumps(replies, _PROTOCOL)
+    except Exception:  # find the culprits; the others go back as they are
+        for i, reply in enumerate(replies):
+            if not isinstance(reply, _Failure):
+                try:
+                    pickle.dumps(reply, _PROTOCOL)
+                except Exception as exc:
+                    replies[i] = _Failure(_result_not_picklable(fn_name, reply, exc))
     return replies
 
 
