@@ -17,7 +17,8 @@ How a job travels to a worker process and back (every backend, the same way):
   For :func:`in_process_batched`, :func:`_run_batch` does the same but returns the values
   themselves, after checking that they pickle: a batch's results cross in one pickle.
 - The backend (trio-parallel, or a ``concurrent.futures.Executor``) therefore only ever moves
-  bytes, so its own pickling (pickle or cloudpickle) never decides what works.
+  bytes, or values already checked to pickle, so its own pickling (pickle or cloudpickle)
+  never decides what works.
 """
 
 from __future__ import annotations
@@ -685,24 +686,16 @@ def _run_jobs(
     """Run ``f(*args)`` for each pickled argument tuple; one reply per call, never raising
     for a problem of one call. Runs in the worker process (module level, so it is found by
     name there). ``call_number`` only makes each submission distinct."""
-    try:
-        fn = pickle.loads(fn_blob)
-    except Exception as exc:
-        problem = NotPicklableError(
-            f"the worker process cannot load the function {fn_name}"
-            f" ({type(exc).__name__}: {exc}); is its module importable there?"
-        )
-        return [_error_reply(problem, exc) for _ in arg_blobs]
+    fn, failure = _load_function(fn_name, fn_blob)
+    if fn is None:
+        assert failure is not None
+        return [failure for _ in arg_blobs]
     replies: list[_Reply] = []
     for arg_blob in arg_blobs:
         try:
             args = pickle.loads(arg_blob)
         except Exception as exc:
-            problem = NotPicklableError(
-                f"the worker process cannot load the arguments of {fn_name}"
-                f" ({type(exc).__name__}: {exc})"
-            )
-            replies.append(_error_reply(problem, exc))
+            replies.append(_args_not_loadable(fn_name, exc))
             continue
         try:
             value = fn(*args)
@@ -716,9 +709,12 @@ def _run_jobs(
     return replies
 
 
-def _load_function(fn_name: str, fn_blob: bytes) -> tuple[Callable[..., Any] | None, _Reply]:
+def _load_function(
+    fn_name: str, fn_blob: bytes
+) -> tuple[Callable[..., Any], None] | tuple[None, _Reply]:
+    """The function, or None and the error reply that answers each call."""
     try:
-        return pickle.loads(fn_blob), (True, b"", "")
+        return pickle.loads(fn_blob), None
     except Exception as exc:
         problem = NotPicklableError(
             f"the worker process cannot load the function {fn_name}"
@@ -766,6 +762,7 @@ def _run_batch(
     cannot is replaced by its own :class:`NotPicklableError` and fails only its call."""
     fn, failure = _load_function(fn_name, fn_blob)
     if fn is None:
+        assert failure is not None
         return [_Failure(failure) for _ in arg_blobs]
     replies: list[Any] = []
     for arg_blob in arg_blobs:
