@@ -64,6 +64,19 @@ async def seed_task(n: int) -> int:
 ATTEMPTS: dict[int, int] = {}
 
 
+class Counting:
+    """An iterable of 0..n-1 that counts how many items the pool has taken from it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pulled = 0
+
+    def __iter__(self) -> Any:
+        for item in range(self.n):
+            self.pulled += 1
+            yield item
+
+
 async def test_seed000_scenario(autojump_clock: trio.testing.MockClock) -> None:
     ATTEMPTS.clear()
     rounds, tries = simulate_seed000(100, 20, 4)
@@ -513,24 +526,18 @@ async def test_async_iterable_items_consumed_lazily(
 async def test_sync_iterable_consumed_lazily_even_with_retries_waiting(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    pulled = 0
-
-    def items() -> Any:
-        nonlocal pulled
-        for n in range(10_000):
-            pulled += 1
-            yield n
+    counting = Counting(10_000)
 
     async def task(n: int) -> int:
         raise RuntimeError("down")  # every attempt fails; retries wait 100 s
 
     with trio.move_on_after(50):
         await conveyor.run(
-            task, items(), workers=3, buffer=4,
+            task, counting, workers=3, buffer=4,
             retry=Retry(attempts=2, backoff=Backoff(initial=100, jitter=None)),
         )
     # Waiting retries count against buffer + workers: intake stops at 7.
-    assert pulled == 7
+    assert counting.pulled == 7
 
 
 async def test_report_raise_for_failures(autojump_clock: trio.testing.MockClock) -> None:
@@ -600,23 +607,17 @@ async def test_map_with_a_slow_reader_keeps_the_outbox_bounded(
 ) -> None:
     # Memory of a stream is bounded by buffer + workers + unread records (invariant 6),
     # however slowly the caller reads: the pool takes no more items than that.
-    pulled = 0
-
-    def items() -> Any:
-        nonlocal pulled
-        for n in range(10_000):
-            pulled += 1
-            yield n
+    counting = Counting(10_000)
 
     async def task(n: int) -> int:
         return n
 
     workers, buffer = 4, 4
     most = 0
-    async with conveyor.map(task, items(), workers=workers, buffer=buffer) as records:
+    async with conveyor.map(task, counting, workers=workers, buffer=buffer) as records:
         async for record in records:
             await trio.sleep(1)  # a slow consumer
-            most = max(most, pulled - record.item)
+            most = max(most, counting.pulled - record.item)
             if record.item >= 200:
                 break
     # unread records are bounded by workers + buffer; in the pool at most buffer + workers
