@@ -36,6 +36,7 @@ from typing import Any, Generic, TypeVar
 import trio
 from trio.lowlevel import ParkingLot, checkpoint
 
+from . import _linger
 from ._limits import Adaptive, Claim, Limit, PerKey
 from ._progress import Progress
 from ._quantiles import Quantiles, Throughput
@@ -648,7 +649,13 @@ class Pool(Generic[T]):
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._run_tasks, feed)
+                    # The pool's tasks see this nursery as the place for work that
+                    # outlives a cancelled attempt (see _linger); the caller's block does not.
+                    token = _linger.current.set(nursery)
+                    try:
+                        nursery.start_soon(self._run_tasks, feed)
+                    finally:
+                        _linger.current.reset(token)
                     nursery.start_soon(self._watch)
                     if self._progress is not None:
                         nursery.start_soon(self._show_progress, self._progress)
