@@ -11,6 +11,7 @@ Functions run in worker processes live in tests/_procfuncs.py: a worker imports 
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import concurrent.futures.process
 import copyreg
@@ -1156,3 +1157,48 @@ async def test_loop_stays_responsive_while_processes_work() -> None:
     assert len(report.succeeded) == 4
     assert len(lateness) > 50
     assert max(lateness) < 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts and worker processes
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in (
+        "__name__ == '__main__'",
+        "'__main__' == __name__",
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[1] / "examples").rglob("*.py")),
+    ids=lambda p: str(p.relative_to(Path(__file__).parents[1])),
+)
+def test_examples_run_nothing_at_import(path: Path) -> None:
+    # Worker processes are spawned and re-import the main module: a script's top-level work
+    # belongs under `if __name__ == "__main__":` (README, "Heavy work").
+    allowed = (
+        ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+        ast.Assign, ast.AnnAssign,
+    )
+    for node in ast.parse(path.read_text()).body:
+        if _is_main_guard(node):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        assert isinstance(node, allowed), f"line {node.lineno}: {ast.unparse(node)[:60]}"
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call):
+                    name = ast.unparse(call.func)
+                    assert not name.endswith(".run") and name != "main", (
+                        f"line {node.lineno} runs {name} at import"
+                    )
+
+
+def test_readme_in_process_example_has_the_main_guard() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Heavy work")[1].split("\n## ")[0]
+    assert 'if __name__ == "__main__":' in section
+    assert "re-imports your main" in section
