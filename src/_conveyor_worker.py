@@ -55,9 +55,16 @@ Reply = tuple[int, Any, str]
 """``(kind, payload, text)``: see the module docstring."""
 
 
-def ready() -> None:
-    """A job that does nothing: run once on a fresh worker, it waits until the worker is up
-    (``in_process`` with a ``timeout`` starts the clock only then)."""
+def ready(fn_blob: bytes = b"") -> None:
+    """The job that readies a fresh worker: it returns once the worker is up and has loaded
+    the function (imported its module), so that ``in_process`` with a ``timeout`` starts
+    the clock of the real job only then. A function that cannot be loaded is left for the
+    real job to report."""
+    if fn_blob:
+        try:
+            pickle.loads(fn_blob)
+        except BaseException:
+            pass  # the job itself reports it
 
 
 def run_jobs(

@@ -287,7 +287,10 @@ class _ThreadJob:
                 return
             event = trio.Event()
             self.ended = (event, trio.lowlevel.current_trio_token())
-        linger.start_soon(_wait_for_thread, event)
+        try:
+            linger.start_soon(_wait_for_thread, event)
+        except RuntimeError:  # pragma: no cover - called from a task that outlived its pool
+            pass  # that pool has ended: nothing is left to hold back
 
 
 async def _wait_for_thread(ended: trio.Event) -> None:
@@ -327,13 +330,15 @@ def in_process(
     cannot be pickled fails every call (in a pool, one ``Failed`` per item, none lost)
     instead of failing here.
 
-    **Timeouts**: in a pool with a per-attempt ``timeout`` (default backend), the clock of
-    each attempt starts once a worker process is ready for its job: an attempt that finds
+    **Timeouts**: when this callable is the task function of a pool with a per-attempt
+    ``timeout`` (default backend), the clock of each attempt starts once a worker process is
+    ready for its job: an attempt that finds
     no idle worker first starts one, and that start is not counted (nor is waiting for the
     ``limiter``). So a cold start, or the fresh worker that replaces one killed by a
     timeout, never fails an attempt; an attempt still fails with ``AttemptTimeout`` when
     the job itself runs past ``timeout``, and its worker is killed. With an ``executor``,
-    the pool's clock runs from the call (queueing in the executor included).
+    or when the callable is awaited inside another task function, the pool's clock runs
+    from the call (queueing in the executor, or a worker's start, included).
 
     **Cancellation handling**: with the default backend and ``kill_on_cancel=True``, a
     cancel kills the worker process running the job and raises ``trio.Cancelled`` at once
@@ -555,7 +560,7 @@ class _Backend:
         except Exception as exc:
             raise _not_picklable_function(self.fn_name, self.fn, exc) from exc
         if self.executor is None:
-            gate = None if timeout is None else _ReadyWorker(self.limiter, timeout)
+            gate = None if timeout is None else _ReadyWorker(self.limiter, timeout, fn_blob)
             try:
                 if gate is None:
                     replies: list[T] = await trio_parallel.run_sync(
@@ -603,19 +608,22 @@ class _Backend:
 
 class _ReadyWorker:
     """The limiter handed to trio-parallel for a job with a timeout: it acquires the real
-    limiter, makes sure an idle worker process is ready (starting one, with an empty job, if
-    none is), then starts the job's clock (``scope.deadline``).
+    limiter, makes sure an idle worker process is ready (if none is, it starts one with a
+    job that only loads the function), then starts the job's clock (``scope.deadline``).
 
     trio-parallel enters its limiter and then takes the newest idle worker from its cache
     with no checkpoint in between, so the job gets a ready worker: the start of a worker
     process never counts against the job's ``timeout``.
     """
 
-    __slots__ = ("limiter", "scope", "timeout")
+    __slots__ = ("fn_blob", "limiter", "scope", "timeout")
 
-    def __init__(self, limiter: trio.CapacityLimiter | None, timeout: float) -> None:
+    def __init__(
+        self, limiter: trio.CapacityLimiter | None, timeout: float, fn_blob: bytes
+    ) -> None:
         self.limiter = limiter or trio_parallel.current_default_worker_limiter()
         self.timeout = timeout
+        self.fn_blob = fn_blob
         self.scope = trio.CancelScope()
 
     async def __aenter__(self) -> None:
@@ -624,7 +632,9 @@ class _ReadyWorker:
             if not trio_parallel.default_context_statistics().idle_workers:
                 # Holds this job's limiter token: the worker started here is the one the
                 # job runs in (unless a worker that was busy became idle meanwhile).
-                await trio_parallel.run_sync(_worker.ready, kill_on_cancel=True, limiter=_NO_LIMIT)
+                await trio_parallel.run_sync(
+                    _worker.ready, self.fn_blob, kill_on_cancel=True, limiter=_NO_LIMIT
+                )
         except BaseException:
             self.limiter.release()
             raise
