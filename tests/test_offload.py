@@ -693,8 +693,9 @@ async def test_executor_cancel_without_kill_waits_for_the_running_job() -> None:
     assert returned == [1]  # and its result was handed over, as trio.to_thread does
 
 
-# A thread executor runs `_run_jobs` in this process, so a registry lets tests use local
-# closures (with their Events) while the function that is pickled stays module-level.
+# A thread executor runs `_conveyor_worker.run_jobs` in this process, so a registry lets
+# tests use local closures (with their Events) while the function that is pickled stays
+# module-level.
 _REGISTRY: dict[str, Callable[[int], int]] = {}
 
 
