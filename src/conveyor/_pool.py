@@ -778,6 +778,11 @@ class Pool(Generic[T]):
                 error = None
 
     async def _run_tasks(self, feed: Iterable[Any] | AsyncIterable[Any] | None) -> None:
+        own_timeout = getattr(self._fn, "_conveyor_timed", None)
+        if own_timeout is not None and self._timeout is not None:
+            # in_process times its attempts itself, from the moment a worker process is
+            # ready (starting one is not counted); see conveyor._offload.in_process.
+            self._fn, self._timeout = own_timeout(self._timeout), None
         try:
             with self._inner_scope:
                 async with trio.open_nursery() as nursery:
