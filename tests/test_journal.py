@@ -308,8 +308,11 @@ async def test_a_journal_of_another_key_function_is_refused(tmp_path: Path) -> N
 
 
 async def test_a_journal_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(JournalError, match=r"cannot open it"):
-        await jrun(never, range(3), journal=tmp_path / "nowhere" / "job.journal", key=key_of)
+    journal = tmp_path / "nowhere" / "job.journal"
+    with pytest.raises(JournalError, match=r"its directory '.*nowhere' does not exist; create it"):
+        await jrun(never, range(3), journal=journal, key=key_of)
+    (tmp_path / "nowhere").mkdir()  # the fix the message gives
+    assert (await jrun(Counting(), range(3), journal=journal, key=key_of)).ok
 
 
 async def test_two_items_with_one_key_are_refused(tmp_path: Path) -> None:

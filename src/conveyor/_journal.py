@@ -33,10 +33,13 @@ function's module and qualified name). Nothing is ever silently restarted.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import pickle
+import shlex
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sized
 from contextlib import aclosing
@@ -44,6 +47,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None  # type: ignore[assignment]
 
 from ._records import Failed, Report, Succeeded, Unfinished
 
@@ -63,6 +71,17 @@ _INTERVAL = 0.2
 _PICKLE_PROTOCOL = 5
 _MAX_ERROR_TEXT = 2000
 _INT64 = (-(2**63), 2**63 - 1)
+# How long SQLite waits for another connection's lock before it gives up (seconds).
+_BUSY_TIMEOUT = 5.0
+# Result codes (the low byte of sqlite_errorcode).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+_LOCK_SUFFIX = "-lock"
+_WHY_TRUST = (
+    "A journal's values are pickles, and loading a pickle runs whatever code it names, so "
+    "conveyor only opens a journal that its own user owns and no one else can write (as ssh "
+    "does with a key file)."
+)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 _SCHEMA = (
     """
@@ -144,9 +163,37 @@ def check_journal(journal: object, key: object) -> JournalSpec | None:
     path = os.fspath(journal)
     if not isinstance(path, str) or not path:
         raise TypeError(f"journal must be a non-empty str path, got {journal!r}")
+    if "\x00" in path:
+        raise ValueError(f"journal must be a file path without NUL characters, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(
+            f"journal must be a file path, got the directory {path!r}; give a file in it, "
+            f"e.g. journal={os.path.join(path, 'job.journal')!r}"
+        )
     if key is not None and not callable(key):
         raise TypeError(f"key must be a callable item -> str | int | bytes, or None, got {key!r}")
+    if key is not None and _is_async_callable(key):
+        raise TypeError(
+            f"key must be a plain function item -> str | int | bytes, got the async function "
+            f"{key!r}: its coroutine would be the key. Compute the key without awaiting "
+            f"(def key(item): ...)"
+        )
     return JournalSpec(path, key, key_fingerprint(key))
+
+
+def _is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` returns a coroutine (an ``async def``, a partial of one, or an
+    object whose ``__call__`` is one)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn):
+        return False
+    if isinstance(fn, type):
+        return False
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
+    return call is not None and inspect.iscoroutinefunction(call)
 
 
 def key_fingerprint(key: Callable[[Any], Any] | None) -> str:
@@ -169,81 +216,23 @@ def key_fingerprint(key: Callable[[Any], Any] | None) -> str:
 
 
 class _Db:
-    """One connection to one journal file. Every method runs in a worker thread."""
+    """One connection to one journal file, with the journal's lock held. Every method runs in
+    a worker thread.
+
+    Opening: the file is created 0600 if it is new, then checked (:func:`_check_trust`); the
+    lock is taken (:class:`_Lock`), then the connection opened and the journal created or
+    checked (:func:`_connect`).
+    """
 
     def __init__(self, spec: JournalSpec) -> None:
         self.path = spec.path
+        _prepare_file(spec.path)
+        self.lock = _Lock(spec.path)
         try:
-            self.conn = sqlite3.connect(
-                spec.path, timeout=5.0, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as error:
-            raise JournalError(f"journal {spec.path!r}: cannot open it: {error}") from error
-        try:
-            self._check(spec.fingerprint)
+            self.conn = _connect(spec.path, spec.fingerprint)
         except BaseException:
-            self.conn.close()
+            self.lock.release()
             raise
-
-    def _check(self, fingerprint: str) -> None:
-        path = self.path
-        conn = self.conn
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            tables = {
-                name
-                for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            if not tables:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.executemany(
-                        "INSERT INTO conveyor_journal (name, value) VALUES (?, ?)",
-                        [
-                            ("format", _FORMAT),
-                            ("version", _VERSION),
-                            ("key", fingerprint),
-                            ("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-                        ],
-                    )
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return
-            if tables != {"conveyor_journal", "conveyor_items"}:
-                raise JournalError(
-                    f"journal {path!r} is an SQLite database but not a conveyor journal "
-                    f"(its tables: {', '.join(sorted(tables))}); conveyor will not write into "
-                    f"it: give run() another journal path"
-                )
-            (check,) = conn.execute("PRAGMA quick_check").fetchone()
-            if check != "ok":
-                raise JournalError(
-                    f"journal {path!r} is damaged (SQLite quick_check: {check}); move it away "
-                    f"to start over, or restore it from a copy"
-                )
-            meta = dict(conn.execute("SELECT name, value FROM conveyor_journal"))
-        except sqlite3.DatabaseError as error:
-            raise JournalError(
-                f"journal {path!r} is not a conveyor journal, or it is damaged ({error}); "
-                f"move it away to start over, or give run() another journal path"
-            ) from error
-        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-            raise JournalError(
-                f"journal {path!r} has format {meta.get('format')!r} version "
-                f"{meta.get('version')!r}; this conveyor writes {_FORMAT!r} version {_VERSION!r}"
-            )
-        if meta.get("key") != fingerprint:
-            raise JournalError(
-                f"journal {path!r} was written with the key function {meta.get('key')!r}, "
-                f"this run uses {fingerprint!r}: its records would not match these items. "
-                f"Use the same key function, or another journal path (or delete this one "
-                f"to start over)"
-            )
 
     def load_succeeded(self) -> dict[Key, tuple[int, bytes]]:
         """Every succeeded key: (attempts, pickled value)."""
@@ -254,11 +243,12 @@ class _Db:
                     "SELECT key, attempts, value FROM conveyor_items WHERE status = 'succeeded'"
                 )
             }
-        except sqlite3.DatabaseError as error:
-            raise JournalError(f"journal {self.path!r}: cannot read it: {error}") from error
+        except sqlite3.Error as error:
+            raise _open_problem(self.path, error) from error
 
     def write(self, rows: list[Row]) -> None:
-        """Commit ``rows`` in one transaction."""
+        """Commit ``rows`` in one transaction; a failure is an :class:`OSError` (the world
+        failed, not the caller's input), chained from SQLite's error."""
         conn = self.conn
         try:
             conn.execute("BEGIN")
@@ -269,10 +259,254 @@ class _Db:
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as error:
-            raise JournalError(f"journal {self.path!r}: cannot write to it: {error}") from error
+            raise OSError(f"journal {self.path!r}: cannot write to it: {error}") from error
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            self.conn.close()
+        finally:
+            self.lock.release()
+
+
+def _prepare_file(path: str) -> None:
+    """Create the journal file 0600 if it does not exist (atomically: O_CREAT), and refuse
+    a file this process should not trust, or its SQLite side files."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+    except IsADirectoryError:
+        raise JournalError(
+            f"journal {path!r} is a directory; give a file path, e.g. "
+            f"journal={os.path.join(path, 'job.journal')!r}"
+        ) from None
+    except FileNotFoundError:
+        raise JournalError(
+            f"journal {path!r}: its directory {os.path.dirname(path) or '.'!r} does not exist; "
+            f"create it first, or give another journal path"
+        ) from None
+    except OSError as error:
+        raise JournalError(
+            f"journal {path!r}: cannot open it for reading and writing ({error}); give "
+            f"another journal path"
+        ) from error
+    try:
+        status = os.fstat(fd)
+    finally:
+        os.close(fd)
+    _check_trust(path, path, status)
+    for suffix, what in (("-wal", "write-ahead log"), ("-shm", "shared-memory file")):
+        try:
+            status = os.stat(path + suffix)
+        except FileNotFoundError:
+            continue
+        _check_trust(path, path + suffix, status, what)
+
+
+def _check_trust(path: str, target: str, status: os.stat_result, what: str = "") -> None:
+    """Refuse a file that another user owns, or that its group or others can write: its
+    pickles would run their code in this process (ssh treats a key file the same way).
+    ``target`` is the file checked: the journal ``path`` or one of its SQLite side files
+    (``what``)."""
+    name = repr(path) if not what else f"{path!r}: its {what} {target!r}"
+    if not stat.S_ISREG(status.st_mode):
+        raise JournalError(f"journal {name} is not a regular file; give another journal path")
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None:  # no owners to compare (Windows)
+        return
+    me = geteuid()
+    if status.st_uid != me:
+        raise JournalError(
+            f"journal {name} belongs to another user ({_user(status.st_uid)}), not to this "
+            f"process's user ({_user(me)}). {_WHY_TRUST} If you trust this file, make it "
+            f"yours (chown {_user_name(me)} {shlex.quote(target)}), or give another journal "
+            f"path"
+        )
+    writable = status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable:
+        who = {stat.S_IWGRP: "its group", stat.S_IWOTH: "others"}.get(
+            writable, "its group and others"
+        )
+        raise JournalError(
+            f"journal {name} can be written by {who} (mode "
+            f"{stat.S_IMODE(status.st_mode):04o}). {_WHY_TRUST} Make it private (chmod go-w "
+            f"{shlex.quote(target)}; conveyor creates journals 0600), or give another "
+            f"journal path"
+        )
+
+
+def _user(uid: int) -> str:
+    name = _user_name(uid)
+    return f"uid {uid}" if name == str(uid) else f"uid {uid}, {name!r}"
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+class _Lock:
+    """The journal's lock: an exclusive ``flock`` on the side file ``PATH-lock``, held while
+    a run uses the journal, so that a second run is refused instead of running every item
+    again. The kernel releases it when the process ends, however it ends (SIGKILL
+    included): a lock cannot outlive its run. The file holds the holder's pid, for the
+    message; it is left in place (deleting a lock file races with the next run taking it).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.fd = -1
+        if _fcntl is None:  # no flock (Windows): runs on one journal are not kept apart
+            return
+        lock_path = path + _LOCK_SUFFIX
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise JournalError(
+                f"journal {path!r}: cannot open its lock file {lock_path!r} ({error}); give "
+                f"another journal path"
+            ) from error
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            by = f"process {holder[0]}" if holder and holder[0].isdigit() else "a process"
+            since = f", since {holder[1]}" if len(holder) > 1 else ""
+            raise JournalError(
+                f"journal {path!r} is in use by another run ({by}{since}): two runs on "
+                f"one journal would each run the items the other is running. Wait for "
+                f"that run to end (a run that was killed releases it at once), or give "
+                f"this one another journal path"
+            ) from None
+        except OSError as error:
+            os.close(fd)
+            raise JournalError(
+                f"journal {path!r}: cannot lock {lock_path!r} ({error}); give another "
+                f"journal path (on a local disk)"
+            ) from error
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is for the message only
+        self.fd = fd
+
+    def release(self) -> None:
+        """Release the lock (closing the file releases it). Idempotent."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _connect(path: str, fingerprint: str) -> sqlite3.Connection:
+    """Open the SQLite file, create the journal in it if it is empty, and check it.
+
+    SQLite waits up to ``_BUSY_TIMEOUT`` for another connection's lock, but not always
+    (switching to WAL while another process does the same answers "locked" at once): a busy
+    answer is tried again until that time has passed.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        try:
+            conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as error:
+            raise _open_problem(path, error) from error
+        try:
+            _create_or_check(conn, path, fingerprint)
+        except sqlite3.Error as error:
+            conn.close()
+            if _code(error) in (_SQLITE_BUSY, _SQLITE_LOCKED) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise _open_problem(path, error) from error
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+
+def _code(error: sqlite3.Error) -> int:
+    """SQLite's primary result code of ``error`` (0 if unknown)."""
+    return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _create_or_check(conn: sqlite3.Connection, path: str, fingerprint: str) -> None:
+    """Create the journal if the file has no table, then check it (SQLite's errors are
+    raised as they are)."""
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    if not _tables(conn):
+        # Created in one transaction that first looks again, under SQLite's write
+        # lock: another process may have created it since (a race, not damage).
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not _tables(conn):
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.executemany(
+                    "INSERT INTO conveyor_journal (name, value) VALUES (?, ?)",
+                    [
+                        ("format", _FORMAT),
+                        ("version", _VERSION),
+                        ("key", fingerprint),
+                        ("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+                    ],
+                )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    tables = _tables(conn)
+    if tables != {"conveyor_journal", "conveyor_items"}:
+        raise JournalError(
+            f"journal {path!r} is an SQLite database but not a conveyor journal "
+            f"(its tables: {', '.join(sorted(tables))}); conveyor will not write into "
+            f"it: give another journal path"
+        )
+    (check,) = conn.execute("PRAGMA quick_check").fetchone()
+    if check != "ok":
+        raise JournalError(
+            f"journal {path!r} is damaged (SQLite quick_check: {check}); move it away "
+            f"to start over, or restore it from a copy"
+        )
+    meta = dict(conn.execute("SELECT name, value FROM conveyor_journal"))
+    if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        raise JournalError(
+            f"journal {path!r} has format {meta.get('format')!r} version "
+            f"{meta.get('version')!r}; this conveyor writes {_FORMAT!r} version {_VERSION!r}"
+        )
+    if meta.get("key") != fingerprint:
+        raise JournalError(
+            f"journal {path!r} was written with the key function {meta.get('key')!r}, "
+            f"this run uses {fingerprint!r}: its records would not match these items. "
+            f"Use the same key function, or another journal path (or delete this one "
+            f"to start over)"
+        )
+
+
+def _open_problem(path: str, error: sqlite3.Error) -> JournalError:
+    """What an SQLite error met while opening or reading the journal means, as a
+    :class:`JournalError`. Only a file SQLite finds is not a database, or damaged, is said
+    to be one: a busy or unreadable journal is never "moved away"."""
+    code = _code(error)
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return JournalError(
+            f"journal {path!r} is not a conveyor journal, or it is damaged ({error}); "
+            f"move it away to start over, or give another journal path"
+        )
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return JournalError(
+            f"journal {path!r} is busy: another program has held a lock on the SQLite file "
+            f"for {_BUSY_TIMEOUT:g} s ({error}); try again once it is done"
+        )
+    return JournalError(f"journal {path!r}: cannot open or read it ({error})")
 
 
 # ---------------------------------------------------------------------------------------------
