@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import functools
 import io
+import operator
 import os
 import pickle
+import re
 import sqlite3
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,6 +35,9 @@ from conveyor._journal import _Db, check_journal, key_fingerprint
 
 async def jrun(fn: Callable[[Any], Awaitable[Any]], items: Any, **options: Any) -> conveyor.Report:
     return await conveyor.run(fn, items, **options)
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rows(path: Path) -> dict[Any, tuple[str, int, Any, str | None]]:
@@ -299,12 +305,108 @@ async def test_a_journal_of_another_key_function_is_refused(tmp_path: Path) -> N
     await jrun(Counting(), range(3), journal=journal, key=key_of)
     with pytest.raises(
         JournalError,
-        match=r"written with the key function 'tests\.test_journal\.key_of', this run uses "
-        r"'tests\.test_journal\.other_key'",
+        match=r"written with another key function: 'tests\.test_journal\.key_of code=\w+ "
+        r"py=3\.\d+', this run's is 'tests\.test_journal\.other_key code=\w+ py=3\.\d+'.*Use "
+        r"the key function that wrote it, or another journal path",
     ):
         await jrun(never, range(3), journal=journal, key=other_key)
-    with pytest.raises(JournalError, match=r"this run uses 'item'"):
+    with pytest.raises(JournalError, match=r"this run's is 'item'"):
         await jrun(never, range(3), journal=journal)
+    # The fix the message gives: the key function that wrote it.
+    assert len((await jrun(never, range(3), journal=journal, key=key_of)).succeeded) == 3
+
+
+async def test_a_changed_lambda_is_a_changed_key_function(tmp_path: Path) -> None:
+    # Before: both were 'tests.test_journal.<lambda>', and every item ran again under the
+    # new key, unnoticed.
+    journal = tmp_path / "job.journal"
+    await jrun(Counting(), range(3), journal=journal, key=lambda n: f"item-{n}")
+    with pytest.raises(JournalError, match=r"written with another key function: "
+                                           r"'tests\.test_journal\..*<lambda> code="):
+        await jrun(never, range(3), journal=journal, key=lambda n: f"row-{n}")
+    again = await jrun(never, range(3), journal=journal, key=lambda n: f"item-{n}")
+    assert len(again.succeeded) == 3
+
+
+def make_key(prefix: str) -> Callable[[int], str]:
+    return lambda n: f"{prefix}-{n}"
+
+
+def test_key_fingerprints_cover_what_defines_the_key() -> None:
+    same = key_fingerprint
+    assert same(None) == "item"
+    assert re.fullmatch(r"tests\.test_journal\.key_of code=[0-9a-f]{16} py=3\.\d+",
+                        same(key_of))
+    # Same name and body, other name: differ. Same code, other closure value: differ.
+    assert same(key_of) != same(other_key)
+    assert same(make_key("a")) == same(make_key("a"))
+    assert same(make_key("a")) != same(make_key("b"))
+    # A partial: its function and its arguments.
+    assert same(functools.partial(key_of)).startswith("partial(tests.test_journal.key_of) ")
+    assert same(functools.partial(make_key, "a")) != same(functools.partial(make_key, "b"))
+    # A callable object: its class's __call__ and its plain attributes.
+    assert same(Counting()).startswith("tests.test_journal.Counting ")
+    assert same(operator.itemgetter("id")) != same(operator.itemgetter("name"))
+    # A helper of the same module that the key calls by name counts too.
+    assert same(calls_helper) != same(calls_other_helper)
+
+
+def helper(n: int) -> str:
+    return str(n)
+
+
+def other_helper(n: int) -> str:
+    return str(-n)
+
+
+def calls_helper(n: int) -> str:
+    return helper(n)
+
+
+def calls_other_helper(n: int) -> str:
+    return other_helper(n)
+
+
+@pytest.mark.slow
+async def test_a_key_fingerprint_is_the_same_in_another_process() -> None:
+    script = (
+        "from tests.test_journal import key_of, make_key\n"
+        "from conveyor._journal import key_fingerprint\n"
+        "print(key_fingerprint(key_of)); print(key_fingerprint(make_key('a')))\n"
+    )
+    root = ROOT
+    done = await trio.run_process(
+        [sys.executable, "-c", script], capture_stdout=True,
+        env={**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}, cwd=root,
+    )
+    assert done.stdout.decode().split("\n")[:2] == [
+        key_fingerprint(key_of), key_fingerprint(make_key("a"))
+    ]
+
+
+@pytest.mark.parametrize("stored", [
+    "tests.test_journal.key_of",  # written by a conveyor that stored names only
+    "tests.test_journal.key_of code=0123456789abcdef py=3.0",  # by another Python
+])
+async def test_a_journal_whose_key_code_cannot_be_compared_is_checked_by_name(
+    tmp_path: Path, stored: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = tmp_path / "job.journal"
+    await jrun(Counting(), range(3), journal=journal, key=key_of)
+    conn = sqlite3.connect(journal)
+    conn.execute("UPDATE conveyor_journal SET value = ? WHERE name = 'key'", (stored,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalError, match=r"written with another key function"):
+        await jrun(never, range(3), journal=journal, key=other_key)
+    report = await jrun(never, range(3), journal=journal, key=key_of)
+    assert len(report.succeeded) == 3
+    assert "Only their names can be compared" in caplog.text
+    conn = sqlite3.connect(journal)
+    assert conn.execute("SELECT value FROM conveyor_journal WHERE name = 'key'").fetchone() == (
+        key_fingerprint(key_of),
+    )  # recorded: from now on the code is compared
+    conn.close()
 
 
 async def test_a_journal_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
@@ -347,13 +449,6 @@ def test_journal_options_are_checked() -> None:
     with pytest.raises(TypeError, match=r"key must be a callable"):
         check_journal("j", "id")
     assert check_journal(None, None) is None
-
-
-def test_key_fingerprints() -> None:
-    assert key_fingerprint(None) == "item"
-    assert key_fingerprint(key_of) == "tests.test_journal.key_of"
-    assert key_fingerprint(functools.partial(key_of)) == "partial(tests.test_journal.key_of)"
-    assert key_fingerprint(Counting()) == "tests.test_journal.Counting"
 
 
 def test_a_succeeded_row_is_never_replaced(tmp_path: Path) -> None:

@@ -33,14 +33,18 @@ function's module and qualified name). Nothing is ever silently restarted.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
+import operator
 import os
 import pickle
 import shlex
 import sqlite3
 import stat
+import sys
 import time
+import types
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sized
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -197,18 +201,123 @@ def _is_async_callable(fn: object) -> bool:
 
 
 def key_fingerprint(key: Callable[[Any], Any] | None) -> str:
-    """What identifies a key function across runs: its module and qualified name.
+    """What identifies a key function across runs: its name and a hash of what defines it.
 
-    ``None`` (the item is its own key) is ``"item"``; a :func:`functools.partial` is the
-    fingerprint of its function; another callable object, that of its class.
+    ``"item"`` when there is no key function (the item is its own key). Otherwise
+    ``"NAME code=HASH py=X.Y"``: NAME is the module and qualified name (for the message), and
+    HASH covers what makes the function compute what it computes: its bytecode, constants and
+    the names it uses; the values of its defaults and closure variables when they are plain
+    data (numbers, strings, bytes, None, and tuples or frozensets of them), otherwise their
+    type; the functions of its own module that it calls by name, the same way; for a
+    :func:`functools.partial`, its function and arguments; for a method or another callable
+    object, the function and the object's plain-data attributes. Two lambdas differ; moving
+    a function in its file, or renaming its arguments' callers, does not change it.
+
+    Bytecode differs between Python versions, so ``py`` says which one wrote it (see
+    :func:`_same_key`).
     """
     if key is None:
         return "item"
+    identity = repr(_identity(key, set()))
+    digest = hashlib.sha256(identity.encode("utf-8", "backslashreplace")).hexdigest()[:16]
+    return f"{_name(key)} code={digest} py={sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def _name(key: Any) -> str:
     if isinstance(key, functools.partial):
-        return f"partial({key_fingerprint(key.func)})"
+        return f"partial({_name(key.func)})"
     target: Any = key if hasattr(key, "__qualname__") else type(key)
     module = getattr(target, "__module__", None) or "?"
     return f"{module}.{target.__qualname__}"
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _identity(obj: Any, seen: set[int]) -> Any:
+    """A nested tuple of plain values that stands for what ``obj`` computes (see
+    :func:`key_fingerprint`)."""
+    if isinstance(obj, _PLAIN):
+        return (type(obj).__name__, obj)
+    if isinstance(obj, tuple | frozenset | list):
+        items = [_identity(value, seen) for value in obj]
+        return (type(obj).__name__, sorted(map(repr, items)) if isinstance(obj, frozenset)
+                else items)
+    if id(obj) in seen:
+        return ("again", getattr(obj, "__qualname__", type(obj).__qualname__))
+    if isinstance(obj, types.FunctionType):
+        seen.add(id(obj))
+        code = obj.__code__
+        closure = [cell.cell_contents if _filled(cell) else None for cell in obj.__closure__ or ()]
+        called = [
+            _identity(value, seen)
+            for name in code.co_names
+            if isinstance(value := obj.__globals__.get(name), types.FunctionType)
+            and value.__module__ == obj.__module__
+        ]
+        return ("function", obj.__module__, obj.__qualname__, _code_identity(code, obj.__doc__),
+                _identity(obj.__defaults__ or (), seen),
+                _identity(sorted((obj.__kwdefaults__ or {}).items()), seen),
+                _identity(closure, seen), called)
+    if isinstance(obj, functools.partial):
+        seen.add(id(obj))
+        return ("partial", _identity(obj.func, seen), _identity(obj.args, seen),
+                _identity(sorted(obj.keywords.items()), seen))
+    if isinstance(obj, types.MethodType):
+        seen.add(id(obj))
+        return ("method", _identity(obj.__func__, seen), _identity(obj.__self__, seen))
+    if isinstance(obj, type | types.BuiltinFunctionType | types.ModuleType):
+        return (type(obj).__name__, getattr(obj, "__module__", None),
+                getattr(obj, "__qualname__", obj.__name__))
+    if isinstance(obj, operator.itemgetter | operator.attrgetter | operator.methodcaller):
+        return ("operator", repr(obj))  # their repr holds their arguments
+    # Another object: its class (and the code of its __call__, if it is one written in
+    # Python) and its plain-data attributes.
+    seen.add(id(obj))
+    kind = type(obj)
+    call = getattr(kind, "__call__", None)  # noqa: B004 - the class's, not the instance's
+    attributes = getattr(obj, "__dict__", None)
+    return ("object", kind.__module__, kind.__qualname__,
+            _identity(call, seen) if isinstance(call, types.FunctionType) else None,
+            _identity(sorted((k, v) for k, v in attributes.items() if isinstance(v, _PLAIN))
+                      if isinstance(attributes, dict) else (), seen))
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def _code_identity(code: types.CodeType, doc: object = None) -> Any:
+    """Bytecode, constants (nested code objects too, a docstring left out) and names."""
+    consts = [
+        _code_identity(value) if isinstance(value, types.CodeType) else repr(value)
+        for value in code.co_consts
+        if not (doc is not None and value is doc)
+    ]
+    return (code.co_code.hex(), consts, code.co_names, code.co_argcount,
+            code.co_kwonlyargcount, code.co_flags, len(code.co_varnames), code.co_freevars)
+
+
+def _same_key(stored: str, fingerprint: str) -> bool | None:
+    """Whether the journal's key function (``stored``) is this run's (``fingerprint``).
+
+    None when only the names can be compared: the journal was written by another Python
+    version (its bytecode differs), or by a conveyor that stored names only.
+    """
+    if stored == fingerprint:
+        return True
+    stored_name, _, stored_rest = stored.partition(" code=")
+    name, _, rest = fingerprint.partition(" code=")
+    if stored_name != name:
+        return False
+    if not stored_rest:
+        return None  # an older journal: names only
+    stored_py = stored_rest.partition(" py=")[2]
+    return None if stored_py != rest.partition(" py=")[2] else False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,13 +591,22 @@ def _create_or_check(conn: sqlite3.Connection, path: str, fingerprint: str) -> N
             f"journal {path!r} has format {meta.get('format')!r} version "
             f"{meta.get('version')!r}; this conveyor writes {_FORMAT!r} version {_VERSION!r}"
         )
-    if meta.get("key") != fingerprint:
+    stored = str(meta.get("key"))
+    same = _same_key(stored, fingerprint)
+    if same is False:
         raise JournalError(
-            f"journal {path!r} was written with the key function {meta.get('key')!r}, "
-            f"this run uses {fingerprint!r}: its records would not match these items. "
-            f"Use the same key function, or another journal path (or delete this one "
-            f"to start over)"
+            f"journal {path!r} was written with another key function: {stored!r}, this "
+            f"run's is {fingerprint!r} (a name, and a hash of its code and the values it "
+            f"uses). Its records would not match these items. Use the key function that "
+            f"wrote it, or another journal path (or delete this one to start over)"
         )
+    if same is None:
+        logger.warning(
+            "journal %r was written with the key function %r; this run's is %r. Only their "
+            "names can be compared (another Python version, or an older journal): the "
+            "journal now records this one", path, stored, fingerprint,
+        )
+        conn.execute("UPDATE conveyor_journal SET value = ? WHERE name = 'key'", (fingerprint,))
 
 
 def _open_problem(path: str, error: sqlite3.Error) -> JournalError:
