@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import conveyor
-from conveyor import JournalError, Retry, Succeeded
+from conveyor import Failed, JournalError, Retry, Succeeded
 from conveyor._journal import _Db, check_journal, key_fingerprint
 
 
@@ -417,18 +417,94 @@ async def test_a_journal_in_a_missing_directory_is_refused(tmp_path: Path) -> No
     assert (await jrun(Counting(), range(3), journal=journal, key=key_of)).ok
 
 
-async def test_two_items_with_one_key_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(JournalError, match=r"two items have the journal key 'item-1'"):
-        await jrun(Counting(), [0, 1, 2, 1], journal=tmp_path / "j", key=key_of)
+# ---------------------------------------------------------------------------------------------
+# A bad key fails its item only: Failed, attempts 0; the run goes on and is journaled
+
+
+async def bad_key_run(
+    tmp_path: Path, key: Callable[[int], Any], bad: int
+) -> tuple[conveyor.Report, Counting, Failed]:
+    """Run range(10) where item ``bad``'s key is bad; check the others ran and were
+    journaled, then a rerun: the others come from the journal, ``bad`` fails again."""
+    journal = tmp_path / "job.journal"
+    calls = Counting()
+    report = await jrun(calls, range(10), journal=journal, key=key, workers=2)
+    assert set(calls.calls) == set(range(10)) - {bad}  # the run went on
+    assert sorted(r.item for r in report.succeeded) == sorted(set(range(10)) - {bad})
+    (failed,) = report.failed
+    assert failed.item == bad and failed.attempts == 0
+    assert report.stats.submitted == 10 and report.stats.failed == 1
+    stored = rows(journal)
+    assert len(stored) == 9 and {v[0] for v in stored.values()} == {"succeeded"}
+    again = await jrun(never, range(10), journal=journal, key=key, workers=2)
+    assert len(again.succeeded) == 9 and [r.item for r in again.failed] == [bad]
+    return report, calls, failed
+
+
+async def test_an_item_whose_key_raises_fails_alone(tmp_path: Path) -> None:
+    # Before: the run ended with the key's KeyError after 10 calls.
+    def key(n: int) -> str:
+        return {3: None}.get(n, f"item-{n}") or {}["id"]  # item 3 has no id
+
+    _, _, failed = await bad_key_run(tmp_path, key, bad=3)
+    assert isinstance(failed.error, KeyError)
+    assert "raised by the journal's key function tests.test_journal." in failed.traceback
+    assert "for item 3; the item was not run" in failed.traceback
 
 
 @pytest.mark.parametrize("bad_key", [1.5, None, ("a", 1), True, 2**64])
-async def test_a_key_that_sqlite_cannot_hold_exactly_is_refused(
+async def test_an_item_whose_key_sqlite_cannot_hold_exactly_fails_alone(
     tmp_path: Path, bad_key: object
 ) -> None:
-    with pytest.raises(TypeError, match=r"journal key must be a str, bytes or a 64-bit int; "
-                                        r"key\(item\) is .* for item 0"):
-        await jrun(Counting(), [0], journal=tmp_path / "j", key=lambda n: bad_key)
+    # Before: the run ended with a TypeError before any call.
+    _, _, failed = await bad_key_run(
+        tmp_path, lambda n: bad_key if n == 0 else f"item-{n}", bad=0
+    )
+    assert isinstance(failed.error, TypeError)
+    assert re.fullmatch(r"journal key must be a str, bytes or a 64-bit int; key\(item\) is "
+                        r".* for item 0; the item was not run", str(failed.error))
+
+
+async def test_a_key_that_returns_a_coroutine_fails_its_item_and_closes_it(
+    tmp_path: Path,
+) -> None:
+    async def fetch_id(n: int) -> str:
+        return str(n)
+
+    # A lambda around an async function cannot be told from a plain one at the call.
+    _, _, failed = await bad_key_run(
+        tmp_path, lambda n: fetch_id(n) if n == 5 else f"item-{n}", bad=5
+    )
+    assert "key(item) is <coroutine object" in str(failed.error)  # and no "never awaited"
+
+
+async def test_an_item_that_repeats_a_key_fails_alone(tmp_path: Path) -> None:
+    # Before: the run ended with a JournalError after 3 calls.
+    journal = tmp_path / "job.journal"
+    calls = Counting()
+    report = await jrun(calls, [0, 1, 2, 1, 3], journal=journal, key=key_of, workers=1)
+    assert sorted(calls.calls) == [0, 1, 2, 3]  # the first 1 ran, the run went on
+    (failed,) = report.failed
+    assert (failed.item, failed.attempts) == (1, 0)
+    assert isinstance(failed.error, JournalError)
+    assert str(failed.error).startswith("two items have the journal key 'item-1' (this one is "
+                                        "1); each item needs its own key")
+    assert rows(journal)[key_of(1)][:3] == ("succeeded", 1, 1)  # the first one's row stays
+
+
+async def test_a_failing_write_is_an_os_error_not_a_journal_error(tmp_path: Path) -> None:
+    spec = check_journal(tmp_path / "j", key_of)
+    assert spec is not None
+    db = _Db(spec)
+    try:
+        db.conn.execute("PRAGMA max_page_count = 8")  # a full disk, for this connection
+        with pytest.raises(OSError, match=r"'.*j': cannot write to it: database or disk is "
+                                          r"full") as caught:
+            db.write([(f"k{n}", "succeeded", 1, bytes(1000), None, 0.0) for n in range(100)])
+        assert not isinstance(caught.value, JournalError)
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    finally:
+        db.close()
 
 
 async def test_a_value_that_cannot_be_pickled_is_an_error(tmp_path: Path) -> None:

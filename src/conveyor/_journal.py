@@ -44,11 +44,12 @@ import sqlite3
 import stat
 import sys
 import time
+import traceback
 import types
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sized
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -62,7 +63,10 @@ from ._records import Failed, Report, Succeeded, Unfinished
 if TYPE_CHECKING:
     from ._pool import Pool
 
-__all__ = ["JournalError", "JournalSpec", "check_journal", "run_journaled"]
+__all__ = [
+    "JournalError", "JournalSpec", "check_journal", "journaled", "open_journaled_pool",
+    "run_journaled",
+]
 
 logger = logging.getLogger("conveyor")
 
@@ -115,15 +119,21 @@ WHERE conveyor_items.status != 'succeeded'
 """
 
 Key = str | int | bytes
+Items = Iterable[Any] | AsyncIterable[Any]
+T = TypeVar("T")
 Row = tuple[Key, str, int, bytes | None, str | None, float]
 
 
 class JournalError(ValueError):
-    """The journal file cannot be used: not a journal, damaged, written with another key
-    function, or not writable; or two items have the same key.
+    """The journal cannot be used as given: not a journal, damaged, written with another key
+    function, in use by another run, not trusted (another user's, or writable by others), a
+    bad path; or an item's key is bad (it raised, is not a str/int/bytes, or repeats another
+    item's: that item alone fails), or a value cannot be pickled.
 
     Raised at the call, before any work starts, for a problem with the file; the message
-    names the file and says what to do.
+    names the file and says what to do. A journal that cannot be *written* while a run goes
+    on (disk full, I/O error) is not a JournalError but an :class:`OSError`, chained from
+    SQLite's error: the caller's input was fine, the world failed.
     """
 
 
@@ -141,12 +151,18 @@ class JournalSpec:
 
     def key_of(self, item: Any) -> Key:
         """The journal key of ``item``, checked: a str, an int (64-bit) or bytes."""
-        key = item if self.key is None else self.key(item)
+        return self.checked(item if self.key is None else self.key(item), item)
+
+    def checked(self, key: Any, item: Any) -> Key:
+        """``key`` if SQLite holds it exactly (a str, bytes or a 64-bit int), else a
+        TypeError that says so."""
         kind = type(key)
         if kind is str or kind is bytes:
             return key  # type: ignore[no-any-return]
         if kind is int and _INT64[0] <= key <= _INT64[1]:
             return key  # type: ignore[no-any-return]
+        if inspect.iscoroutine(key):
+            key.close()  # no "never awaited" warning: the message says what happened
         source = "the item itself (no key= given)" if self.key is None else "key(item)"
         raise TypeError(
             f"journal key must be a str, bytes or a 64-bit int; {source} is {key!r} "
@@ -364,7 +380,8 @@ class _Db:
             try:
                 conn.executemany(_UPSERT, rows)
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled it back already (disk full)
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as error:
@@ -628,34 +645,67 @@ def _open_problem(path: str, error: sqlite3.Error) -> JournalError:
 
 
 # ---------------------------------------------------------------------------------------------
-# Items: skip what the journal holds as succeeded
+# A journaled pool: what is done is settled from the journal, what settles is written
 
 
-class _Remaining:
-    """``items`` without those the journal holds as succeeded (collected in ``skipped``).
+class _Session:
+    """The journal of one pool's run.
 
-    Also refuses two items with the same key: their records would overwrite each other
-    and a resumed run would hand one item the other's value.
+    Intake (:meth:`runs`, the filter of ``items`` and the gate of ``submit``): an item the
+    journal holds as succeeded settles at once with the stored value; an item whose key is
+    bad settles as ``Failed`` (attempts 0) and the run goes on; the others run.
+
+    Output: the pool tells :meth:`observe` of each record as it settles (whoever reads the
+    records, and even if nobody does); one flusher commits them every ``_BATCH`` records or
+    ``_INTERVAL`` seconds; :meth:`close` commits the rest, and the unfinished items, on the
+    way out.
     """
 
-    def __init__(
-        self, items: Iterable[Any] | AsyncIterable[Any], spec: JournalSpec,
-        done: dict[Key, tuple[int, bytes]],
-    ) -> None:
-        self.items = items
+    def __init__(self, pool: Pool[Any], spec: JournalSpec, db: _Db,
+                 done: dict[Key, tuple[int, bytes]]) -> None:
+        self.pool = pool
         self.spec = spec
+        self.db = db
         self.done = done
-        self.skipped: list[Succeeded[Any]] = []
         self.seen: set[Key] = set()
+        self.refused: set[int] = set()  # id() of the Failed records of bad keys: not written
+        self.settled: list[Succeeded[Any] | Failed | Unfinished] = []
+        self.pending: list[Row] = []  # rows taken from `settled`, not committed yet
+        self.full = trio.Event()
+        self.failure: Exception | None = None  # met by the flusher; raised on the way out
+        self.scope = trio.CancelScope()
+        self.flusher_done = trio.Event()
+
+    # -- intake
 
     def runs(self, item: Any) -> bool:
-        """Whether ``item`` must run (or was taken from the journal into ``skipped``)."""
-        key = self.spec.key_of(item)
+        """Whether ``item`` must run; if not, it has been settled (from the journal, or as
+        failed on its key)."""
+        key_fn = self.spec.key
+        if key_fn is None:
+            raw = item
+        else:
+            try:
+                raw = key_fn(item)
+            except Exception as error:
+                error.add_note(
+                    f"conveyor: raised by the journal's key function "
+                    f"{_name(key_fn)} for item {item!r}; the item was not run"
+                )
+                self._refuse(item, error)
+                return False
+        try:
+            key = self.spec.checked(raw, item)
+        except TypeError as error:
+            self._refuse(item, TypeError(f"{error}; the item was not run"))
+            return False
         if key in self.seen:
-            raise JournalError(
-                f"two items have the journal key {key!r} (the second is {item!r}); each "
-                f"item needs its own key, or one would get the other's result on resume"
-            )
+            self._refuse(item, JournalError(
+                f"two items have the journal key {key!r} (this one is {item!r}); each item "
+                f"needs its own key, or one would get the other's result on resume: this "
+                f"one was not run"
+            ))
+            return False
         self.seen.add(key)
         stored = self.done.pop(key, None)
         if stored is None:
@@ -669,24 +719,35 @@ class _Remaining:
                 "running the item again", self.spec.path, key, type(error).__name__, error,
             )
             return True
-        self.skipped.append(Succeeded(item, value, attempts))
+        self.pool._settle_unrun(Succeeded(item, value, attempts))
         return False
 
-    def count(self) -> int | None:
+    def _refuse(self, item: Any, error: Exception) -> None:
+        logger.warning("item %r not run: %s: %s", item, type(error).__name__, error)
+        record = Failed(item, error, 0, "".join(traceback.format_exception(error)))
+        self.refused.add(id(record))
+        self.pool._settle_unrun(record)
+
+    def count(self, items: Items | None) -> int | None:
         """How many items will run, when ``items`` is a sized collection."""
-        items = self.items
         if not isinstance(items, Sized) or isinstance(items, AsyncIterable):
             return None
         if not self.done:
             return len(items)
-        key_of = self.spec.key_of
         done = self.done
-        return sum(1 for item in items if key_of(item) not in done)
+        left = 0
+        for item in items:
+            try:
+                left += self.spec.key_of(item) not in done
+            except Exception:
+                continue  # a bad key: it will fail, not run
+        return left
 
-    def feed(self) -> Iterable[Any] | AsyncIterable[Any]:
-        if isinstance(self.items, AsyncIterable):
-            return self._async_feed(self.items)
-        return self._sync_feed(self.items)
+    def feed(self, items: Items) -> Items:
+        """``items`` without those settled at intake."""
+        if isinstance(items, AsyncIterable):
+            return self._async_feed(items)
+        return self._sync_feed(items)
 
     def _sync_feed(self, items: Iterable[Any]) -> Iterator[Any]:
         runs = self.runs
@@ -696,13 +757,148 @@ class _Remaining:
 
     async def _async_feed(self, items: AsyncIterable[Any]) -> AsyncIterator[Any]:
         runs = self.runs
-        async for item in items:
-            if runs(item):
-                yield item
+        async with aclosing(aiter(items)) as iterator:  # type: ignore[type-var]
+            async for item in iterator:
+                if runs(item):
+                    yield item
+
+    # -- output
+
+    def observe(self, record: Succeeded[Any] | Failed) -> None:
+        """Called by the pool as each record settles (the hot path: append, count)."""
+        settled = self.settled
+        settled.append(record)
+        if len(settled) >= _BATCH:
+            self.full.set()
+
+    async def flusher(self) -> None:
+        """Commit what has settled every ``_BATCH`` records or ``_INTERVAL`` seconds. A
+        system task (so the caller's block is in no nursery of ours): a failure stops the
+        pool and is raised on the way out."""
+        try:
+            with self.scope:
+                while True:
+                    with trio.move_on_after(_INTERVAL):
+                        await self.full.wait()
+                    self.full = trio.Event()
+                    await self.flush()
+        except Exception as error:
+            self.failure = error
+            self.pool.stop()
+        finally:
+            self.flusher_done.set()
+
+    def _rows(self) -> list[Row]:
+        settled, self.settled = self.settled, []
+        rows = self.pending
+        now = time.time()
+        for record in settled:
+            try:
+                key = self.spec.key_of(record.item)
+            except Exception as error:
+                logger.warning("journal %r: item %r not recorded: its key now raises %s: %s",
+                               self.spec.path, record.item, type(error).__name__, error)
+                continue
+            if type(record) is Succeeded:
+                try:
+                    blob = pickle.dumps(record.value, protocol=_PICKLE_PROTOCOL)
+                except Exception as error:
+                    raise JournalError(
+                        f"journal {self.spec.path!r}: the value of item {record.item!r} cannot "
+                        f"be pickled ({type(error).__name__}: {error}); a journaled run needs "
+                        f"picklable values"
+                    ) from error
+                rows.append((key, "succeeded", record.attempts, blob, None, now))
+            elif type(record) is Failed:
+                rows.append((key, "failed", record.attempts, None, _error_text(record.error),
+                             now))
+            else:
+                assert type(record) is Unfinished
+                rows.append((key, "unfinished", record.attempts, None,
+                             _error_text(record.last_error), now))
+        return rows
+
+    async def flush(self) -> None:
+        self.pending = self._rows()
+        rows = self.pending
+        if not rows:
+            return
+        # Shielded: rows taken are written whatever happens (a commit is small, and a
+        # thread that started cannot be stopped anyway). Not committed (rolled back): kept
+        # in `pending` for the next flush.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.db.write, rows)
+        self.pending = []
+
+    async def close(self) -> None:
+        """Stop the flusher and commit the rest: what has settled since, and a row per
+        unfinished item (the pool has ended). Shielded from cancels."""
+        with trio.CancelScope(shield=True):
+            self.scope.cancel()
+            await self.flusher_done.wait()
+            self.settled.extend(self.pool.report().unfinished)
+            try:
+                await self.flush()
+            except Exception as error:
+                if self.failure is None:
+                    self.failure = error
 
 
-# ---------------------------------------------------------------------------------------------
-# The writer
+@asynccontextmanager
+async def journaled(
+    pool: Pool[Any], spec: JournalSpec | None, items: Items | None = None
+) -> AsyncIterator[Items | None]:
+    """Around a pool's run: open the journal (refused at once if it cannot be used), yield
+    ``items`` filtered by it (and gate ``pool.submit``), and commit it on every way out.
+    With no journal (``spec`` None), yield ``items`` as they are."""
+    if spec is None:
+        yield items
+        return
+    db = await trio.to_thread.run_sync(_Db, spec)
+    try:
+        done = await trio.to_thread.run_sync(db.load_succeeded)
+        session = _Session(pool, spec, db, done)
+        progress = pool._progress
+        if progress is not None and done:
+            progress.total = session.count(items)
+        pool._observe_settled(session.observe)  # type: ignore[arg-type]
+        pool._gate = session.runs
+        trio.lowlevel.spawn_system_task(session.flusher, name="conveyor journal flusher")
+        try:
+            yield None if items is None else session.feed(items)
+        except BaseException as error:
+            await session.close()
+            failure = session.failure
+            if failure is None:
+                raise
+            if not isinstance(error, Exception):
+                # Ctrl-C or a cancel stays what it is; the journal's problem is logged.
+                logger.error("journal %r: %s: %s", spec.path, type(failure).__name__, failure)
+                raise
+            raise failure from error  # what stopped the pool, and what that caused
+        await session.close()
+        if session.failure is not None:
+            raise session.failure
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(db.close)
+
+
+@asynccontextmanager
+async def open_journaled_pool(pool: Pool[T], spec: JournalSpec) -> AsyncIterator[Pool[T]]:
+    """``open_pool(..., journal=...)``: the pool's block inside the journal's."""
+    async with journaled(pool, spec), pool._running() as running:
+        yield running
+
+
+async def run_journaled(pool: Pool[Any], items: Items, spec: JournalSpec) -> Report:
+    """``run(..., journal=...)``: the report holds the successes taken from the journal
+    too (in input order with the others, as they settle)."""
+    async with journaled(pool, spec, items) as feed:
+        assert feed is not None
+        async with pool._running(feed):
+            pass
+    return pool.report()
 
 
 def _error_text(error: BaseException | None) -> str | None:
@@ -710,129 +906,3 @@ def _error_text(error: BaseException | None) -> str | None:
         return None
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= _MAX_ERROR_TEXT else text[: _MAX_ERROR_TEXT - 3] + "..."
-
-
-class _Writer:
-    """Rows appended by the reader, committed by one flusher task."""
-
-    def __init__(self, db: _Db, spec: JournalSpec) -> None:
-        self.db = db
-        self.spec = spec
-        self.pending: list[Row] = []
-        self.full = trio.Event()
-        self.succeeded: list[Succeeded[Any]] = []
-
-    def success_row(self, record: Succeeded[Any]) -> Row:
-        try:
-            blob = pickle.dumps(record.value, protocol=_PICKLE_PROTOCOL)
-        except Exception as error:
-            raise JournalError(
-                f"journal {self.spec.path!r}: the value of item {record.item!r} cannot be "
-                f"pickled ({type(error).__name__}: {error}); a journaled run needs "
-                f"picklable values"
-            ) from error
-        # The key was checked when the item was fed: no second check on the hot path.
-        key = record.item if self.spec.key is None else self.spec.key(record.item)
-        return (key, "succeeded", record.attempts, blob, None, time.time())
-
-    def other_row(self, record: Failed | Unfinished) -> Row:
-        if type(record) is Failed:
-            return (self.spec.key_of(record.item), "failed", record.attempts, None,
-                    _error_text(record.error), time.time())
-        assert type(record) is Unfinished
-        return (self.spec.key_of(record.item), "unfinished", record.attempts, None,
-                _error_text(record.last_error), time.time())
-
-    async def read(self, pool: Pool[Any]) -> None:
-        """Take each record as it settles; wake the flusher every ``_BATCH`` rows."""
-        succeeded = self.succeeded
-        async with aclosing(pool.results()) as records:  # type: ignore[type-var]
-            async for record in records:
-                # self.pending, not a local: flush() swaps the list.
-                if type(record) is Succeeded:
-                    succeeded.append(record)
-                    self.pending.append(self.success_row(record))
-                else:
-                    self.pending.append(self.other_row(record))  # type: ignore[arg-type]
-                if len(self.pending) >= _BATCH:
-                    self.full.set()
-
-    async def flusher(self) -> None:
-        """Commit what is pending every ``_BATCH`` rows or ``_INTERVAL`` seconds."""
-        while True:
-            with trio.move_on_after(_INTERVAL):
-                await self.full.wait()
-            self.full = trio.Event()
-            await self.flush()
-
-    async def flush(self) -> None:
-        rows, self.pending = self.pending, []
-        if not rows:
-            return
-        try:
-            # Shielded: rows taken from `pending` are written whatever happens (a commit is
-            # small, and a thread that started cannot be stopped anyway).
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.db.write, rows)
-        except BaseException:
-            self.pending[:0] = rows  # not committed (rolled back): the final flush retries
-            raise
-
-
-# ---------------------------------------------------------------------------------------------
-# The journaled run
-
-
-async def run_journaled(
-    pool: Pool[Any], items: Iterable[Any] | AsyncIterable[Any], spec: JournalSpec
-) -> Report:
-    """Run ``pool`` over ``items`` with the journal ``spec`` (see the module docstring)."""
-    db = await trio.to_thread.run_sync(_Db, spec)
-    try:
-        done = await trio.to_thread.run_sync(db.load_succeeded)
-        remaining = _Remaining(items, spec, done)
-        progress = pool._progress
-        if progress is not None and done:
-            progress.total = remaining.count()
-        writer = _Writer(db, spec)
-        try:
-            async with pool._running(remaining.feed()):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(writer.flusher)
-                    await writer.read(pool)
-                    nursery.cancel_scope.cancel()
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    await _final_flush(pool, writer)
-                except Exception as error:
-                    # Do not hide the error (or Ctrl-C) that stopped the run.
-                    logger.error("journal %r: the last records were not saved: %s",
-                                 spec.path, error)
-            raise
-        with trio.CancelScope(shield=True):
-            await _final_flush(pool, writer)
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(db.close)
-    report = pool.report()
-    return Report(
-        remaining.skipped + writer.succeeded + report.succeeded,
-        report.failed,
-        report.unfinished,
-        report.stats,
-    )
-
-
-async def _final_flush(pool: Pool[Any], writer: _Writer) -> None:
-    """Commit the tail: what is pending, successes the reader did not take, every failed and
-    unfinished item (failed rows already written are written again, unchanged)."""
-    report = pool.report()
-    pending = writer.pending
-    for success in report.succeeded:
-        pending.append(writer.success_row(success))
-    for failed in report.failed:
-        pending.append(writer.other_row(failed))
-    for unfinished in report.unfinished:
-        pending.append(writer.other_row(unfinished))
-    await writer.flush()
