@@ -15,6 +15,15 @@ and prints ``ok`` or ``error Type: message``.
 
 runs over ``range(3)`` with the journal, prints ``running`` once the first call has started,
 and waits there until it is killed or interrupted.
+
+    python -m tests._journal_child stream FORM JOURNAL CALLS N STOP
+
+streams ``n -> n * n`` over ``range(N)`` with the journal in one of the FORMs ``map`` (bare
+``async for``), ``map-with`` (``async with``), ``map-ordered`` (bare, ``ordered=True``) or
+``pool`` (``open_pool``: submit, then read ``results()``); each call appends its item to CALLS
+as it completes, except that items >= STOP wait forever. Prints ``half`` once STOP records
+have been read (then waits to be killed or interrupted), or, if all N were read, ``done``
+and the items read in the order read.
 """
 
 from __future__ import annotations
@@ -63,6 +72,42 @@ async def hold(journal: str) -> None:
     await conveyor.run(fn, range(3), journal=journal, workers=1)
 
 
+async def stream(form: str, journal: str, calls: str, n: int, stop: int) -> None:
+    async def fn(item: int) -> int:
+        await trio.lowlevel.checkpoint()
+        if item >= stop:
+            await trio.sleep_forever()
+        record_call(calls, item)
+        return item * item
+
+    read: list[int] = []
+
+    def take(record: conveyor.Succeeded[int]) -> None:
+        assert record.value == record.item * record.item, record
+        read.append(record.item)
+        if len(read) == stop < n:
+            print("half", flush=True)
+
+    if form in ("map", "map-ordered"):
+        async for record in conveyor.map(fn, range(n), journal=journal, workers=8,
+                                         ordered=form == "map-ordered"):
+            take(record)  # type: ignore[arg-type]
+    elif form == "map-with":
+        async with conveyor.map(fn, range(n), journal=journal, workers=8) as records:
+            async for record in records:
+                take(record)  # type: ignore[arg-type]
+    elif form == "pool":
+        async with conveyor.open_pool(fn, journal=journal, workers=8) as pool:
+            for item in range(n):
+                await pool.submit(item)
+            pool.close()
+            async for record in pool.results():
+                take(record)  # type: ignore[arg-type]
+    else:
+        raise SystemExit(f"unknown form {form!r}")
+    print("done", *read, flush=True)
+
+
 def main(argv: list[str]) -> None:
     mode, *args = argv
     if mode == "race":
@@ -80,6 +125,9 @@ def main(argv: list[str]) -> None:
             print(f"error {type(error).__name__}: {error}", flush=True)
         else:
             print("ok", flush=True)
+    elif mode == "stream":
+        form, journal, calls, n, stop = args
+        trio.run(stream, form, journal, calls, int(n), int(stop))
     elif mode == "hold":
         (journal,) = args
         trio.run(hold, journal)

@@ -1,33 +1,46 @@
-"""A durable journal for :func:`conveyor.run`: a stopped run resumes where it stopped.
+"""A durable journal for ``run``, ``map`` and ``open_pool``: a stopped run resumes where it
+stopped.
 
 ``run(fn, items, journal="job.journal", key=lambda item: item.id)`` records every settled
 item by its key in an SQLite file. Run it again with the same journal and the items it holds
-as succeeded are not run again: they come back in the report as ``Succeeded`` with the
-stored value; items it holds as failed or unfinished (or not at all) are run.
+as succeeded are not run again: they settle at once as ``Succeeded`` with the stored value
+(in the report, and in a ``map`` stream or ``results()`` like any record, in their place
+when ordered); items it holds as failed or unfinished (or not at all) are run.
 
 How it is written, and what a crash costs:
 
-- The pool's workers only settle items, as always; the caller's task reads the records as
-  they settle (``pool.results()``), pickles each success's value and appends one row to a
-  list. One writer task commits that list off the event loop (``trio.to_thread``), in one
-  transaction, every ``_BATCH`` rows or ``_INTERVAL`` seconds, whichever comes first.
+- Intake (the filter of ``items``, the gate of ``submit``) computes each item's key once.
+  An item whose key raises, is not a str/int/bytes, or repeats another item's key settles
+  as ``Failed`` with attempts 0 and is not written; the run goes on.
+- The pool tells the journal of each record as it settles (an outbox that calls back on
+  append: nothing on the hot path of a pool without a journal), whoever reads the records.
+  A flusher (a system task, so that the caller's block sits in no nursery of ours) pickles
+  them into rows and commits them off the event loop (``trio.to_thread``), in one
+  transaction, every ``_BATCH`` records or ``_INTERVAL`` seconds, whichever comes first.
 - SQLite in WAL mode with ``synchronous=NORMAL``: a committed transaction survives the
   process being killed (SIGKILL, a crash); only a power cut can lose the last commits. So
   a kill loses at most the uncommitted tail (under ``_BATCH`` rows, or ``_INTERVAL``
   seconds of results), and those items are simply run again by the next run.
-- On a cancel, an error or Ctrl-C, the pool stops as usual (items not settled become
-  ``Unfinished``), then the tail is committed, shielded from the cancel, together with a
-  row per failed and unfinished item, before the exception propagates.
+- On every way out (the end, a cancel, an error, Ctrl-C, a ``break`` out of a ``map``),
+  after the pool has stopped (items not settled become ``Unfinished``), the rest is
+  committed, shielded from the cancel, with a row per unfinished item, before the
+  exception propagates.
 - A row is keyed by the item's key, and a succeeded row is never overwritten: whatever
   happens, the journal holds at most one result per key. Output written from the report
   (or from the journal) therefore never holds an item twice, even if an item was run twice
   because a crash lost its row.
 
 What is checked when the journal is opened (before any work starts), each a
-:class:`JournalError` naming the file: not an SQLite file, a damaged one
-(``PRAGMA quick_check``), an SQLite database of another program, a journal of another format
-version, and a journal written with a different key function (compared by the key
-function's module and qualified name). Nothing is ever silently restarted.
+:class:`JournalError` naming the file and the fix: a path that is a directory or in no
+directory; a file another user owns, or that its group or others can write (or such a
+``-wal``/``-shm`` file), since its pickles run code when loaded; a journal in use by another
+run (an ``flock`` on ``PATH-lock``, which the kernel releases when its process dies); not an
+SQLite file, or a damaged one (``PRAGMA quick_check``); an SQLite database of another
+program; a journal of another format version; a journal written with a different key
+function (:func:`key_fingerprint`). Nothing is ever silently restarted. A new journal is
+created 0600, atomically (the schema is created in one transaction that looks again under
+SQLite's write lock). A write that fails during the run is an :class:`OSError`, not a
+JournalError: it stops the pool and is raised once the pool has ended.
 """
 
 from __future__ import annotations
