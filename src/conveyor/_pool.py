@@ -199,6 +199,9 @@ class Pool(Generic[T]):
         self._caller_error: BaseException | None = None  # raised by the caller's block
         self._feed_error: Exception | None = None  # raised by `items`: re-raised at the end
 
+        # The journal's intake gate for submit(): False when it settled the item itself.
+        self._gate: Callable[[Any], bool] | None = None
+
     # ------------------------------------------------------------------ intake
 
     async def submit(self, item: Any) -> None:
@@ -212,6 +215,8 @@ class Pool(Generic[T]):
 
         If the call is cancelled, the item was not accepted and will not be processed.
         """
+        if self._gate is not None and not self._intake_closed and not self._gate(item):
+            return
         if len(self._outstanding) >= self._capacity:
             await self._wait_for_room(self._capacity - 1)
         job = self._accept(item)
@@ -230,6 +235,8 @@ class Pool(Generic[T]):
             trio.WouldBlock: the pool is full; the item was not accepted.
             trio.ClosedResourceError: intake is closed.
         """
+        if self._gate is not None and not self._intake_closed and not self._gate(item):
+            return
         if len(self._outstanding) >= self._capacity and not self._intake_closed:
             raise trio.WouldBlock
         job = self._accept(item)
@@ -406,6 +413,36 @@ class Pool(Generic[T]):
                 send_nowait(job)
             except trio.WouldBlock:
                 await send.send(job)
+
+    # ------------------------------------------------------------------ journal seam
+
+    def _observe_settled(self, observe: Callable[[Record], None]) -> None:
+        """Call ``observe(record)`` as each item settles as Succeeded or Failed in a worker
+        (the journal's writer); before the pool starts. Costs nothing when not used: the
+        outbox becomes a deque whose ``append`` also calls ``observe``."""
+        outbox = _ObservedOutbox(self._outbox)
+        outbox.observe = observe
+        outbox.keep_seq = self._keep_seq
+        self._outbox = outbox
+
+    def _settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
+        """Settle an item without running it: a success taken from a journal (not this
+        run's work: not in the stats), or an item refused before its first attempt
+        (``Failed``, attempts 0, counted as submitted and failed). It takes its place in the
+        output like any record (in order, for an ordered reader); ``observe`` does not see
+        it. Also once intake has closed: an item already taken from ``items`` is settled."""
+        if not self._started:
+            raise RuntimeError("submit() is only possible inside the pool's `async with` block")
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        if type(record) is Failed:
+            self._submitted += 1
+            self._failed.append(record)
+        deque.append(self._outbox, (seq, record) if self._keep_seq else record)
+        if self._reader_waiting:
+            self._wake_reader()
+        if self._stats_waiting:
+            self._wake_stats()
 
     # ------------------------------------------------------------------ workers
 
@@ -956,8 +993,8 @@ class _Records:
 
     async def __anext__(self) -> Record:
         pool = self._pool
-        outbox = pool._outbox
         while True:
+            outbox = pool._outbox  # read anew after a wait: a journal may wrap it at start
             if outbox:
                 self._streak += 1
                 if self._streak >= _STREAK:
@@ -1008,10 +1045,10 @@ class _OrderedRecords(_Records):
 
     async def __anext__(self) -> Record:
         pool = self._pool
-        outbox = pool._outbox
         pending = self._pending
         await self._wait(checkpoint)  # before taking anything: a cancel loses nothing
         while True:
+            outbox = pool._outbox  # read anew after a wait: a journal may wrap it at start
             while outbox:
                 seq, record = outbox.popleft()
                 pending[seq] = record
@@ -1123,3 +1160,14 @@ def _is_async(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
     )
+
+class _ObservedOutbox(deque[Any]):
+    """An outbox that tells ``observe`` of every record appended (see
+    :meth:`Pool._observe_settled`)."""
+
+    observe: Callable[[Record], None]
+    keep_seq: bool
+
+    def append(self, entry: Any) -> None:
+        deque.append(self, entry)
+        self.observe(entry[1] if self.keep_seq else entry)
