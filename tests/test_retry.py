@@ -315,3 +315,20 @@ def test_max_retry_after_default_follows_the_backoff() -> None:
     assert Retry(backoff=Backoff(max=2)).max_retry_after == 2
     assert Retry(backoff=None).max_retry_after == 30
     assert Retry(max_retry_after=7).max_retry_after == 7
+
+
+def test_a_retry_after_property_that_raises_is_no_hint() -> None:
+    class Odd(Exception):
+        @property
+        def retry_after(self) -> float:
+            raise KeyError("no header")
+
+    assert retry_after_hint(Odd()) is None
+    assert Retry(backoff=None).delay(Odd(), 1) == 0.0
+    big = ValueError()
+    big.retry_after = 10**400  # type: ignore[attr-defined]
+    assert retry_after_hint(big) == math.inf
+    assert Retry(backoff=None).delay(big, 1) == 30.0
+    nan = ValueError()
+    nan.retry_after = math.nan  # type: ignore[attr-defined]
+    assert retry_after_hint(nan) is None

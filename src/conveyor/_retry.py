@@ -52,7 +52,10 @@ def retry_after_hint(error: BaseException) -> float | None:
     A number (not a bool, not NaN); negative counts as 0 and ``inf`` stays ``inf`` (the
     retry policy cuts it to its ``max_retry_after``).
     """
-    hint = getattr(error, "retry_after", None)
+    try:
+        hint = getattr(error, "retry_after", None)
+    except Exception:  # a property of the user's exception class that raises: no hint
+        return None
     if isinstance(hint, bool) or not isinstance(hint, int | float):
         return None
     try:
