@@ -81,12 +81,11 @@ def _make_pool(
 
 def _progress(progress: object, total: int | None) -> Progress | None:
     if progress is True:
-        return Progress(total=total)
+        progress = Progress()
     if progress is False:
         return None
     if isinstance(progress, Progress):
-        if progress.total is None:
-            progress.total = total
+        progress.begin(total)  # this run's count: a reused Progress forgets the last one's
         return progress
     raise TypeError(
         f"progress must be True, False or a conveyor.Progress, got {progress!r}"
