@@ -108,7 +108,9 @@ def test_backoff_delay_is_the_capped_power_for_every_n(
         assert delay == 0
         return
     log_exact = math.log(initial) + (n - 1) * math.log(factor)
-    if log_exact >= math.log(cap):
+    if abs(log_exact - math.log(cap)) <= 1e-12:  # at the cap, within log's rounding
+        assert delay == pytest.approx(cap, rel=1e-9)
+    elif log_exact > math.log(cap):
         assert delay == cap
     elif delay > 1e-300:  # (a subnormal product is as exact as floats get there)
         assert math.log(delay) == pytest.approx(log_exact, rel=1e-9, abs=1e-9)

@@ -41,7 +41,7 @@ from trio.lowlevel import ParkingLot, checkpoint
 
 from . import _linger
 from ._limits import Adaptive, Claim, Limit, PerKey
-from ._options import check_drain
+from ._options import check_drain, check_sync_callable
 from ._progress import Progress
 from ._quantiles import Quantiles, Throughput
 from ._records import Failed, Record, Report, Succeeded, Unfinished
@@ -639,15 +639,11 @@ class Pool(Generic[T]):
         holds (test it again if that matters). Costs the pool nothing while nobody waits,
         and little while someone does.
         """
-        if not callable(predicate) or _is_async(predicate):
-            raise TypeError(
-                f"wait_stats predicate must be a plain function stats -> bool (not async), "
-                f"got {predicate!r:.80}"
-            )
+        check_sync_callable("wait_stats predicate", predicate, "a function stats -> bool")
         await checkpoint()
         while True:
             stats = self.stats
-            if predicate(stats) or self._tasks_done:
+            if _truth(predicate, stats) or self._tasks_done:
                 return stats
             tested = trio.current_time()
             self._stats_waiting = True
@@ -1155,11 +1151,18 @@ def _not_awaited(value: CoroutineType[Any, Any, Any]) -> TypeError:
     return error
 
 
-def _is_async(fn: object) -> bool:
-    """``fn`` is an async function (or a partial of one, or an object with async __call__)."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
-    )
+def _truth(predicate: Callable[[Stats], object], stats: Stats) -> bool:
+    """``predicate(stats)`` as a bool; an awaitable answer is refused (never true)."""
+    answer = predicate(stats)
+    if inspect.isawaitable(answer):
+        close = getattr(answer, "close", None)
+        if close is not None:
+            close()  # no "never awaited" warning: the error says it
+        raise TypeError(
+            f"wait_stats predicate must return a bool, got {type(answer).__name__} (an "
+            f"awaitable: it would never run); write it as a plain function stats -> bool"
+        )
+    return bool(answer)
 
 class _ObservedOutbox(deque[Any]):
     """An outbox that tells ``observe`` of every record appended (see
