@@ -334,3 +334,100 @@ def test_a_retry_after_property_that_raises_is_no_hint() -> None:
     nan = ValueError()
     nan.retry_after = math.nan  # type: ignore[attr-defined]
     assert retry_after_hint(nan) is None
+
+
+# ------------------------------------------------------------------ Retry(budget=): issue 10.4
+
+
+async def test_a_budget_cuts_the_running_attempt_and_is_not_retried(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow(item: int) -> int:
+        await trio.sleep(10)
+        return item
+
+    retry = Retry(attempts=5, backoff=None, budget=3)
+    report = await conveyor.run(slow, [1], retry=retry)
+    [failed] = report.failed
+    assert isinstance(failed.error, conveyor.AttemptTimeout) and failed.attempts == 1
+    assert "budget=3 s" in str(failed.error)
+    assert trio.current_time() == 3
+
+
+async def test_a_budget_stops_retries_whose_next_attempt_would_start_after_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    starts: list[float] = []
+
+    async def failing(item: int) -> int:
+        starts.append(trio.current_time())
+        raise OSError("down")
+
+    # exact backoff 1, 2, 4 s: attempts at 0, 1, 3; the next would be at 7 > 5
+    retry = Retry(attempts=10, backoff=Backoff(initial=1, jitter=None), budget=5)
+    report = await conveyor.run(failing, [1], retry=retry)
+    [failed] = report.failed
+    assert starts == [0, 1, 3] and failed.attempts == 3
+    assert isinstance(failed.error, OSError)
+    assert "budget=5 s (Retry.budget) has run out" in failed.traceback
+    assert trio.current_time() == 3  # given up at once, not at the budget's end
+
+
+async def test_a_budget_and_a_timeout_whichever_ends_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    starts: list[float] = []
+
+    async def slow(item: int) -> int:
+        starts.append(trio.current_time())
+        await trio.sleep(10)
+        return item
+
+    retry = Retry(attempts=10, backoff=None, budget=5)
+    report = await conveyor.run(slow, [1], retry=retry, timeout=2)
+    [failed] = report.failed
+    assert starts == [0, 2, 4] and failed.attempts == 3
+    assert "budget=5 s" in str(failed.error)  # the last one was cut by the budget
+    assert trio.current_time() == 5
+
+
+async def test_a_budget_counts_from_the_first_attempt_not_from_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def work(item: int) -> int:
+        await trio.sleep(2)
+        return item
+
+    # one worker: the 4th item starts at t=6, past a 3 s budget counted from submission
+    report = await conveyor.run(work, range(4), workers=1, retry=Retry(budget=3))
+    assert sorted(report.values()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("form", ["map", "open_pool"])
+async def test_a_budget_holds_in_every_entry_form(
+    autojump_clock: trio.testing.MockClock, form: str
+) -> None:
+    async def failing(item: int) -> int:
+        await trio.sleep(1)
+        raise OSError("down")
+
+    retry = Retry(attempts=100, backoff=None, budget=2.5)
+    if form == "map":
+        stream = conveyor.map(failing, [1, 2], retry=retry)
+        async with stream as records:
+            got = [r async for r in records]
+    else:
+        async with conveyor.open_pool(failing, retry=retry) as pool:
+            await pool.submit(1)
+            await pool.submit(2)
+            pool.close()
+            got = [r async for r in pool.results()]
+    assert [r.attempts for r in got] == [3, 3]  # at 0, 1, 2; the third cut at 2.5
+    assert trio.current_time() == 2.5
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, True, "5"])
+def test_a_bad_budget_is_refused(bad: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="Retry budget must be"):
+        Retry(budget=bad)  # type: ignore[arg-type]
+    assert Retry(budget=0.5).budget == 0.5  # the fix: a finite number of seconds > 0

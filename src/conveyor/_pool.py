@@ -89,7 +89,7 @@ class _Job:
     wait). ``claim``: set while a per-key limit has resent it with a claim on its key.
     """
 
-    __slots__ = ("attempts", "claim", "enqueued", "item", "last_error", "seq")
+    __slots__ = ("attempts", "claim", "enqueued", "item", "last_error", "seq", "started")
 
     def __init__(self, item: Any, seq: int) -> None:
         self.item = item
@@ -98,6 +98,7 @@ class _Job:
         self.last_error: BaseException | None = None
         self.claim: Claim | None = None
         self.enqueued = 0.0
+        self.started = 0.0  # when its first attempt started (with a Retry budget only)
 
 
 class Pool(Generic[T]):
@@ -130,6 +131,7 @@ class Pool(Generic[T]):
         self._nursery: trio.Nursery | None = None
         self._retry = retry
         self._timeout = timeout
+        self._budget = None if retry is None else retry.budget
         self._drain = drain
         self._send, self._receive = trio.open_memory_channel[_Job](buffer)
         # Ledger: accepted and not yet settled, in submission order.
@@ -450,7 +452,9 @@ class Pool(Generic[T]):
         receive = self._receive.receive
         receive_nowait = self._receive.receive_nowait
         fn = self._fn
-        timeout = self._timeout
+        # Timed attempts (a per-attempt timeout or a Retry budget) go through _timed;
+        # the others call fn directly.
+        timed = self._timeout is not None or self._budget is not None
         outstanding = self._outstanding
         outbox = self._outbox
         outbox_limit = self._outbox_limit
@@ -502,10 +506,10 @@ class Pool(Generic[T]):
                     self._attempts += 1
                     self._in_flight += 1
                     try:
-                        if timeout is None:
+                        if not timed:
                             value = await fn(job.item)  # the hot path: no extra frame
                         else:
-                            value = await self._timed(job.item, timeout)
+                            value = await self._timed(job)
                     finally:
                         self._in_flight -= 1
                         if sample:
@@ -599,10 +603,9 @@ class Pool(Generic[T]):
             self._in_flight += 1
             start = self._now() if sample else 0.0
             try:
-                timeout = self._timeout
-                if timeout is None:
+                if self._timeout is None and self._budget is None:
                     return await self._fn(item)
-                return await self._timed(item, timeout)
+                return await self._timed(job)
             except BaseException as exc:
                 error = exc
                 raise
@@ -618,11 +621,30 @@ class Pool(Generic[T]):
                 self._per_key.release(key_token, error)
             error = None  # no reference cycle through the traceback
 
-    async def _timed(self, item: Any, timeout: float) -> Any:
-        """``fn(item)`` within the per-attempt ``timeout``, else :class:`AttemptTimeout`."""
-        with trio.move_on_after(timeout):
-            return await self._fn(item)
+    async def _timed(self, job: _Job) -> Any:
+        """``fn(item)`` within the attempt's time, else :class:`AttemptTimeout`.
+
+        The attempt's time ends at the per-attempt ``timeout`` or at the end of the item's
+        ``Retry.budget`` (counted from the start of its first attempt), whichever is first.
+        """
+        now = self._now()
+        if job.attempts == 1:
+            job.started = now
+        timeout = self._timeout
+        deadline = math.inf if timeout is None else now + timeout
+        budget = self._budget
+        cut_by_budget = False
+        if budget is not None and job.started + budget < deadline:
+            deadline = job.started + budget
+            cut_by_budget = True
+        with trio.move_on_at(deadline):
+            return await self._fn(job.item)
         # only reached when the scope's own deadline cancelled the attempt
+        if cut_by_budget:
+            raise AttemptTimeout(
+                f"attempt cut at the end of the item's budget={budget} s (Retry.budget), "
+                f"{job.attempts} attempt(s) in"
+            )
         raise AttemptTimeout(f"attempt took longer than timeout={timeout} s")
 
     def _wake_stats(self) -> None:
@@ -668,6 +690,15 @@ class Pool(Generic[T]):
             if self._stopping:
                 return
             delay = retry.delay(error, job.attempts)
+            budget = self._budget
+            if budget is not None and trio.current_time() + delay >= job.started + budget:
+                error.add_note(
+                    f"conveyor: not retried: the next attempt would start after the item's "
+                    f"budget={budget} s (Retry.budget) has run out"
+                )
+                self._give_up(job, error, f"gave up after {job.attempts} attempts "
+                                          f"(its budget of {budget} s is spent)")
+                return
             self._retried += 1
             if logger.isEnabledFor(logging.INFO):
                 logger.info(

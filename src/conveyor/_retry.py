@@ -163,12 +163,19 @@ class Retry:
             number >= 0). A longer hint is cut to it, with a WARNING on the ``"conveyor"``
             logger naming the hint and the cap. Default: the backoff's ``max`` (30 s
             unless set), or 30 s with ``backoff=None``.
+        budget: the total time an item may take, in seconds (a finite number > 0, or None
+            for no limit), counted on trio's clock from the start of its first attempt:
+            its attempts and the waits between them. An attempt still running when the
+            budget ends is cut with :class:`conveyor.AttemptTimeout`; a retry that would
+            start after it is not made, and the item fails with its last error (a note on
+            it says why). Like tenacity's ``stop_after_delay`` and stamina's ``timeout``.
     """
 
     attempts: int = 3
     backoff: Backoff | None = field(default_factory=Backoff)
     retry_on: RetryOn = Exception
     max_retry_after: float | None = None
+    budget: float | None = None
     _check: Callable[[Exception], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +194,9 @@ class Retry:
             _check_number("Retry max_retry_after", self.max_retry_after,
                           "a finite number of seconds >= 0 (or None: the backoff's max)",
                           lambda v: v >= 0)
+        if self.budget is not None:
+            _check_number("Retry budget", self.budget,
+                          "a finite number of seconds > 0 (or None: no limit)", lambda v: v > 0)
         object.__setattr__(self, "_check", _predicate(self.retry_on))
 
     def should_retry(self, error: Exception, attempts: int) -> bool:
