@@ -496,7 +496,7 @@ async def _maybe(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------- fn: any awaitable-returning callable
+# ------------------------------------------------ fn: any awaitable-returning callable
 
 
 async def fetch(client: dict[str, int], n: int) -> int:
@@ -547,7 +547,7 @@ async def test_a_sync_callable_fails_its_items_not_retried_with_advice_that_work
     assert sorted(report.values()) == [0, 2, 4]
 
 
-# ---------------------------------------------------------------- a retryable error during the drain
+# ------------------------------------------------ a retryable error during the drain
 
 
 async def test_an_attempt_failing_during_the_drain_is_unfinished_with_its_error(
