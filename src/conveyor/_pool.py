@@ -392,6 +392,7 @@ class Pool(Generic[T]):
         capacity = self._capacity
         low = self._feeder_low
         workers = self._workers
+        spawning = self._spawned < workers
         sync_iterator = iter(items)
         send_nowait = send.send_nowait
         current_time = self._now
@@ -409,8 +410,9 @@ class Pool(Generic[T]):
                 job.enqueued = current_time()
             outstanding[seq] = job
             self._submitted += 1
-            if self._spawned < workers:
+            if spawning:
                 self._spawn_workers()
+                spawning = self._spawned < workers
             try:
                 send_nowait(job)
             except trio.WouldBlock:
@@ -460,6 +462,7 @@ class Pool(Generic[T]):
         outbox_limit = self._outbox_limit
         keep_seq = self._keep_seq
         due = self._due
+        coroutine_type = CoroutineType
         # Limits and stats: with no limit configured, the only per-item additions are two
         # tests and, for sampled items, two clock reads and two histogram inserts.
         per_key = self._per_key
@@ -525,7 +528,7 @@ class Pool(Generic[T]):
                     job.last_error = error
                 raise
             else:
-                if type(value) is CoroutineType:
+                if type(value) is coroutine_type:  # a forgotten await
                     self._attempt_failed(job, _not_awaited(value))
                     continue
                 del outstanding[seq]
