@@ -483,11 +483,19 @@ class _Host:
         raise StopAsyncIteration
 
     async def interrupted(self) -> None:
-        """The reader was cancelled or failed while waiting: stop the pool, wait for it."""
+        """The reader was cancelled or failed while waiting: stop the pool, wait for it.
+
+        An error of the pool's own (from ``items``) is raised rather than the cancel: a
+        cancel must not swallow it.
+        """
         self.pool._stopping = True
         self.scope.cancel()
         with trio.CancelScope(shield=True):
             await self.done.wait()
+        failure = self.failure
+        if failure is not None and not isinstance(failure, trio.Cancelled):
+            self.failure = None
+            raise failure
 
 
 class _Bare:
@@ -501,6 +509,11 @@ class _Bare:
 
     async def _interrupted(self) -> None:
         await self._host.interrupted()
+
+    def _cancelled(self) -> None:
+        # The pool runs outside the caller's cancel scopes: this reader is what the
+        # caller's cancel reaches, so it stops the pool's attempts at that very instant.
+        self._host.pool._stopping = True
 
     def __del__(self) -> None:
         host = getattr(self, "_host", None)

@@ -154,7 +154,8 @@ class Pool(Generic[T]):
         self._outbox: deque[Any] = deque()
         self._keep_seq = ordered
         self._outbox_limit = outbox_limit
-        self._reader_lot = ParkingLot()
+        # Readers of the records waiting for the next one (tasks, woken by _wake_reader).
+        self._reader_tasks: list[trio.lowlevel.Task] = []
         self._reader_waiting = False
         self._space_lot = ParkingLot()
         # Intake is gated on the ledger, not on the channel: at most `capacity` items are
@@ -678,7 +679,11 @@ class Pool(Generic[T]):
 
     def _wake_reader(self) -> None:
         self._reader_waiting = False
-        self._reader_lot.unpark_all()
+        tasks = self._reader_tasks
+        if tasks:
+            self._reader_tasks = []
+            for task in tasks:
+                trio.lowlevel.reschedule(task)
 
     def _attempt_failed(self, job: _Job, error: Exception) -> None:
         """An attempt raised ``error``: schedule a retry, or settle the item as Failed.
@@ -834,7 +839,8 @@ class Pool(Generic[T]):
             self._finalize()
             if self._progress is not None:
                 self._progress.finish(self.stats)
-        if error is None and self._feed_error is not None:
+        if self._feed_error is not None and (error is None or isinstance(error, trio.Cancelled)):
+            # An error from `items` is the caller's own: a cancel must not swallow it.
             error, self._feed_error = self._feed_error, None
         if error is not None:
             # Raised outside the `except` so the group does not become its __context__:
@@ -864,7 +870,7 @@ class Pool(Generic[T]):
             self._t_end = trio.current_time()
             self._watch_scope.cancel()
             self._progress_scope.cancel()
-            self._reader_lot.unpark_all()
+            self._wake_reader()
             self._space_lot.unpark_all()
             self._wake_stats()
 
@@ -1042,8 +1048,7 @@ class _Records:
             if pool._tasks_done:
                 await self._end()
             self._streak = 0
-            pool._reader_waiting = True
-            await self._wait(pool._reader_lot.park)
+            await self._wait(self._park)
 
     async def _wait(self, wait: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -1051,6 +1056,24 @@ class _Records:
         except BaseException:
             await self._interrupted()
             raise
+
+    async def _park(self) -> None:
+        """Wait until the pool settles a record or ends (woken by ``_wake_reader``)."""
+        pool = self._pool
+        task = trio.lowlevel.current_task()
+        pool._reader_tasks.append(task)
+        pool._reader_waiting = True
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if task in pool._reader_tasks:
+                pool._reader_tasks.remove(task)
+            self._cancelled()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _cancelled(self) -> None:
+        """Called the instant a cancel reaches the parked reader (only sets flags)."""
 
     async def _end(self) -> NoReturn:
         raise StopAsyncIteration
@@ -1094,8 +1117,7 @@ class _OrderedRecords(_Records):
                     # Stopped early: the gaps will never fill; hand out the rest in order.
                     return pending.pop(min(pending))
                 await self._end()
-            pool._reader_waiting = True
-            await self._wait(pool._reader_lot.park)
+            await self._wait(self._park)
 
     async def aclose(self) -> None:
         """Stop reading; records waiting for their turn go back to the pool's report."""
