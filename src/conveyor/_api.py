@@ -310,8 +310,11 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     Successes that were yielded are not kept, so streaming a million items holds only
     the window. Leaving the loop early stops the pool: with the ``async with`` form that
     happens, and is waited for, when the block ends; with the bare ``async for`` form
-    the pool is cancelled as soon as the iterator is dropped (use ``async with`` when you
-    need to know it has ended).
+    (a ``break``, an exception in the loop body) no attempt starts once the loop is left,
+    and the pool's tasks end promptly (use ``async with`` when you need to know it has
+    ended). The bare form's pool runs in a system task, outside the caller's cancel
+    scopes: a cancel stops it the instant it reaches the loop's wait for a record, or when
+    the loop next asks for one; the ``async with`` form's pool is inside them.
 
     With ``journal=``: the items the journal holds as succeeded are not run, and are
     yielded all the same (in their place with ``ordered=True``) with their stored value;
