@@ -83,8 +83,9 @@ async def test_plain_lines_every_interval_when_not_a_terminal(
 
 
 async def test_redrawn_in_place_on_a_terminal_and_ended_with_a_newline(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
     out = io.StringIO()
     progress = Progress(out, tty=True)
     assert progress.interval == 0.2
@@ -190,3 +191,187 @@ async def test_a_given_total_holds_for_every_run(autojump_clock: trio.testing.Mo
     await conveyor.run(_work, range(10), progress=progress)
     await conveyor.run(_work, range(30), progress=progress)
     assert out.getvalue().splitlines()[-1].split(" | ")[1] == "30/100 30.0%"
+
+
+# --- fitting the redrawn line to the terminal's width ---------------------------------------
+
+BUSY = FakeStats(succeeded=1200, failed=34, retried=7, in_flight=20, queued=40, unfinished=3,
+                 submitted=1300, elapsed=4.0, throughput=308.5)
+FULL = ("conveyor | 1,237/5,000 24.7% | 308/s | ETA 12s | in flight 20 | queued 40"
+        " | retries 7 | failed 34 | unfinished 3 | elapsed 4s")
+# Each field of FULL, most important first (the reverse of DROP_ORDER).
+IMPORTANCE = ["1,237/5,000 24.7%", "failed 34", "unfinished 3", "ETA 12s", "308/s",
+              "in flight 20", "conveyor", "elapsed 4s", "retries 7", "queued 40"]
+
+
+def test_importance_is_the_reverse_of_the_drop_order() -> None:
+    from conveyor._progress import DROP_ORDER
+
+    assert format_line(BUSY, total=5000) == FULL
+    assert len(DROP_ORDER) == len(IMPORTANCE) - 1  # the count is never dropped
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120, 200])
+def test_fitted_line_never_reaches_the_last_column_and_keeps_the_most_important(
+    width: int,
+) -> None:
+    line = format_line(BUSY, total=5000, width=width)
+    assert len(line) <= width - 1
+    kept = line.split(" | ")
+    assert kept == [field for field in FULL.split(" | ") if field in kept]  # order unchanged
+    # What is kept is a head of the importance list: nothing dropped before something lesser.
+    assert set(kept) == set(IMPORTANCE[: len(kept)])
+    assert "1,237/5,000 24.7%" in kept and "failed 34" in kept
+    if width >= 60:
+        assert "unfinished 3" in kept and "ETA 12s" in kept
+    if width >= 80:
+        assert "308/s" in kept and "in flight 20" in kept
+    if width >= len(FULL) + 1:
+        assert line == FULL
+
+
+@pytest.mark.parametrize(
+    ("width", "line"),
+    [(40, "1,237/5,000 24.7% | failed 34"),
+     (60, "1,237/5,000 24.7% | ETA 12s | failed 34 | unfinished 3"),
+     (80, "1,237/5,000 24.7% | 308/s | ETA 12s | in flight 20 | failed 34 | unfinished 3"),
+     (100, "conveyor | 1,237/5,000 24.7% | 308/s | ETA 12s | in flight 20 | failed 34"
+           " | unfinished 3"),
+     (125, FULL.replace(" | queued 40", "")),
+     (126, FULL)],
+)
+def test_fitted_line_at_common_widths(width: int, line: str) -> None:
+    assert format_line(BUSY, total=5000, width=width) == line
+
+
+@pytest.mark.parametrize("width", [1, 2, 5, 12])
+def test_a_very_narrow_terminal_gets_the_count_cut_never_a_wrap(width: int) -> None:
+    line = format_line(BUSY, total=5000, width=width)
+    assert line == "1,237/5,000 24.7%"[: width - 1]
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120, 200])
+async def test_every_redraw_fits_the_columns(
+    width: int, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(width))
+    out = io.StringIO()
+    progress = Progress(out, total=5000, tty=True)
+    stats = FakeStats(submitted=5000, queued=100, in_flight=20, retried=999_999, failed=7)
+
+    def snapshot() -> FakeStats:
+        stats.succeeded += 196
+        stats.elapsed += 0.2
+        stats.throughput = 980.0
+        return stats
+
+    with trio.move_on_after(4.9):
+        await progress.run(snapshot)
+    progress.finish(snapshot())
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\x1b[K\n")
+    redraws = text.removesuffix("\n").split("\r")[1:]
+    assert len(redraws) == 25
+    for redraw in redraws:
+        line = redraw.removesuffix("\x1b[K")
+        assert len(line) <= width - 1
+        assert "/5,000 " in line and "failed 7" in line
+    assert redraws[-1].startswith(("conveyor | 4,907/5,000 98.1%", "4,907/5,000 98.1%"))
+
+
+async def test_plain_lines_are_never_fitted(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "40")
+    out = io.StringIO()
+    progress = Progress(out, total=5000, tty=False)
+    with trio.move_on_after(25):
+        await progress.run(lambda: BUSY)
+    progress.finish(BUSY)
+    assert out.getvalue() == (FULL + "\n") * 3
+
+
+@pytest.mark.parametrize(("columns", "width"), [("57", 57), ("", 80), ("0", 80), ("x", 80),
+                                                 ("-3", 80)])
+def test_width_from_columns_else_80_when_the_stream_is_not_a_terminal(
+    columns: str, width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conveyor._progress import terminal_width
+
+    monkeypatch.setenv("COLUMNS", columns)
+    assert terminal_width(io.StringIO()) == width
+    assert terminal_width(object()) == width
+
+
+def _pty(columns: int) -> tuple[int, int]:
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    return master, slave
+
+
+def test_width_of_the_terminal_behind_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from conveyor._progress import terminal_width
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    master, slave = _pty(63)
+    try:
+        with open(slave, "w", closefd=False) as stream:
+            assert terminal_width(stream) == 63
+            monkeypatch.setenv("COLUMNS", "101")  # the override, as shutil does
+            assert terminal_width(stream) == 101
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+_SCRIPT = """
+import trio, conveyor
+
+async def work(item):
+    await trio.sleep(0.01)
+    return item
+
+report = trio.run(lambda: conveyor.run(work, range(200), workers=2, progress=True))
+assert len(report.succeeded) == 200
+"""
+
+
+@pytest.mark.parametrize("columns", [60, 80])
+def test_on_a_real_terminal_the_line_is_redrawn_never_scrolled(columns: int) -> None:
+    """A child process writes its progress line to a real pseudo-terminal of ``columns``."""
+    import os
+    import subprocess
+    import sys
+
+    master, slave = _pty(columns)
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    try:
+        child = subprocess.Popen([sys.executable, "-c", _SCRIPT], stdin=subprocess.DEVNULL,
+                                 stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child is gone and the terminal closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert child.wait(timeout=60) == 0, output
+    finally:
+        os.close(master)
+    text = output.decode()
+    assert text.endswith("\r\n")  # the terminal turns the final "\n" into "\r\n"
+    assert text.count("\n") == 1  # one line on the screen: every redraw replaced the last
+    redraws = [part for part in text.removesuffix("\r\n").split("\r") if part]
+    assert redraws and redraws[-1].startswith(("conveyor | 200/200 100.0%", "200/200 100.0%"))
+    for redraw in redraws:
+        assert len(redraw.removesuffix("\x1b[K")) <= columns - 1, redraw

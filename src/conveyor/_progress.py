@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Protocol, TextIO
 
 import trio
 
-__all__ = ["Progress", "format_duration", "format_line"]
+__all__ = ["DROP_ORDER", "Progress", "format_duration", "format_line", "terminal_width"]
 
 
 class _Counts(Protocol):
@@ -70,31 +71,76 @@ def _rate(per_second: float) -> str:
     return f"{per_second:.2f}/s"
 
 
-def format_line(stats: _Counts, total: int | None = None) -> str:
+def format_line(stats: _Counts, total: int | None = None, width: int | None = None) -> str:
     """One progress line: done / total, rate, ETA, in flight, queued, retries, failures.
 
     ``total`` is the number of items when known (``len(items)``); without it the line shows
     how many were accepted so far.
+
+    ``width`` (the terminal's columns) fits the line to ``width - 1`` characters, so the
+    cursor never reaches the last column and the line never wraps: fields are dropped, least
+    useful first, in the order of :data:`DROP_ORDER`, keeping the others in their place; if
+    even the count alone is too long, it is cut. Without ``width``, the full line.
     """
     done = stats.succeeded + stats.failed + stats.unfinished
     rate = stats.throughput
-    parts = ["conveyor"]
+    fields: list[tuple[str, str]] = [("label", "conveyor")]
     if total is not None and total > 0:
-        parts.append(f"{done:,}/{total:,} {100 * done / total:.1f}%")
+        fields.append(("done", f"{done:,}/{total:,} {100 * done / total:.1f}%"))
     else:
-        parts.append(f"{done:,} done of {stats.submitted:,} accepted")
-    parts.append(_rate(rate))
+        fields.append(("done", f"{done:,} done of {stats.submitted:,} accepted"))
+    fields.append(("rate", _rate(rate)))
     if total is not None and total > done:
-        parts.append(f"ETA {format_duration((total - done) / rate) if rate > 0 else '?'}")
-    parts.append(f"in flight {stats.in_flight:,}")
+        fields.append(("eta", f"ETA {format_duration((total - done) / rate) if rate > 0 else '?'}"))
+    fields.append(("in_flight", f"in flight {stats.in_flight:,}"))
     if stats.queued:
-        parts.append(f"queued {stats.queued:,}")
-    parts.append(f"retries {stats.retried:,}")
-    parts.append(f"failed {stats.failed:,}")
+        fields.append(("queued", f"queued {stats.queued:,}"))
+    fields.append(("retries", f"retries {stats.retried:,}"))
+    fields.append(("failed", f"failed {stats.failed:,}"))
     if stats.unfinished:
-        parts.append(f"unfinished {stats.unfinished:,}")
-    parts.append(f"elapsed {format_duration(stats.elapsed)}")
-    return " | ".join(parts)
+        fields.append(("unfinished", f"unfinished {stats.unfinished:,}"))
+    fields.append(("elapsed", f"elapsed {format_duration(stats.elapsed)}"))
+    if width is None:
+        return " | ".join(text for _, text in fields)
+    limit = max(width - 1, 0)
+    for name in DROP_ORDER:
+        line = " | ".join(text for _, text in fields)
+        if len(line) <= limit:
+            return line
+        fields = [field for field in fields if field[0] != name]
+    return " | ".join(text for _, text in fields)[:limit]
+
+
+DROP_ORDER = (
+    "queued", "retries", "elapsed", "label", "in_flight", "rate", "eta", "unfinished", "failed",
+)
+"""The fields a narrow terminal loses, first to last (see :func:`format_line`).
+
+Kept longest: how many items are done (of how many, and the percentage), then the failures
+and unfinished items (what needs attention), the ETA and the rate (when it will end), how many
+run now, the ``conveyor`` label; dropped first: elapsed time, retries, queued items. The
+count itself is never dropped, only cut when even it does not fit.
+"""
+
+
+def terminal_width(stream: object) -> int:
+    """The columns to fit a redrawn line to.
+
+    The ``COLUMNS`` environment variable when it is a whole number > 0 (the convention of
+    :func:`shutil.get_terminal_size`, so a user can override it), else the size of the
+    terminal behind ``stream``'s file descriptor, else 80.
+    """
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # no fd, not a terminal, closed
+        columns = 0
+    return columns if columns > 0 else 80
 
 
 class Progress:
@@ -176,12 +222,12 @@ class Progress:
 
     def write(self, stats: _Counts, final: bool = False) -> None:
         """Write one line (redrawn in place on a terminal)."""
-        line = format_line(stats, self._run_total)
         try:
             if self.tty:
+                line = format_line(stats, self._run_total, terminal_width(self.stream))
                 self.stream.write("\r" + line + "\x1b[K" + ("\n" if final else ""))
             else:
-                self.stream.write(line + "\n")
+                self.stream.write(format_line(stats, self._run_total) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             return  # stderr closed or gone: progress is best effort, never an error
