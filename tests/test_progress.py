@@ -375,3 +375,13 @@ def test_on_a_real_terminal_the_line_is_redrawn_never_scrolled(columns: int) -> 
     assert redraws and redraws[-1].startswith(("conveyor | 200/200 100.0%", "200/200 100.0%"))
     for redraw in redraws:
         assert len(redraw.removesuffix("\x1b[K")) <= columns - 1, redraw
+
+
+def test_the_readme_shows_what_80_and_60_columns_show() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    stats = FakeStats(succeeded=1231, failed=3, retried=7, in_flight=20, queued=40,
+                      submitted=1300, elapsed=4.0, throughput=308.5)
+    for width in (200, 80, 60):
+        assert "\n" + format_line(stats, total=5000, width=width) + "\n" in readme

@@ -1,10 +1,11 @@
 """The live progress line of ``run(..., progress=True)``.
 
 On a terminal, one line on stderr redrawn in place every ``interval`` (carriage return and
-"erase to end of line"); anywhere else (a log file, CI, a pipe), a plain line every
-``interval`` (10 s by default), so logs stay readable. The final state is always written
-once more when the pool ends (:meth:`Progress.finish`), also after a cancel. It only reads
-the pool's stats: no effect on results.
+"erase to end of line"), fitted to the terminal's width (:func:`terminal_width`, fields
+dropped in the order of :data:`DROP_ORDER`) so it never wraps; anywhere else (a log file, CI,
+a pipe), a plain, full line every ``interval`` (10 s by default), so logs stay readable.
+The final state is always written once more when the pool ends (:meth:`Progress.finish`),
+also after a cancel. It only reads the pool's stats: no effect on results.
 
 The standard library is enough here: one line of text, rewritten in place. tqdm and rich both
 serve this well, but they expect to be told each step (``update(n)``) or run their own refresh
@@ -154,8 +155,8 @@ class Progress:
             ``Progress`` used for several runs shows each run's count, never the last one's.
         interval: seconds between lines (a finite number > 0); default 0.2 s on a terminal,
             10 s otherwise.
-        tty: redraw in place (True) or write plain lines (False); default: whether
-            ``stream`` is a terminal.
+        tty: redraw in place, fitted to the terminal's width (True), or write plain,
+            full lines (False); default: whether ``stream`` is a terminal.
 
     Every argument is checked here, at the call.
     """
