@@ -385,3 +385,22 @@ def test_the_readme_shows_what_80_and_60_columns_show() -> None:
                       submitted=1300, elapsed=4.0, throughput=308.5)
     for width in (200, 80, 60):
         assert "\n" + format_line(stats, total=5000, width=width) + "\n" in readme
+
+
+async def test_a_resumed_journal_run_shows_the_items_left_as_its_total(tmp_path: Any) -> None:
+    journal = tmp_path / "job.journal"
+
+    async def fails_past_60(item: int) -> int:
+        if item >= 60:
+            raise ValueError(item)
+        return item
+
+    await conveyor.run(fails_past_60, range(100), journal=journal, key=str)
+    out = io.StringIO()
+    await conveyor.run(_quick, range(100), journal=journal, key=str,
+                       progress=Progress(out, tty=False))
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "40/40 100.0%"  # not 40/100
+
+
+async def _quick(item: int) -> int:
+    return item

@@ -201,7 +201,7 @@ class Progress:
         if tty is not None and not isinstance(tty, bool):
             raise TypeError(f"progress tty must be True, False or None, got {tty!r:.60}")
         self._stream = stream
-        self.total = total
+        self._total = total
         self._run_total = total  # this run's: total, else the count of its items if known
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
@@ -215,7 +215,19 @@ class Progress:
 
     def begin(self, items: int | None) -> None:
         """A run starts: show ``items`` as its total, unless ``total`` was given."""
-        self._run_total = self.total if self.total is not None else items
+        self._run_total = self._total if self._total is not None else items
+
+    @property
+    def total(self) -> int | None:
+        """The total given (``None``: each run's own count); setting it shows it from now on.
+
+        The journal sets it, once it knows how many items a resumed run has left.
+        """
+        return self._total
+
+    @total.setter
+    def total(self, total: int | None) -> None:
+        self._total = self._run_total = total
 
     @property
     def stream(self) -> TextIO:
