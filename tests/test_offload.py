@@ -1203,3 +1203,25 @@ def test_readme_in_process_example_has_the_main_guard() -> None:
     section = readme.split("## Heavy work")[1].split("\n## ")[0]
     assert 'if __name__ == "__main__":' in section
     assert "re-imports your main" in section
+
+
+async def test_in_thread_timeout_holds_for_workers_started_by_submit() -> None:
+    # Workers start lazily; those started by submit() run from the caller's task, and
+    # must still see the pool's linger nursery: the timeout is enforced, and the pool's
+    # block waits for the abandoned threads (found by writing docs/design.md).
+    ended: list[int] = []
+
+    def blocking(x: int) -> int:
+        threading.Event().wait(0.5)
+        ended.append(x)
+        return x
+
+    async with conveyor.open_pool(
+        conveyor.in_thread(blocking), workers=2, timeout=0.1, retry=None
+    ) as pool:
+        await trio.sleep(0)  # the pool's tasks run first: the workers start from submit()
+        await pool.submit(1)
+        await pool.submit(2)
+    assert sorted(ended) == [1, 2]  # both threads ended before the block did
+    report = pool.report()
+    assert [type(f.error) for f in report.failed] == [conveyor.AttemptTimeout] * 2

@@ -128,6 +128,7 @@ class Pool(Generic[T]):
         self._fn = fn if inspect.iscoroutinefunction(fn) else _awaiting(fn)
         self._workers = workers
         self._spawned = 0  # worker tasks started so far (lazily, see _spawn_workers)
+        self._linger_nursery: trio.Nursery | None = None  # see _linger
         self._nursery: trio.Nursery | None = None
         self._retry = retry
         self._timeout = timeout
@@ -452,6 +453,10 @@ class Pool(Generic[T]):
     # ------------------------------------------------------------------ workers
 
     async def _worker(self) -> None:
+        # A worker may be started from the caller's task (submit() starts them lazily),
+        # whose context does not name the pool's linger nursery: name it here, for this
+        # task only (each task runs in its own copy of the context).
+        _linger.current.set(self._linger_nursery)
         receive = self._receive.receive
         receive_nowait = self._receive.receive_nowait
         fn = self._fn
@@ -815,6 +820,7 @@ class Pool(Generic[T]):
                     nursery.start_soon(self._watch)
                     # The pool's tasks see this nursery as the place for work that
                     # outlives a cancelled attempt (see _linger); the caller's block does not.
+                    self._linger_nursery = nursery
                     token = _linger.current.set(nursery)
                     try:
                         nursery.start_soon(self._run_tasks, feed)
