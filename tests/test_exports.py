@@ -1,4 +1,7 @@
-"""The public surface: everything in __all__ exists, and the DESIGN.md contract names are there."""
+"""The public surface: everything in __all__ exists, and the contract names are there.
+
+The contract is summarised in docs/design.md ("The public contract...", invariant 15).
+"""
 
 from __future__ import annotations
 

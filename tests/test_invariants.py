@@ -1,5 +1,6 @@
-"""DESIGN.md invariants as hypothesis properties, over random worker counts, buffer sizes,
-attempt limits, per-item failure schedules and cancel times (virtual time: MockClock).
+"""The invariants of docs/design.md (1-8) as hypothesis properties, over random worker
+counts, buffer sizes, attempt limits, per-item failure schedules and cancel times (virtual
+time: MockClock).
 
 1. every accepted item settles exactly once;  2. attempts never exceed Retry.attempts and a
 non-retryable error is attempted once;  3. at most `workers` attempts at once;  4. an

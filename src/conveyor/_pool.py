@@ -1,6 +1,6 @@
 """The pool: workers fed by a memory channel, a retry scheduler, and the ledger.
 
-Shape (see DESIGN.md)::
+Shape (see docs/design.md, "The task tree" and "The life of an item")::
 
     items / submit() ──► work channel ──► workers ──► outbox ──► results() / report()
                              ▲               │

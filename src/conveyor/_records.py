@@ -1,6 +1,6 @@
 """What became of each item: `Succeeded`, `Failed` or `Unfinished`, and the `Report`.
 
-Every item a pool accepts ends as exactly one of these records (DESIGN.md invariant 1).
+Every item a pool accepts ends as exactly one of these records (invariant 1 in docs/design.md).
 Records are small frozen dataclasses; they are created on the hot path, so they keep
 ``__slots__`` and do no work in ``__init__``.
 """
