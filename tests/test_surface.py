@@ -384,8 +384,8 @@ class Target:
 
 TARGETS = [
     Target("run", conveyor.run, run_case, real_clock_params=("journal", "key")),
-    Target("map", conveyor.map, map_case),
-    Target("open_pool", conveyor.open_pool, open_pool_case),
+    Target("map", conveyor.map, map_case, real_clock_params=("journal", "key")),
+    Target("open_pool", conveyor.open_pool, open_pool_case, real_clock_params=("journal", "key")),
     Target("Retry", conveyor.Retry, retry_case),
     Target("Backoff", conveyor.Backoff, backoff_case),
     Target("RetryAfter", conveyor.RetryAfter, retry_after_case),
