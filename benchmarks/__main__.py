@@ -1,11 +1,18 @@
 """`python -m benchmarks`: conveyor against the asyncio patterns, same work, same run.
 
 Runs every scenario (or `--only NAME`), prints one table (scenario, system, median, min-max,
-ratio to the asyncio reference measured in the same run), writes
-`benchmarks/results/latest.json` (machine, versions, date, every sample) and, when matplotlib
-is installed, `latest.png` (the ratios). Quick by default (the whole suite in about two to
-three minutes on 2 cores; the machine may be shared, so the counts are modest and the table
-says which ones it used); `--full` for the issue's full counts.
+ratio to the asyncio reference measured in the same run), writes the JSON (machine, versions,
+date, every sample) to `benchmarks/results/local/latest.json` (ignored by git; `--out PATH`
+to put it elsewhere) and, when matplotlib is installed, `latest.png` (the ratios) beside it.
+A plain run leaves the clone's tracked files as they were. Quick by default (the whole suite in
+about two to three minutes on 2 cores; the machine may be shared, so the counts are modest and
+the table says which ones it used); `--full` for the issue's full counts.
+
+`--publish` is the explicit step that updates the tracked results: the JSON goes to
+`benchmarks/results/latest.json` and the table replaces the one in README.md (between the
+`<!-- bench:table -->` markers). `--instructions` counts instructions per item with callgrind
+instead (see `benchmarks/instructions.py`); with `--publish` its table goes to README.md
+(the `bench:instructions` markers) and its JSON to `benchmarks/results/instructions.json`.
 """
 
 from __future__ import annotations
@@ -34,7 +41,12 @@ SCENARIOS = {
     "responsiveness": "benchmarks.responsiveness",
     "memory": "benchmarks.memory",
 }
-RESULTS = Path(__file__).parent / "results" / "latest.json"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS = RESULTS_DIR / "latest.json"  # tracked: written by --publish only
+LOCAL = RESULTS_DIR / "local"  # ignored by git (benchmarks/results/.gitignore): plain runs
+INSTRUCTIONS = RESULTS_DIR / "instructions.json"  # tracked: --instructions --publish
+README = ROOT / "README.md"
 MIN_ROUNDS = 5
 PACKAGES = ("conveyor", "trio", "trio-parallel", "outcome", "uvloop", "aiometer", "anyio")
 
@@ -90,14 +102,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=MIN_ROUNDS,
         help=f"measured rounds per system (default and minimum {MIN_ROUNDS}, but see --smoke)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"where to write the JSON (default {LOCAL.relative_to(ROOT)}/, ignored by git)",
+    )
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="update the tracked results and README.md's table (a full-suite run only)",
+    )
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per item with callgrind (needs valgrind) instead of timing",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="--instructions: callgrind processes at a time (counts do not depend on load)",
+    )
     p.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny counts, 1 round, no warm-up: proves the runner works, measures nothing",
+        help=(
+            "tiny counts, 1 round, no warm-up: proves the runner works, measures nothing "
+            "(with --instructions: N=200 and 600, the no-op asyncio and conveyor.run cases only)"
+        ),
     )
     args = p.parse_args(argv)
+    if args.publish:
+        for flag, value in (("--smoke", args.smoke), ("--only", args.only), ("--out", args.out)):
+            if value:
+                p.error(
+                    f"--publish writes the tracked results of a whole run; it cannot be "
+                    f"combined with {flag} (run without {flag}, or drop --publish)"
+                )
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.smoke:
         args.rounds = 1
     elif args.rounds < MIN_ROUNDS:
@@ -137,8 +182,71 @@ def _load(load: Sequence[float] | None) -> str:
     return "?" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
+def replace_block(text: str, name: str, body: str) -> str:
+    """`text` with the lines between `<!-- name -->` and `<!-- /name -->` replaced by `body`."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"README.md has no {start} ... {end} block to replace")
+    return text[: i + len(start)] + "\n" + body.rstrip("\n") + "\n" + text[j:]
+
+
+def publish_block(name: str, body: str, readme: Path = README) -> None:
+    """Put `body` (a plain-text table) as a code block into README.md's `name` block."""
+    readme.write_text(replace_block(readme.read_text(), name, f"```\n{body}\n```"))
+    print(f"updated {readme} ({name})")
+
+
+def _json_out(args: argparse.Namespace, published: Path) -> Path:
+    if args.publish:
+        return published
+    return args.out if args.out is not None else LOCAL / published.name
+
+
+def instructions_main(args: argparse.Namespace) -> int:
+    """`--instructions`: the callgrind counts, printed (and published with `--publish`)."""
+    from benchmarks import instructions as ins
+
+    if not ins.has_valgrind():
+        print(ins.NO_VALGRIND)
+        return 0
+    sizes = ins.SMOKE_SIZES if args.smoke else ins.SIZES
+    started = datetime.datetime.now(datetime.UTC)
+    vers = versions()
+    cases = ins.CASES[:2] if args.smoke else ins.CASES
+    results = ins.measure(
+        cases,
+        sizes=sizes, jobs=args.jobs, progress=lambda m: print(m, file=sys.stderr, flush=True)
+    )
+    header = (
+        f"conveyor {vers['conveyor']} ({vers['git']}) instructions per item (callgrind), "
+        f"{started:%Y-%m-%d %H:%M} UTC; CPython {vers['python']}, trio {vers['trio']}\n"
+        f"instr/item = (I(N={sizes[1]:,}) - I(N={sizes[0]:,})) / {sizes[1] - sizes[0]:,}; "
+        "ratio = instr/item / the asyncio queue's (ref) with the same work; lower is better"
+    )
+    table = f"{header}\n{ins.format_table(results)}"
+    print(table)
+    out = _json_out(args, INSTRUCTIONS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "date": started.isoformat(timespec="seconds"),
+        "mode": "smoke" if args.smoke else "instructions",
+        "sizes": list(sizes),
+        "machine": machine(),
+        "versions": vers,
+        "rows": [r.as_json() for r in results],
+    }
+    out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nwrote {out}")
+    if args.publish:
+        publish_block("bench:instructions", table)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.instructions:
+        return instructions_main(args)
     cfg = Config(full=args.full, smoke=args.smoke)
     names = args.only or list(SCENARIOS)
     started = datetime.datetime.now(datetime.UTC)
@@ -173,10 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{_load(load)} at end\n"
         "ratio = median / the asyncio reference (ref) measured in the same run; lower is better"
     )
-    print(header)
-    print(format_table(rows))
+    table = f"{header}\n{format_table(rows)}"
+    print(table)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = _json_out(args, RESULTS)
+    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "date": started.isoformat(timespec="seconds"),
         "mode": mode,
@@ -189,12 +298,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": vers,
         "rows": [r.as_json() for r in rows],
     }
-    args.out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    print(f"\nwrote {args.out}")
+    out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nwrote {out}")
     if not args.no_chart:
-        png = chart(rows, args.out.with_suffix(".png"))
+        png = chart(rows, out.with_suffix(".png"))
         if png is not None:
             print(f"wrote {png}")
+    if args.publish:
+        publish_block("bench:table", table)
     return 0
 
 
