@@ -1219,7 +1219,7 @@ async def test_in_thread_timeout_holds_for_workers_started_by_submit() -> None:
     async with conveyor.open_pool(
         conveyor.in_thread(blocking), workers=2, timeout=0.1, retry=None
     ) as pool:
-        await trio.sleep(0)  # the pool's tasks run first: the workers start from submit()
+        await trio.lowlevel.checkpoint()  # the pool starts: workers start from submit()
         await pool.submit(1)
         await pool.submit(2)
     assert sorted(ended) == [1, 2]  # both threads ended before the block did
