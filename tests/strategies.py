@@ -81,7 +81,16 @@ Source = Literal["sync", "async", "async_raises"]
 Form = Literal[
     "run", "map", "map_with", "ordered", "ordered_with", "open_pool", "open_pool_results"
 ]
-StopHow = Literal["none", "cancel", "deadline", "stop", "cancelled_scope"]
+# cancel: a task cancels the caller's scope at stop_at; deadline: the scope's deadline is
+# stop_at; stop: a task calls pool.stop(stop_drain) at stop_at; *_from_fn: the same, done by
+# fn itself as the first attempt of item stop_item ends (the very instant, whatever the
+# order trio runs that moment's tasks in); cancelled_scope: the pool opens in a cancelled scope.
+StopHow = Literal[
+    "none", "cancel", "deadline", "stop", "cancel_from_fn", "stop_from_fn", "cancelled_scope"
+]
+STOPS: tuple[StopHow, ...] = (
+    "none", "cancel", "deadline", "stop", "cancel_from_fn", "stop_from_fn", "cancelled_scope"
+)
 Callback = Literal["class", "predicate", "raises"]
 
 FORMS: tuple[Form, ...] = (
@@ -108,6 +117,7 @@ class Wide:
     exit_how: Literal["break", "raise"] = "break"
     stop_how: StopHow = "none"
     stop_at: float = 0.0  # virtual time of the stop or cancel
+    stop_item: int = 0  # *_from_fn: the item whose first attempt stops the pool as it ends
     stop_drain: float | None = None  # stop_how == "stop": pool.stop(drain=...)
     drain: float = 0.0
     timeout: float | None = None  # never a possible duration: no tie with an attempt's end
@@ -152,7 +162,7 @@ def wides(
     *,
     sources: tuple[Source, ...] = ("sync", "async", "async_raises"),
     forms: tuple[Form, ...] = FORMS,
-    stops: tuple[StopHow, ...] = ("none", "cancel", "deadline", "stop", "cancelled_scope"),
+    stops: tuple[StopHow, ...] = STOPS,
     exits: bool = True,
     limits: bool = True,
     callbacks: bool = True,
@@ -161,8 +171,8 @@ def wides(
     form = draw(st.sampled_from(forms))
     source = draw(st.sampled_from(sources))
     stop_how = draw(st.sampled_from(stops))
-    if stop_how == "stop" and form not in ("open_pool", "open_pool_results"):
-        stop_how = "cancel"  # pool.stop() needs the pool: open_pool forms only
+    if form not in ("open_pool", "open_pool_results"):  # pool.stop() needs the pool
+        stop_how = {"stop": "cancel", "stop_from_fn": "cancel_from_fn"}.get(stop_how, stop_how)
     keys = draw(st.none() | st.integers(1, 4)) if limits else None
     adaptive = draw(st.none() | st.sampled_from(["class", "predicate", "raises"]))
     retry_on: Callback = draw(st.sampled_from(["class", "predicate", "raises"]))
@@ -184,6 +194,7 @@ def wides(
         exit_how=draw(st.sampled_from(["break", "raise"])),
         stop_how=stop_how,
         stop_at=draw(st.sampled_from(INSTANTS) | st.floats(0, 12)),
+        stop_item=draw(st.integers(0, n)),
         stop_drain=draw(st.none() | st.sampled_from([0.0, 1.5])),
         drain=draw(st.sampled_from([0.0, 0.0, 0.5, 2.0])),
         timeout=draw(st.none() | st.sampled_from([0.75, 1.5, 2.5])) if limits else None,

@@ -11,17 +11,28 @@ stats agree with the records (nothing left limited or parked).
 
 from __future__ import annotations
 
+import os
 from contextlib import aclosing
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 import conveyor
 from conveyor import Backoff, Retry, Succeeded
 
-from .strategies import MAP_FORMS, Scenario, Wide, scenarios
+from .strategies import (
+    FORMS,
+    MAP_FORMS,
+    Scenario,
+    Step,
+    StopHow,
+    Wide,
+    scenarios,
+    wides,
+)
 
 
 class Fatal(KeyError):
@@ -270,6 +281,7 @@ def check_wide(w: Wide) -> None:
     caught: BaseException | None = None
     report: conveyor.Report | None = None
     pool_ref: Any = None
+    scope_ref: trio.CancelScope | None = None
     stream_ref: Any = None
     tasks_before = tasks_after = 0
     options = wide_options(w)
@@ -315,6 +327,13 @@ def check_wide(w: Wide) -> None:
         finally:
             running -= 1
             per_key_running[k] -= 1
+        if i == w.stop_item and attempt == 1 and w.stop_how in ("cancel_from_fn", "stop_from_fn"):
+            mark("stop")
+            if w.stop_how == "cancel_from_fn":
+                assert scope_ref is not None
+                scope_ref.cancel()
+            else:
+                pool_ref.stop(w.stop_drain)
         if step.outcome == "retry":
             raise Retryable(i, attempt)
         if step.outcome == "fatal":
@@ -405,10 +424,11 @@ def check_wide(w: Wide) -> None:
             pool_ref.stop(w.stop_drain)
 
     async def main() -> None:
-        nonlocal caught, tasks_before, tasks_after
+        nonlocal caught, tasks_before, tasks_after, scope_ref
         tasks_before = live_tasks()
         async with trio.open_nursery() as outer:
             with trio.CancelScope() as scope:
+                scope_ref = scope
                 if w.stop_how == "deadline":
                     scope.deadline = w.stop_at
                 elif w.stop_how == "cancel":
@@ -518,3 +538,126 @@ def check_wide(w: Wide) -> None:
     if not stopped:
         assert not report.unfinished
         assert len(expected_items) == n
+
+
+# The wide properties. Those that pass on today's pool hold what already works; those marked
+# xfail(strict=True) fail on it, each at once on an explicit example that fails whatever the
+# order trio runs a moment's tasks in (see test_invariants_regressions.py for the minimal
+# repros); when the fixes land they pass, strict turns that into a failure, and the mark goes.
+# CONVEYOR_EXAMPLES=2000 (or 10000) runs every property longer, locally.
+
+EXAMPLES = int(os.environ.get("CONVEYOR_EXAMPLES", "200"))
+WIDE = settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
+OPEN_POOL = ("open_pool", "open_pool_results")
+POOL_STOPS: tuple[StopHow, ...] = ("none", "stop", "stop_from_fn")
+OUTSIDE: tuple[StopHow, ...] = ("cancel", "deadline", "cancel_from_fn", "cancelled_scope")
+
+
+def ok(duration: float = 0) -> list[Step]:
+    return [Step("ok", duration)]
+
+
+# Explicit examples, one per failure (each fails in every scheduling order).
+LOST_ON_ERROR = Wide(  # A1/A3: the bare ordered form drops a record when the source raises
+    workers=2, buffer=0, attempts=1, backoff=None, plans=[ok(), ok(), ok(), ok(0.5), ok()],
+    source="async_raises", raise_at=5, form="ordered",
+)
+STARTS_AFTER_CANCEL = Wide(  # A2: item 1 starts after fn(0) cancelled the caller's scope
+    workers=1, buffer=2, attempts=1, backoff=None, plans=[ok(), ok(), ok()],
+    form="run", stop_how="cancel_from_fn", stop_item=0,
+)
+BARE_LEFT = Wide(  # A3: leaving a bare map loop neither stops the pool nor ends its tasks
+    workers=1, buffer=0, attempts=1, backoff=None, plans=[ok(), ok(), ok()],
+    form="map", exit_at=0,
+)
+KEY_RAISES = Wide(  # A7: a raising key function is retried and counted as attempts
+    workers=2, buffer=0, attempts=3, backoff=None, plans=[ok(), ok()],
+    keys=2, key_raises=frozenset({0}),
+)
+RETRY_ON_RAISES = Wide(  # A4: a raising retry_on predicate ends the run
+    workers=2, buffer=0, attempts=3, backoff=None, plans=[[Step("retry", 0)], ok()],
+    retry_on="raises", raising=frozenset({0}),
+)
+OVERLOAD_ON_RAISES = Wide(  # A5: a raising overload_on predicate replaces the record
+    workers=2, buffer=0, attempts=3, backoff=None, plans=[[Step("retry", 0)], ok()],
+    adaptive="raises", raising=frozenset({0}),
+)
+
+
+@WIDE
+@given(wides(sources=("sync",), stops=("none",), exits=False, callbacks=False))
+def test_wide_every_form_with_limits_and_timeouts(w: Wide) -> None:
+    check_wide(w)
+
+
+@WIDE
+@given(
+    wides(
+        sources=("async", "async_raises"), forms=tuple(f for f in FORMS if f != "ordered"),
+        stops=("none",), exits=False, callbacks=False,
+    )
+)
+def test_wide_async_sources_run_to_the_end(w: Wide) -> None:
+    check_wide(w)
+
+
+@WIDE
+@given(wides(forms=OPEN_POOL, stops=POOL_STOPS, callbacks=False))
+def test_wide_pool_stop_at_any_instant(w: Wide) -> None:
+    check_wide(w)
+
+
+@WIDE
+@given(wides(sources=("sync",), forms=("map_with",), stops=("none",), callbacks=False))
+def test_wide_structured_map_left_at_any_point(w: Wide) -> None:
+    check_wide(w)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 A1: an item taken from an async source (or "
+                   "through an ordered map) is lost when intake closes; the bare form drops "
+                   "the record in its hands")
+@WIDE
+@example(LOST_ON_ERROR)
+@given(wides(stops=POOL_STOPS, callbacks=False))
+def test_wide_every_item_taken_is_in_one_record(w: Wide) -> None:
+    check_wide(w)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 A2: a queued item starts after an outside "
+                   "cancel; the bare map form loses the record it holds on a cancel")
+@WIDE
+@example(STARTS_AFTER_CANCEL)
+@given(wides(sources=("sync",), stops=OUTSIDE, exits=False, callbacks=False))
+def test_wide_no_attempt_after_an_outside_cancel(w: Wide) -> None:
+    check_wide(w)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 A3: leaving a bare map loop does not stop the "
+                   "pool (fn called after, tasks left)")
+@WIDE
+@example(BARE_LEFT)
+@given(wides(sources=("sync",), forms=("map", "ordered"), stops=("none",), callbacks=False))
+def test_wide_bare_map_left_at_any_point(w: Wide) -> None:
+    check_wide(w)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 A4, A5, A7: raising retry_on / overload_on / "
+                   "key functions end the run, change records, count attempts")
+@WIDE
+@example(KEY_RAISES)
+@example(RETRY_ON_RAISES)
+@example(OVERLOAD_ON_RAISES)
+@given(wides(sources=("sync",), stops=("none",), exits=False))
+def test_wide_raising_user_callbacks(w: Wide) -> None:
+    check_wide(w)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 A1-A5, A7: everything drawn together")
+@WIDE
+@example(LOST_ON_ERROR)
+@example(STARTS_AFTER_CANCEL)
+@example(BARE_LEFT)
+@example(KEY_RAISES)
+@given(wides())
+def test_wide_everything(w: Wide) -> None:
+    check_wide(w)
