@@ -105,6 +105,35 @@ async def test_a1_async_source_item_taken_as_the_pool_stops_is_unfinished(
     assert report.unfinished == [Unfinished(1, attempts=0, last_error=None)]
 
 
+@pytest.mark.xfail(strict=True, reason="issue 9 A1: an item an async source yields as an "
+                   "outside cancel lands is in no record")
+async def test_a1_async_source_item_taken_as_an_outside_cancel_lands_is_unfinished(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Found by the wide scenario (map_with, async source, deadline at 0): the feeder takes
+    # item 0, the cancel closes intake, and the item is in no record.
+    taken: list[int] = []
+
+    async def source() -> AsyncIterator[int]:
+        for i in range(3):
+            taken.append(i)
+            yield i
+
+    async def fn(i: int) -> int:
+        return i
+
+    stream = conveyor.map(fn, source(), workers=1, buffer=0)
+    got: list[Any] = []
+    with trio.move_on_after(0):
+        async with stream as records:
+            async for record in records:
+                got.append(record)
+    report = stream.report()
+    assert taken, "the source was asked for an item"
+    assert items_of(got, report) == taken, (got, report, taken)
+    assert report.stats.submitted == len(taken) and ledger_ok(report)
+
+
 @pytest.mark.xfail(strict=True, reason="issue 9 A1/A3: the bare ordered map form drops the "
                    "record in its hands when the source raises")
 async def test_a1_bare_ordered_map_keeps_every_record_when_the_source_raises(
