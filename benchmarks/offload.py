@@ -13,6 +13,12 @@
   `run_in_executor` of a function mapping a chunk; conveyor: `in_process_batched`). µs per
   job, pools started beforehand. The unbatched runs use a tenth of the items (they are much
   slower; the figures are per job).
+- first job on a fresh worker: `tiny(1)` in a worker process started for it (a trio-parallel
+  `cache_scope` of its own per measurement), from the call to the result: trio-parallel's
+  `run_sync` alone (reference) against `conveyor.in_process`, and against a one-item
+  `conveyor.run` with a `timeout` (which starts the worker before the attempt's clock runs).
+  What conveyor adds is what its worker-side code imports (the goal: within 1.2x); this is
+  paid again after every worker killed by a cancel or a timeout.
 
 The functions are module-level so worker processes import them by name.
 """
@@ -252,6 +258,42 @@ def many_conveyor(n: int, chunk: int) -> Sample:
     return Sample(trio.run(main) / n * 1e6)
 
 
+# ---- first job on a fresh worker ----------------------------------------------------------
+
+
+def fresh_trio_parallel() -> Sample:
+    import trio
+    import trio_parallel
+
+    async def main() -> float:
+        async with trio_parallel.cache_scope():  # no idle worker: this call starts one
+            t0 = perf_counter()
+            assert await trio_parallel.run_sync(tiny, 1) == 2
+            return perf_counter() - t0
+
+    return Sample(trio.run(main) * 1e3)
+
+
+def fresh_conveyor(timeout: float | None) -> Sample:
+    import trio
+    import trio_parallel
+
+    import conveyor
+
+    async def main() -> float:
+        fn = conveyor.in_process(tiny)
+        async with trio_parallel.cache_scope():
+            t0 = perf_counter()
+            if timeout is None:
+                assert await fn(1) == 2
+            else:
+                report = await conveyor.run(fn, [1], timeout=timeout)
+                assert report.succeeded[0].value == 2, report
+            return perf_counter() - t0
+
+    return Sample(trio.run(main) * 1e3)
+
+
 def cases(cfg: Config) -> list[Case]:
     jobs = cfg.pick(quick=HEAVY_JOBS, full=HEAVY_JOBS, smoke=4)
     seconds = HEAVY_SECONDS if not cfg.smoke else 0.005
@@ -326,6 +368,25 @@ def cases(cfg: Config) -> list[Case]:
                     partial(many_conveyor, many, BATCH) if has_batched else None,
                 ),
             ],
+        )
+    )
+    out.append(
+        Case(
+            NAME,
+            "offload first job on a fresh worker process",
+            "ms",
+            [
+                System("trio-parallel run_sync", fresh_trio_parallel, reference=True),
+                System(
+                    "conveyor in_process",
+                    partial(fresh_conveyor, None) if has_process else None,
+                ),
+                System(
+                    "conveyor run(in_process, timeout=10)",
+                    partial(fresh_conveyor, 10.0) if has_process else None,
+                ),
+            ],
+            comment="goal: conveyor in_process within 1.2x",
         )
     )
     return out

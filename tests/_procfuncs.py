@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -92,3 +93,33 @@ class Unrebuildable(Exception):
 
 def raise_unrebuildable(x: int) -> int:
     raise Unrebuildable(x, x)
+
+
+def quick(x: int) -> int:
+    """A 10 ms job."""
+    time.sleep(0.01)
+    return x
+
+
+def slow_once(marker_dir: str, x: int) -> int:
+    """The first call for item ``x`` sleeps 30 s (a timeout kills it); later calls are quick."""
+    marker = Path(marker_dir) / f"{x}.slow"
+    if not marker.exists():
+        marker.write_text("")
+        time.sleep(30)
+    return quick(x)
+
+
+def exit_with(how: str, x: int) -> int:
+    """Raises SystemExit(x) (``how="exit"``) or KeyboardInterrupt (``"interrupt"``) for odd
+    ``x``; returns ``x`` for even ones."""
+    if x % 2:
+        if how == "exit":
+            sys.exit(x)
+        raise KeyboardInterrupt
+    return x
+
+
+def loaded_modules(prefixes: tuple[str, ...]) -> list[str]:
+    """The names in this process's ``sys.modules`` starting with one of ``prefixes``."""
+    return sorted(name for name in sys.modules if name.startswith(prefixes))

@@ -11,6 +11,7 @@ Functions run in worker processes live in tests/_procfuncs.py: a worker imports 
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import concurrent.futures.process
 import copyreg
@@ -19,6 +20,8 @@ import io
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -30,6 +33,7 @@ from typing import Any
 import pytest
 import tblib.pickling_support
 import trio
+import trio.testing
 import trio_parallel
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,6 +73,16 @@ async def wait_for_files(directory: Path, count: int, limit: float = 20.0) -> li
             if len(texts) >= count and all(texts):
                 return [int(t) for t in texts]
             await trio.sleep(0.02)
+
+
+async def hold_clock_until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Keep this trio run busy until ``condition()`` holds (checked against the wall clock's
+    ``limit``): an autojump clock jumps only when every task is blocked, so virtual time
+    stands still while a real thread is starting."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await trio.lowlevel.checkpoint()
 
 
 class RecordingExecutor(concurrent.futures.Executor):
@@ -113,10 +127,42 @@ async def really_async(x: int) -> int:
 
 @pytest.mark.parametrize("wrap", [conveyor.in_thread, conveyor.in_process])
 def test_async_function_refused(wrap: Callable[..., Any]) -> None:
-    with pytest.raises(TypeError, match=r"expects a sync function, but .*really_async is async"):
+    api = wrap.__name__
+    with pytest.raises(TypeError) as info:
         wrap(really_async)
-    with pytest.raises(TypeError, match="expects a sync callable, got 3"):
+    assert str(info.value) == (
+        f"{api}(f): f must be a sync function, but tests.test_offload.really_async is async:"
+        f" give it to the pool (or await it) directly, without {api}"
+    )
+    with pytest.raises(TypeError, match=rf"^{api}\(f\): f must be a sync callable, got 3$"):
         wrap(3)
+
+
+async def test_batched_refusal_names_f() -> None:
+    with pytest.raises(TypeError, match=r"^in_process_batched\(f\): f must be a sync callable"):
+        async with conveyor.in_process_batched(3):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+    with pytest.raises(TypeError, match=r"^in_process_batched\(f\): f must be a sync function"):
+        async with conveyor.in_process_batched(really_async):
+            pass  # pragma: no cover
+
+
+async def test_advice_for_an_async_function_works() -> None:
+    # "give it to the pool directly": the refused function works as the pool's fn.
+    report = await conveyor.run(really_async, range(3))
+    assert sorted(r.value for r in report.succeeded) == [0, 1, 2]
+
+
+def test_knobs_are_keyword_only() -> None:
+    with pytest.raises(TypeError, match="positional"):
+        conveyor.in_thread(pf.square, trio.CapacityLimiter(1))  # type: ignore[misc]
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        with pytest.raises(TypeError, match="positional"):
+            conveyor.in_process(pf.square, ex)  # type: ignore[misc]
+        with pytest.raises(TypeError, match="positional"):
+            conveyor.in_process(pf.square, None, False)  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"kill_on_cancel must be True or False, got 'no'"):
+        conveyor.in_process(pf.square, kill_on_cancel="no")  # type: ignore[arg-type]
 
 
 def test_in_process_argument_checks() -> None:
@@ -126,7 +172,7 @@ def test_in_process_argument_checks() -> None:
         conveyor.in_process(pf.square, limiter=2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="limiter applies to the default backend only"):
         with concurrent.futures.ThreadPoolExecutor(1) as ex:
-            conveyor.in_process(pf.square, ex, limiter=trio.CapacityLimiter(1))
+            conveyor.in_process(pf.square, executor=ex, limiter=trio.CapacityLimiter(1))
     with pytest.raises(TypeError, match=r"in_thread limiter must be a trio\.CapacityLimiter"):
         conveyor.in_thread(pf.square, limiter=4)  # type: ignore[arg-type]
 
@@ -220,6 +266,192 @@ async def test_in_thread_cancel_waits_for_the_thread() -> None:
         assert scope.cancelled_caught
         assert finished.is_set()
         assert returned == ["done"]
+
+
+async def test_in_thread_timeout_is_enforced_and_retried(autojump_clock: Any) -> None:
+    release = threading.Event()
+    ended: list[int] = []
+
+    began: list[int] = []
+
+    def blocking(x: int) -> int:  # blocks (for real) until released
+        began.append(x)
+        release.wait(10)
+        ended.append(x)
+        return x
+
+    fn = conveyor.in_thread(blocking)
+    elapsed: list[float] = []
+
+    async def timed(x: int) -> int:  # the pool's fn: measures each attempt on trio's clock
+        attempt = len(elapsed) + 1
+        nursery.start_soon(hold_clock_until, lambda: len(began) >= attempt)
+        start = trio.current_time()
+        try:
+            return await fn(x)
+        finally:
+            elapsed.append(trio.current_time() - start)
+            if len(elapsed) == 2:
+                two_attempts.set()
+
+    two_attempts = trio.Event()
+
+    async def release_after_two_attempts() -> None:
+        await two_attempts.wait()
+        assert ended == []  # both attempts ended at their deadline, their threads still run
+        release.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_after_two_attempts)
+        report = await conveyor.run(
+            timed, [7], workers=1, timeout=0.2, retry=conveyor.Retry(attempts=2, backoff=None)
+        )
+        # The pool's end waited for both abandoned threads.
+        assert ended == [7, 7]
+    (failed,) = report.failed
+    assert isinstance(failed.error, conveyor.AttemptTimeout)
+    assert failed.attempts == 2
+    assert elapsed == [pytest.approx(0.2), pytest.approx(0.2)]  # exactly at the deadline
+
+
+async def test_in_thread_abandoned_thread_keeps_its_limiter_slot(autojump_clock: Any) -> None:
+    release = threading.Event()
+    calls: list[int] = []
+    limiter = trio.CapacityLimiter(1)
+
+    def blocking(x: int) -> int:
+        calls.append(x)
+        release.wait(10)
+        return x
+
+    seen: list[float] = []
+
+    async def watch() -> None:
+        # After the first attempt timed out (0.2) the thread still holds the only slot, so
+        # the retry waits for it, and times out without starting a thread.
+        await trio.sleep(0.3)
+        seen.append(limiter.borrowed_tokens)
+        await trio.sleep(0.2)  # past the second attempt's deadline (0.4)
+        seen.append(limiter.borrowed_tokens)
+        release.set()
+
+    fn = conveyor.in_thread(blocking, limiter=limiter)
+
+    async def attempt(x: int) -> int:
+        if not calls:  # the first attempt: let its thread really start before time runs
+            nursery.start_soon(hold_clock_until, lambda: bool(calls))
+        return await fn(x)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        report = await conveyor.run(
+            attempt,
+            [1],
+            workers=1,
+            timeout=0.2,
+            retry=conveyor.Retry(attempts=2, backoff=None),
+        )
+    assert seen == [1, 1]
+    assert calls == [1]  # one thread only
+    (failed,) = report.failed
+    assert isinstance(failed.error, conveyor.AttemptTimeout) and failed.attempts == 2
+    assert limiter.borrowed_tokens == 0  # given back when the thread really returned
+
+
+@pytest.mark.parametrize("entry", ["run", "open_pool"])
+async def test_in_thread_pool_block_waits_for_its_threads_after_an_outside_cancel(
+    entry: str,
+) -> None:
+    started = threading.Event()
+    release = threading.Event()
+    ended = threading.Event()
+
+    def blocking(x: int) -> int:
+        started.set()
+        release.wait(10)
+        ended.set()
+        return x
+
+    fn = conveyor.in_thread(blocking)
+    reports: list[conveyor.Report] = []
+
+    async def use_pool() -> None:
+        if entry == "run":
+            reports.append(await conveyor.run(fn, [1], workers=1))
+            return
+        async with conveyor.open_pool(fn, workers=1) as pool:
+            await pool.submit(1)
+            await trio.sleep_forever()
+
+    cancelled_at: list[float] = []
+
+    async def release_later() -> None:
+        await trio.to_thread.run_sync(started.wait, 10)
+        scope.cancel()
+        cancelled_at.append(trio.current_time())
+        await trio.sleep(0.2)  # the pool's block is waiting for the thread by now
+        assert not ended.is_set()
+        release.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release_later)
+        with trio.CancelScope() as scope:
+            await use_pool()
+        # The block returned only once the thread had ended.
+        assert ended.is_set()
+        assert trio.current_time() - cancelled_at[0] >= 0.2
+    assert scope.cancelled_caught
+
+
+async def test_in_thread_cancelled_before_its_thread_started_never_calls_f() -> None:
+    calls: list[int] = []
+    limiter = trio.CapacityLimiter(1)
+    release = threading.Event()
+    started = threading.Event()
+
+    def job(x: int) -> int:
+        calls.append(x)
+        started.set()
+        if x == 1:
+            release.wait(10)
+        return x
+
+    fn = conveyor.in_thread(job, limiter=limiter)
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            async with conveyor.open_pool(fn, workers=2) as pool:
+                await pool.submit(1)
+                await trio.to_thread.run_sync(started.wait, 10)
+                await pool.submit(2)  # waits for the limiter's only slot
+                await trio.testing.wait_all_tasks_blocked()
+                assert limiter.statistics().tasks_waiting == 1
+                scope.cancel()
+                nursery.start_soon(trio.to_thread.run_sync, release.set)
+    assert calls == [1]
+    assert [u.item for u in pool.report().unfinished] == [1, 2]
+
+
+async def lambda_target(n: int) -> int:
+    return n * 10
+
+
+async def test_in_thread_of_a_function_returning_a_coroutine_fails_with_advice() -> None:
+    fn = conveyor.in_thread(lambda n: lambda_target(n))
+    report = await conveyor.run(fn, range(3), retry=conveyor.Retry(attempts=3, backoff=None))
+    assert not report.succeeded and len(report.failed) == 3
+    for failed in report.failed:
+        assert isinstance(failed.error, TypeError)
+        assert failed.attempts == 1  # never retried: it would fail the same way
+        message = str(failed.error)
+        assert message.startswith("in_thread(f): f (tests.test_offload.test_in_thread_of_a")
+        assert "<lambda>) returned a coroutine, so it is async code" in message
+        assert "functools.partial(async_fn, ...) to bind its arguments" in message
+    # The advice works: the async function itself, bound with functools.partial.
+    report = await conveyor.run(functools.partial(lambda_target), range(3))
+    assert sorted(r.value for r in report.succeeded) == [0, 10, 20]
+    # Outside a pool too (a coroutine is closed: no "never awaited" warning).
+    with pytest.raises(TypeError, match="returned a coroutine"):
+        await fn(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,13 +585,13 @@ async def test_no_kill_on_cancel_waits_for_the_job(tmp_path: Path) -> None:
 async def test_executor_values_and_worker_frames(
     process_pool: concurrent.futures.ProcessPoolExecutor,
 ) -> None:
-    assert await conveyor.in_process(pf.add, process_pool)(2, 3) == 5
+    assert await conveyor.in_process(pf.add, executor=process_pool)(2, 3) == 5
     with pytest.raises(pf.ItemError) as info:
-        await conveyor.in_process(functools.partial(pf.fail_on, 3), process_pool)(3)
+        await conveyor.in_process(functools.partial(pf.fail_on, 3), executor=process_pool)(3)
     text = "".join(traceback.format_exception(info.value))
     assert "in _inner_failure" in text and "in fail_on" in text
     with pytest.raises(conveyor.NotPicklableError, match=r"functools\.partial"):
-        await conveyor.in_process(lambda x: x, process_pool)(1)
+        await conveyor.in_process(lambda x: x, executor=process_pool)(1)
 
 
 @pytest.mark.slow
@@ -369,7 +601,9 @@ async def test_executor_dead_worker_gives_the_executors_own_error(tmp_path: Path
     with concurrent.futures.ProcessPoolExecutor(
         1, mp_context=multiprocessing.get_context("spawn")
     ) as pool:
-        fn = conveyor.in_process(functools.partial(pf.die_once, str(tmp_path), "exit"), pool)
+        fn = conveyor.in_process(
+            functools.partial(pf.die_once, str(tmp_path), "exit"), executor=pool
+        )
         with pytest.raises(concurrent.futures.process.BrokenProcessPool):
             await fn(1)
         with pytest.raises(concurrent.futures.process.BrokenProcessPool):
@@ -379,7 +613,9 @@ async def test_executor_dead_worker_gives_the_executors_own_error(tmp_path: Path
 async def test_executor_bridge_parks_no_thread_per_call(
     process_pool: concurrent.futures.ProcessPoolExecutor,
 ) -> None:
-    fn = conveyor.in_process(functools.partial(pf.sleep_and_return, 0.05), process_pool)
+    fn = conveyor.in_process(
+        functools.partial(pf.sleep_and_return, 0.05), executor=process_pool
+    )
     await fn(0)  # the executor's own threads exist from here on
     baseline = threading.active_count()
     peak = baseline
@@ -412,7 +648,7 @@ async def test_executor_cancel_drops_queued_jobs_and_abandons_running_ones() -> 
     _REGISTRY["job"] = job
     with concurrent.futures.ThreadPoolExecutor(1) as inner:
         executor = RecordingExecutor(inner)
-        fn = conveyor.in_process(_call_registered, executor)
+        fn = conveyor.in_process(_call_registered, executor=executor)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fn, "job", 1)
             nursery.start_soon(fn, "job", 2)
@@ -424,8 +660,8 @@ async def test_executor_cancel_drops_queued_jobs_and_abandons_running_ones() -> 
         assert queued.cancelled()  # it never runs
         assert running.running()  # abandoned, still running
         release.set()
-        ((ok, _, _),) = running.result(timeout=10)
-        assert ok  # it ran to completion; its result went nowhere
+        ((kind, _, _),) = running.result(timeout=10)
+        assert kind == 0  # _conveyor_worker.OK  # it ran to completion; its result went nowhere
     assert done == [1] or done == [2]
 
 
@@ -440,7 +676,7 @@ async def test_executor_cancel_without_kill_waits_for_the_running_job() -> None:
     returned: list[int] = []
     with concurrent.futures.ThreadPoolExecutor(1) as inner:
         executor = RecordingExecutor(inner)
-        fn = conveyor.in_process(_call_registered, executor, kill_on_cancel=False)
+        fn = conveyor.in_process(_call_registered, executor=executor, kill_on_cancel=False)
         _REGISTRY["job"] = job
 
         async def call() -> None:
@@ -457,8 +693,9 @@ async def test_executor_cancel_without_kill_waits_for_the_running_job() -> None:
     assert returned == [1]  # and its result was handed over, as trio.to_thread does
 
 
-# A thread executor runs `_run_jobs` in this process, so a registry lets tests use local
-# closures (with their Events) while the function that is pickled stays module-level.
+# A thread executor runs `_conveyor_worker.run_jobs` in this process, so a registry lets
+# tests use local closures (with their Events) while the function that is pickled stays
+# module-level.
 _REGISTRY: dict[str, Callable[[int], int]] = {}
 
 
@@ -476,7 +713,7 @@ async def test_batched_gives_each_caller_its_own_result_or_error() -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as inner:
         executor = RecordingExecutor(inner)
         async with conveyor.in_process_batched(
-            functools.partial(pf.fail_on, 13), executor, batch_size=40, max_batches=1
+            functools.partial(pf.fail_on, 13), executor=executor, batch_size=40, max_batches=1
         ) as fn:
 
             async def one(i: int) -> None:
@@ -513,7 +750,7 @@ async def test_batched_outcomes_equal_direct_calls(
     got: dict[int, object] = {}
     with concurrent.futures.ThreadPoolExecutor(max_batches) as executor:
         async with conveyor.in_process_batched(
-            f, executor, batch_size=batch_size, max_batches=max_batches
+            f, executor=executor, batch_size=batch_size, max_batches=max_batches
         ) as fn:
 
             async def one(index: int, x: int) -> None:
@@ -569,7 +806,7 @@ async def test_batched_block_cancel_releases_callers_outside_it() -> None:
         async with trio.open_nursery() as outside:
             with trio.CancelScope() as block_scope:
                 async with conveyor.in_process_batched(
-                    _call_registered, inner, batch_size=1, max_batches=1
+                    _call_registered, executor=inner, batch_size=1, max_batches=1
                 ) as fn:
 
                     async def caller(i: int) -> None:
@@ -650,7 +887,7 @@ async def test_batched_cancel_of_one_caller_keeps_the_others() -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as inner:
         executor = RecordingExecutor(inner)
         async with conveyor.in_process_batched(
-            _call_registered, executor, batch_size=4, max_batches=1
+            _call_registered, executor=executor, batch_size=4, max_batches=1
         ) as fn:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep, 1)
@@ -672,7 +909,7 @@ async def test_batched_unpicklable_result_fails_only_its_call() -> None:
     outcomes: dict[int, object] = {}
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         async with conveyor.in_process_batched(
-            _call_registered, executor, batch_size=8, max_batches=1
+            _call_registered, executor=executor, batch_size=8, max_batches=1
         ) as fn:
 
             async def one(i: int) -> None:
@@ -711,7 +948,7 @@ async def test_batched_caller_cancelled_before_shipping_is_withdrawn() -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as inner:
         executor = RecordingExecutor(inner)
         async with conveyor.in_process_batched(
-            _call_registered, executor, batch_size=2, max_batches=1
+            _call_registered, executor=executor, batch_size=2, max_batches=1
         ) as fn:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(one, 1)
@@ -807,6 +1044,103 @@ async def test_run_attempt_timeout_kills_the_worker(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+async def test_run_timeout_from_a_cold_start_counts_the_job_not_the_worker_start() -> None:
+    # A cache scope of its own: no worker process exists when the run starts, and starting
+    # one (spawn, imports) takes longer than the 0.1 s timeout.
+    async with trio_parallel.cache_scope():
+        report = await conveyor.run(
+            conveyor.in_process(pf.quick),
+            range(4),
+            workers=2,
+            timeout=0.1,
+            retry=conveyor.Retry(attempts=6, backoff=None),
+        )
+    assert not report.failed and not report.unfinished
+    assert sorted(r.value for r in report.succeeded) == [0, 1, 2, 3]
+    assert {r.attempts for r in report.succeeded} == {1}
+
+
+@pytest.mark.slow
+async def test_run_timeout_kill_does_not_fail_the_next_attempt_on_a_fresh_worker(
+    tmp_path: Path,
+) -> None:
+    # The first attempt of each item hangs and is killed by the timeout; the retry needs a
+    # fresh worker process, whose start must not count against it.
+    fn = conveyor.in_process(functools.partial(pf.slow_once, str(tmp_path)))
+    async with trio_parallel.cache_scope():
+        report = await conveyor.run(
+            fn, range(2), workers=2, timeout=0.5, retry=conveyor.Retry(attempts=3, backoff=None)
+        )
+    assert not report.failed and not report.unfinished
+    assert {r.attempts for r in report.succeeded} == {2}
+
+
+@pytest.mark.slow
+async def test_run_timeout_still_kills_a_job_that_runs_too_long(tmp_path: Path) -> None:
+    fn = conveyor.in_process(functools.partial(pf.write_pid_then_sleep, str(tmp_path), 10))
+    async with trio_parallel.cache_scope():
+        with trio.fail_after(8):
+            report = await conveyor.run(fn, [1, 2], workers=2, timeout=0.5)
+    assert [type(f.error) for f in report.failed] == [conveyor.AttemptTimeout] * 2
+    assert "timeout=0.5 s (timed from the moment a worker process was ready" in str(
+        report.failed[0].error
+    )
+    pids = [int(p) for p in read_pids(tmp_path)]
+    assert len(pids) == 2 and not any(pid_running(pid) for pid in pids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["exit", "interrupt"])
+@pytest.mark.parametrize("batched", [False, True], ids=["in_process", "in_process_batched"])
+async def test_systemexit_or_keyboardinterrupt_in_a_worker_fails_only_its_item(
+    how: str, batched: bool
+) -> None:
+    f = functools.partial(pf.exit_with, how)
+    retry = conveyor.Retry(attempts=3, backoff=None)
+    if batched:
+        async with conveyor.in_process_batched(f, batch_size=4) as fn:
+            report = await conveyor.run(fn, range(6), workers=8, retry=retry)
+    else:
+        report = await conveyor.run(conveyor.in_process(f), range(6), workers=2, retry=retry)
+    # The run went on: the even items succeeded, each odd one failed once, never retried.
+    assert sorted(r.value for r in report.succeeded) == [0, 2, 4]
+    assert sorted(f.item for f in report.failed) == [1, 3, 5]
+    raised = "SystemExit(3)" if how == "exit" else "KeyboardInterrupt()"
+    (failed,) = (f for f in report.failed if f.item == 3)
+    assert failed.attempts == 1
+    assert isinstance(failed.error, conveyor.RemoteError)
+    assert str(failed.error).startswith(
+        f"functools.partial(tests._procfuncs.exit_with, ...) raised {raised} in the worker"
+        " process; code running in a worker process cannot end the caller's program"
+    )
+    assert "in exit_with" in failed.traceback  # the worker's frames
+
+
+@pytest.mark.slow
+async def test_worker_processes_import_neither_trio_nor_conveyor() -> None:
+    async with trio_parallel.cache_scope():  # a fresh worker
+        loaded = await conveyor.in_process(pf.loaded_modules)(("trio", "conveyor"))
+        async with conveyor.in_process_batched(pf.loaded_modules) as fn:
+            loaded_batched = await fn(("trio", "conveyor"))
+    # Nothing of trio, trio_parallel, trio_util or the conveyor package.
+    assert loaded == loaded_batched == []
+
+
+def test_worker_module_imports_only_the_standard_library() -> None:
+    code = (
+        "import sys, _conveyor_worker; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('trio', 'trio_parallel', 'conveyor', 'outcome', 'tblib', 'cloudpickle')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(conveyor.__file__).parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, check=True, env=env, timeout=60,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
 async def test_loop_stays_responsive_while_processes_work() -> None:
     lateness: list[float] = []
 
@@ -824,3 +1158,48 @@ async def test_loop_stays_responsive_while_processes_work() -> None:
     assert len(report.succeeded) == 4
     assert len(lateness) > 50
     assert max(lateness) < 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts and worker processes
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in (
+        "__name__ == '__main__'",
+        "'__main__' == __name__",
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[1] / "examples").rglob("*.py")),
+    ids=lambda p: str(p.relative_to(Path(__file__).parents[1])),
+)
+def test_examples_run_nothing_at_import(path: Path) -> None:
+    # Worker processes are spawned and re-import the main module: a script's top-level work
+    # belongs under `if __name__ == "__main__":` (README, "Heavy work").
+    allowed = (
+        ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+        ast.Assign, ast.AnnAssign,
+    )
+    for node in ast.parse(path.read_text()).body:
+        if _is_main_guard(node):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        assert isinstance(node, allowed), f"line {node.lineno}: {ast.unparse(node)[:60]}"
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call):
+                    name = ast.unparse(call.func)
+                    assert not name.endswith(".run") and name != "main", (
+                        f"line {node.lineno} runs {name} at import"
+                    )
+
+
+def test_readme_in_process_example_has_the_main_guard() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Heavy work")[1].split("\n## ")[0]
+    assert 'if __name__ == "__main__":' in section
+    assert "re-imports your main" in section

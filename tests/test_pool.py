@@ -32,8 +32,9 @@ def simulate_seed000(n_items: int, workers: int, attempts: int) -> tuple[int, di
     """The schedule conveyor follows, computed by hand: (rounds of 1 s, attempts per item).
 
     All attempts last 1 s, so workers free up together at each whole second. Items wait in
-    the channel in order; an attempt that fails goes to the retry scheduler (backoff None:
-    due at once) and is resent behind what is already queued, in item order.
+    the channel in order; an attempt that fails with backoff None is due at once and goes
+    ahead of the items still queued (the seed's asyncio queue puts it behind them), so it
+    runs in the next round.
     """
     queue: deque[tuple[int, int]] = deque((n, 1) for n in range(n_items))
     tries: dict[int, int] = {}
@@ -47,7 +48,7 @@ def simulate_seed000(n_items: int, workers: int, attempts: int) -> tuple[int, di
             fails = n == 50 or seeded_failure(n, attempt)
             if fails and attempt < attempts:
                 failed.append((n, attempt + 1))
-        queue.extend(sorted(failed))
+        queue.extendleft(reversed(sorted(failed)))
     return rounds, tries
 
 

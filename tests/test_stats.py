@@ -258,11 +258,22 @@ async def test_a_failing_key_function_fails_the_item_not_the_pool(
     async def work(item: Any) -> Any:
         return item
 
+    calls: list[Any] = []
+
+    async def counted(item: Any) -> Any:
+        calls.append(item)
+        return item
+
     per_key = conveyor.PerKey(lambda item: item["host"], limit=1)
-    report = await conveyor.run(work, [{"host": "a"}, {"nohost": 1}], per_key=per_key)
+    report = await conveyor.run(
+        counted, [{"host": "a"}, {"nohost": 1}], per_key=per_key, retry=conveyor.Retry(attempts=3)
+    )
     assert len(report.succeeded) == 1
+    # fn never ran for it, and the key would raise again: failed at once, not retried
     [failed] = report.failed
-    assert isinstance(failed.error, KeyError) and failed.attempts == 1
+    assert isinstance(failed.error, KeyError) and failed.attempts == 0
+    assert calls == [{"host": "a"}]
+    assert report.stats.attempts == 1 and report.stats.retried == 0
 
 
 async def test_adaptive_limit_backs_off_under_overload_and_recovers(

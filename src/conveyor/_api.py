@@ -11,14 +11,14 @@ import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sized
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import trio
 
 from ._journal import check_journal, run_journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._options import check_fn, check_items, check_options
-from ._pool import Pool
+from ._pool import Pool, _OrderedRecords, _Records, give_back
 from ._progress import Progress
 from ._records import Record, Report
 from ._retry import Retry
@@ -230,7 +230,33 @@ def open_pool(
         fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
         limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive, progress=progress,
     )
-    return pool._running()
+    return _OpenPool(pool)
+
+
+class _OpenPool(Generic[T]):
+    """What :func:`open_pool` returns: enter it once with ``async with``."""
+
+    __slots__ = ("_cm", "_pool")
+
+    def __init__(self, pool: Pool[T]) -> None:
+        self._pool = pool
+        self._cm: AbstractAsyncContextManager[Pool[T]] | None = None
+
+    async def __aenter__(self) -> Pool[T]:
+        cm = self._pool._running()  # a second entry: "a pool runs once"
+        pool = await cm.__aenter__()
+        self._cm = cm
+        return pool
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._cm is not None
+        cm, self._cm = self._cm, None
+        return await cm.__aexit__(exc_type, exc, tb)
 
 
 def map(  # the contract's name; it shadows the builtin inside this module only
@@ -308,21 +334,21 @@ class MapStream(Generic[T]):
         self._cm: AbstractAsyncContextManager[AsyncIterator[Record]] | None = None
         self._used = False
 
-    @asynccontextmanager
-    async def _open(self) -> AsyncIterator[AsyncIterator[Record]]:
+    def _feed_and_records(self) -> tuple[Items, _Records]:
         if self._used:
             raise RuntimeError("a conveyor.map stream can be iterated once")
         self._used = True
         pool = self._pool
-        records: AsyncIterator[Record]
         if self._window is None:
-            feed: Items = self._items
-            records = pool.results()
-        else:
-            window = trio.Semaphore(self._window)
-            feed = _gated(self._items, window)
-            records = pool._results_in_order(window)
-        async with pool._running(feed), aclosing(records):  # type: ignore[type-var]
+            return self._items, _Records(pool)
+        window = trio.Semaphore(self._window)
+        return _gated(self._items, window), pool._results_in_order(window)
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[AsyncIterator[Record]]:
+        feed, records = self._feed_and_records()
+        pool = self._pool
+        async with pool._running(feed), aclosing(records):
             yield records
             if not pool._tasks_done:
                 pool.stop()  # the caller left before the end: take and start nothing more
@@ -341,73 +367,117 @@ class MapStream(Generic[T]):
         return await self._cm.__aexit__(exc_type, exc, tb)
 
     def __aiter__(self) -> AsyncIterator[Record]:
-        return _DirectIterator(self)
+        feed, records = self._feed_and_records()
+        host = _Host(self._pool, feed)
+        reader: _Records
+        if isinstance(records, _OrderedRecords):
+            reader = _BareOrdered(self._pool, records._window)
+        else:
+            reader = _BareUnordered(self._pool)
+        reader._host = host
+        host.start()
+        return reader
 
     def report(self) -> Report:
         """The account of the stream's pool (complete once it has ended)."""
         return self._pool.report()
 
 
-class _DirectIterator:
-    """The bare ``async for record in conveyor.map(...)`` form.
+class _Host:
+    """The pool of a bare ``async for record in conveyor.map(...)`` loop, in a system task.
 
-    A nursery must not stay open across the ``yield`` of an async generator: if the
-    consumer leaves its loop early, the generator is finalised later, in another task,
-    and the cancel scopes would be exited out of order. So the pool runs in a system task
-    (``host``) behind a channel, and this iterator only receives from it. Leaving the loop
-    early drops the iterator, whose ``__del__`` asks trio to cancel the host; an
-    exception or cancel while waiting tears the host down before it propagates.
+    A nursery must not stay open across the caller's loop (leaving it early would exit
+    cancel scopes out of order), so the pool runs in a system task, and the caller's
+    ``async for`` reads the pool's records directly (no channel between them: it costs
+    what the ``async with`` form costs). This object is all the task holds: never the
+    reader, so that dropping the reader (leaving the loop) finalises it at once.
     """
 
-    def __init__(self, stream: MapStream[Any]) -> None:
-        self._stream = stream
-        self._scope = trio.CancelScope()
-        self._done = trio.Event()
-        self._failure: BaseException | None = None
-        self._receive: trio.MemoryReceiveChannel[Record] | None = None
-        self._token = trio.lowlevel.current_trio_token()
+    __slots__ = ("_feed", "done", "failure", "pool", "scope", "token")
 
-    def __aiter__(self) -> _DirectIterator:
-        return self
+    def __init__(self, pool: Pool[Any], feed: Items) -> None:
+        self.pool = pool
+        self._feed: Items | None = feed
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.failure: BaseException | None = None
+        self.token = trio.lowlevel.current_trio_token()
 
-    async def __anext__(self) -> Record:
-        if self._receive is None:
-            send, self._receive = trio.open_memory_channel[Record](0)
-            trio.lowlevel.spawn_system_task(
-                self._host, send, context=contextvars.copy_context()
-            )
+    def start(self) -> None:
+        trio.lowlevel.spawn_system_task(
+            self._run, context=contextvars.copy_context(), name="conveyor.map"
+        )
+
+    async def _run(self) -> None:
         try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            await self._done.wait()
-            if self._failure is not None and not isinstance(self._failure, trio.Cancelled):
-                raise self._failure from None
-            raise StopAsyncIteration from None
-        except BaseException:
-            self._scope.cancel()
-            with trio.CancelScope(shield=True):
-                await self._done.wait()
-            raise
-
-    async def _host(self, send: trio.MemorySendChannel[Record]) -> None:
-        try:
-            with self._scope:
-                async with send, self._stream as records:
-                    async for record in records:
-                        await send.send(record)
+            feed, self._feed = self._feed, None
+            with self.scope:
+                async with self.pool._running(feed):
+                    pass
         except BaseException as exc:  # a system task must not raise: hand it over
-            self._failure = exc
+            self.failure = exc
         finally:
-            self._done.set()
+            self.done.set()
+
+    def left(self, pending: dict[int, Record] | None) -> None:
+        """The caller left its loop: no new attempt from now on, then stop the pool.
+
+        Called from ``__del__``, so it only sets a flag here and asks trio to do the rest
+        (run_sync_soon is the one trio call that is safe from a finaliser). ``pending``:
+        records an ordered reader held back, which go back to the pool's report.
+        """
+        if not self.done.is_set():
+            self.pool._stopping = True  # read by every worker before it starts an attempt
+        try:
+            self.token.run_sync_soon(self._stop, pending)
+        except trio.RunFinishedError:
+            self._stop(pending)
+
+    def _stop(self, pending: dict[int, Record] | None) -> None:
+        if pending:
+            give_back(self.pool, pending)
+        self.scope.cancel()
+
+    async def end(self) -> NoReturn:
+        await self.done.wait()
+        failure = self.failure
+        self.failure = None
+        if failure is not None and not isinstance(failure, trio.Cancelled):
+            raise failure
+        raise StopAsyncIteration
+
+    async def interrupted(self) -> None:
+        """The reader was cancelled or failed while waiting: stop the pool, wait for it."""
+        self.pool._stopping = True
+        self.scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self.done.wait()
+
+
+class _Bare:
+    """The hooks of a reader used in the bare ``async for`` form (see :class:`_Host`)."""
+
+    __slots__ = ()
+    _host: _Host
+
+    async def _end(self) -> NoReturn:
+        await self._host.end()
+
+    async def _interrupted(self) -> None:
+        await self._host.interrupted()
 
     def __del__(self) -> None:
-        # Called by the garbage collector when the caller leaves its loop early. Only
-        # run_sync_soon is safe here (GC can run in the middle of trio's own code).
-        if self._receive is not None and not self._done.is_set():
-            try:
-                self._token.run_sync_soon(self._scope.cancel)
-            except trio.RunFinishedError:
-                pass
+        host = getattr(self, "_host", None)
+        if host is not None:
+            host.left(getattr(self, "_pending", None))
+
+
+class _BareUnordered(_Bare, _Records):
+    __slots__ = ("_host",)
+
+
+class _BareOrdered(_Bare, _OrderedRecords):
+    __slots__ = ("_host",)
 
 
 async def _gated(items: Items, window: trio.Semaphore) -> AsyncIterator[Any]:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._pool import sole_error
 from ._records import Failed, Report, Succeeded, Unfinished
 
 if TYPE_CHECKING:
@@ -445,10 +446,18 @@ async def run_journaled(
         writer = _Writer(db, spec)
         try:
             async with pool._running(remaining.feed()):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(writer.flusher)
-                    await writer.read(pool)
-                    nursery.cancel_scope.cancel()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(writer.flusher)
+                        await writer.read(pool)
+                        nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    # This nursery is ours, not the caller's: what stopped it (Ctrl-C, a
+                    # cancel, a failed write) comes out as itself, as from run().
+                    sole = sole_error(group, None)
+                    if sole is None:
+                        raise
+                    raise sole from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:

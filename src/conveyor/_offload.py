@@ -9,13 +9,18 @@ How a job travels to a worker process and back (every backend, the same way):
 - In the parent, the function is pickled once per wrapper and the arguments once per call,
   with the standard :mod:`pickle`. A failure names what could not be pickled
   (:class:`NotPicklableError`) and, for a lambda or a local function, shows the fix.
-- In the worker, :func:`_run_jobs` unpickles them, calls the function, and pickles each
-  result or exception itself. An exception travels with its formatted worker-side traceback,
-  which the parent attaches as ``__cause__`` (as :mod:`concurrent.futures.process` does), so
-  ``traceback.format_exception(error)`` shows the frames inside the worker. An exception that
-  cannot itself be pickled is replaced by a :class:`RemoteError` carrying its type and text.
-  For :func:`in_process_batched`, :func:`_run_batch` does the same but returns the values
-  themselves, after checking that they pickle: a batch's results cross in one pickle.
+- In the worker, ``_conveyor_worker.run_jobs`` unpickles them, calls the function, and
+  pickles each result or exception itself. That module is a top-level one that imports only
+  the standard library (not this package, whose ``__init__`` imports trio): a fresh worker
+  process starts as fast as with trio-parallel alone. An exception travels with its
+  formatted worker-side traceback, which the parent attaches as ``__cause__`` (as
+  :mod:`concurrent.futures.process` does), so ``traceback.format_exception(error)`` shows
+  the frames inside the worker. An exception that cannot itself be pickled is replaced by a
+  :class:`RemoteError` carrying its type and text; so is a ``SystemExit`` or
+  ``KeyboardInterrupt`` raised by the function (never retried): code in a worker cannot end
+  the caller's program. For :func:`in_process_batched`, ``run_batch`` does the same but
+  returns the values themselves, after checking that they pickle: a batch's results cross
+  in one pickle.
 - The backend (trio-parallel, or a ``concurrent.futures.Executor``) therefore only ever moves
   bytes, or values already checked to pickle, so its own pickling (pickle or cloudpickle)
   never decides what works.
@@ -31,7 +36,7 @@ import itertools
 import math
 import os
 import pickle
-import traceback
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +44,11 @@ from typing import Any, Generic, TypeVar, TypeVarTuple, Unpack
 
 import trio
 import trio_parallel  # type: ignore[import-untyped]  # untyped; its API is small
+
+import _conveyor_worker as _worker
+
+from . import _linger
+from ._pool import AttemptTimeout
 
 __all__ = [
     "NotPicklableError",
@@ -53,7 +63,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
 
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_PROTOCOL = _worker.PROTOCOL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,9 +112,15 @@ class NotPicklableError(pickle.PicklingError, TypeError):
 
 
 class RemoteError(RuntimeError):
-    """Stands in for an exception raised in a worker process that could not be pickled back.
+    """Stands in for an exception raised in a worker process that cannot be raised as it is
+    in the caller.
 
-    Its message holds the original type and text, and its ``__cause__`` the worker-side
+    Two cases: the exception could not be pickled back (then it is retried like any error),
+    or the function raised ``SystemExit``, ``KeyboardInterrupt`` or another
+    ``BaseException`` that is not an ``Exception``: code running in a worker process cannot
+    end the caller's program, so that call fails with this error instead, which carries
+    ``retryable = False`` (a pool records it as ``Failed`` at once and goes on). Its message
+    names what was raised (``SystemExit(3)``), and its ``__cause__`` holds the worker-side
     traceback, like any exception coming back from :func:`in_process`.
     """
 
@@ -126,49 +142,160 @@ class _RemoteTraceback(Exception):
 
 
 def in_thread(
-    f: Callable[[Unpack[Ts]], R], limiter: trio.CapacityLimiter | None = None
+    f: Callable[[Unpack[Ts]], R], *, limiter: trio.CapacityLimiter | None = None
 ) -> Callable[[Unpack[Ts]], Awaitable[R]]:
     """Make a sync function an async callable that runs it in a worker thread.
 
-    ``await in_thread(f)(*args)`` is ``await trio.to_thread.run_sync(f, *args,
-    limiter=limiter)``. Use it for blocking I/O or for C code that releases the GIL; CPU-bound
-    Python code belongs in :func:`in_process` (threads share one GIL, and a CPU-bound thread
-    slows the event loop down too).
+    ``await in_thread(f)(*args)`` runs ``f(*args)`` with ``trio.to_thread.run_sync(...,
+    limiter=limiter)``. Use it for blocking I/O or for C code that releases the GIL;
+    CPU-bound Python code belongs in :func:`in_process` (threads share one GIL, and a
+    CPU-bound thread slows the event loop down too).
 
-    Exceptions from ``f`` reach the caller unchanged, with their traceback.
+    Exceptions from ``f`` reach the caller unchanged, with their traceback. If ``f`` returns
+    a coroutine or another awaitable (``in_thread(lambda n: fetch(client, n))`` with an
+    async ``fetch``), the call fails with a :class:`TypeError` carrying ``retryable =
+    False`` (never retried), and the coroutine is closed: async code is given to the pool
+    itself, not through ``in_thread`` (``functools.partial(fetch, client)``).
 
     **Cancellation handling**: a thread cannot be stopped from outside. Cancellation is
-    checked before the thread starts; once ``f`` runs, a cancel waits for it to finish
-    (trio's ``abandon_on_cancel=False``): the call then returns ``f``'s result (or raises
-    its error) as if nothing happened, and the cancel takes effect at the caller's next
-    checkpoint. So no thread is ever left running on behalf of a pool that has ended, and
-    a job that completed is not thrown away. If ``f`` can run for long, make it check a flag
-    (a ``threading.Event`` set on cancel) or use :func:`in_process`, whose workers can be
-    killed.
+    checked before the thread starts. Once ``f`` runs:
+
+    - *Inside a pool* (the pool's task function, or code it awaits): a cancel (the pool's
+      per-attempt ``timeout``, ``stop()``, an outside cancel) abandons the thread at once
+      (trio's ``abandon_on_cancel=True``): the attempt raises at its deadline, so a
+      ``timeout`` is enforced and fails the attempt with ``AttemptTimeout``, retried like
+      any error. The abandoned thread runs ``f`` to its end and its result is discarded;
+      it keeps its ``limiter`` slot until ``f`` really returns (so a retry may wait for
+      that slot), and the pool's block (``run``, ``map``, ``open_pool``) does not end
+      before every thread it started has returned. A call cancelled before its thread
+      began (waiting for the ``limiter``, say) never calls ``f``.
+    - *Outside a pool*: a cancel waits for ``f`` to finish (trio's
+      ``abandon_on_cancel=False``): the call then returns ``f``'s result (or raises its
+      error) as if nothing happened, and the cancel takes effect at the caller's next
+      checkpoint.
+
+    Either way no thread outlives the pool it was started for. If ``f`` can run for long,
+    make it check a flag (a ``threading.Event`` set on cancel) or use :func:`in_process`,
+    whose workers can be killed.
 
     Args:
         f: a sync callable; positional arguments are passed through (bind keyword arguments
             with :func:`functools.partial`).
-        limiter: caps the threads running ``f`` at once; by default trio's default thread
-            limiter (40 threads, shared by all ``trio.to_thread`` calls).
+        limiter: caps the threads running ``f`` at once (keyword only); by default trio's
+            default thread limiter (40 threads, shared by all ``trio.to_thread`` calls).
 
     Returns:
         An ``async def`` callable taking the same positional arguments as ``f``.
 
     Raises:
-        TypeError: ``f`` is not callable, or is already an async function.
+        TypeError: ``f`` is not callable, or is already an async function; ``limiter`` is
+            not a ``trio.CapacityLimiter``.
     """
     _check_sync_callable("in_thread", f)
     if limiter is not None and not isinstance(limiter, trio.CapacityLimiter):
         raise TypeError(
             f"in_thread limiter must be a trio.CapacityLimiter or None, got {limiter!r}"
         )
+    thread_name = _wrapper_name("in_thread", f)
+    isawaitable = inspect.isawaitable
+
+    def call(*args: *Ts) -> R:  # in the thread
+        value = f(*args)
+        if isawaitable(value):
+            raise _returned_awaitable(f, value)
+        return value
 
     async def call_in_thread(*args: *Ts) -> R:
-        return await trio.to_thread.run_sync(f, *args, limiter=limiter)
+        linger = _linger.current.get()
+        if linger is None:  # not in a pool: a cancel waits for the thread
+            return await trio.to_thread.run_sync(
+                call, *args, limiter=limiter, thread_name=thread_name
+            )
+        job = _ThreadJob(functools.partial(call, *args))
+        try:
+            return await trio.to_thread.run_sync(
+                job.run, limiter=limiter, abandon_on_cancel=True, thread_name=thread_name
+            )
+        except BaseException:
+            job.abandon(linger)
+            raise
 
     _name_wrapper(call_in_thread, "in_thread", f)
     return call_in_thread
+
+
+def _returned_awaitable(f: object, value: object) -> TypeError:
+    if inspect.iscoroutine(value):
+        value.close()  # no "coroutine was never awaited" warning
+        what = "a coroutine"
+    else:
+        what = f"an awaitable ({type(value).__name__})"
+    error = TypeError(
+        f"in_thread(f): f ({_describe(f)}) returned {what}, so it is async code, and"
+        " in_thread runs sync functions in a thread. Give the async function to the pool"
+        " itself, without in_thread: an async def function, or functools.partial(async_fn,"
+        " ...) to bind its arguments"
+    )
+    error.retryable = False  # type: ignore[attr-defined]  # read by Retry: never retried
+    return error
+
+
+_QUEUED, _RUNNING, _FINISHED, _ABANDONED = range(4)
+
+
+class _ThreadJob:
+    """One call of ``in_thread`` inside a pool, whose thread may be abandoned on cancel.
+
+    The thread and the trio side agree under a lock on what happened: a job abandoned
+    before it began never calls ``f``; one abandoned while it runs signals its end from the
+    thread (``run_sync_soon`` on the trio token), and a task in the pool's linger nursery
+    waits, shielded, for that signal, so the pool's block ends only after the thread has.
+    """
+
+    __slots__ = ("call", "ended", "lock", "state")
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.call = call
+        self.lock = threading.Lock()
+        self.state = _QUEUED
+        self.ended: tuple[trio.Event, trio.lowlevel.TrioToken] | None = None
+
+    def run(self) -> Any:  # in the thread
+        with self.lock:
+            if self.state == _ABANDONED:
+                return None  # nobody waits for it: f is not called
+            self.state = _RUNNING
+        try:
+            return self.call()
+        finally:
+            with self.lock:
+                self.state = _FINISHED
+                ended = self.ended
+            if ended is not None:
+                event, token = ended
+                try:
+                    token.run_sync_soon(event.set)
+                except trio.RunFinishedError:  # pragma: no cover - the run ended first
+                    pass
+
+    def abandon(self, linger: trio.Nursery) -> None:  # in trio, the attempt is leaving
+        with self.lock:
+            if self.state == _FINISHED:
+                return
+            if self.state == _QUEUED:
+                self.state = _ABANDONED
+                return
+            event = trio.Event()
+            self.ended = (event, trio.lowlevel.current_trio_token())
+        try:
+            linger.start_soon(_wait_for_thread, event)
+        except RuntimeError:  # pragma: no cover - called from a task that outlived its pool
+            pass  # that pool has ended: nothing is left to hold back
+
+
+async def _wait_for_thread(ended: trio.Event) -> None:
+    with trio.CancelScope(shield=True):
+        await ended.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,9 +304,9 @@ def in_thread(
 
 def in_process(
     f: Callable[[Unpack[Ts]], R],
+    *,
     executor: concurrent.futures.Executor | None = None,
     kill_on_cancel: bool = True,
-    *,
     limiter: trio.CapacityLimiter | None = None,
 ) -> Callable[[Unpack[Ts]], Awaitable[R]]:
     """Make a sync function an async callable that runs it in a worker process.
@@ -203,6 +330,16 @@ def in_process(
     cannot be pickled fails every call (in a pool, one ``Failed`` per item, none lost)
     instead of failing here.
 
+    **Timeouts**: when this callable is the task function of a pool with a per-attempt
+    ``timeout`` (default backend), the clock of each attempt starts once a worker process is
+    ready for its job: an attempt that finds
+    no idle worker first starts one, and that start is not counted (nor is waiting for the
+    ``limiter``). So a cold start, or the fresh worker that replaces one killed by a
+    timeout, never fails an attempt; an attempt still fails with ``AttemptTimeout`` when
+    the job itself runs past ``timeout``, and its worker is killed. With an ``executor``,
+    or when the callable is awaited inside another task function, the pool's clock runs
+    from the call (queueing in the executor, or a worker's start, included).
+
     **Cancellation handling**: with the default backend and ``kill_on_cancel=True``, a
     cancel kills the worker process running the job and raises ``trio.Cancelled`` at once
     (trio-parallel starts a new worker for the next job). With an ``executor``, a job still
@@ -217,6 +354,16 @@ def in_process(
     **Dead workers**: a worker that dies mid-job raises :class:`WorkerDied` (default
     backend); the pool's default retry policy retries it on a fresh worker.
 
+    **SystemExit and KeyboardInterrupt** raised by ``f`` in the worker do not end the
+    caller's program: that call fails with a :class:`RemoteError` naming what was raised,
+    which is never retried.
+
+    Worker processes are started with ``spawn``: each imports the module that defines
+    ``f`` and re-imports the main module of the program, so a script needs the
+    ``if __name__ == "__main__":`` guard around its top-level code. The worker-side code of
+    conveyor imports only the standard library; keep the module defining ``f`` light too
+    (no trio, no conveyor) and fresh workers start faster.
+
     Args:
         f: a sync callable, picklable by reference.
         executor: a ``concurrent.futures.Executor`` to run the jobs; None for trio-parallel.
@@ -224,6 +371,8 @@ def in_process(
             (executor) instead of waiting for it to finish.
         limiter: caps the jobs running at once with the default backend; it must be None
             with an ``executor`` (which has its own ``max_workers``).
+
+        Every argument after ``f`` is keyword only.
 
     Returns:
         An ``async def`` callable taking the same positional arguments as ``f``.
@@ -242,15 +391,35 @@ def in_process(
         return result
 
     _name_wrapper(call_in_process, "in_process", f)
+    if executor is None:
+
+        def timed(timeout: float) -> Callable[[Unpack[Ts]], Awaitable[R]]:
+            """The same callable, enforcing a pool's per-attempt ``timeout`` itself."""
+
+            async def call_in_process_timed(*args: *Ts) -> R:
+                blob = _dump_args(backend.fn_name, args)
+                (reply,) = await backend.run([blob], timeout)
+                result: R = _load_reply(reply)
+                return result
+
+            _name_wrapper(call_in_process_timed, "in_process", f)
+            return call_in_process_timed
+
+        # A pool with a timeout calls this once, before its workers start, and runs the
+        # callable it returns without timing it: see Pool._run_tasks.
+        setattr(call_in_process, _OWN_TIMEOUT, timed)
     return call_in_process
+
+
+_OWN_TIMEOUT = "_conveyor_timed"
 
 
 @asynccontextmanager
 async def in_process_batched(
     f: Callable[[Unpack[Ts]], R],
+    *,
     executor: concurrent.futures.Executor | None = None,
     kill_on_cancel: bool = True,
-    *,
     batch_size: int = 256,
     max_batches: int | None = None,
     limiter: trio.CapacityLimiter | None = None,
@@ -326,9 +495,8 @@ async def in_process_batched(
 # ---------------------------------------------------------------------------------------------
 # The backends: move a list of pickled argument tuples to a worker, get replies back.
 
-# A reply from the worker for one call: (True, pickled value) or (False, pickled exception,
-# formatted worker traceback).
-_Reply = tuple[bool, bytes, str]
+# A reply from the worker for one call: (kind, payload, text), see _conveyor_worker.
+_Reply = _worker.Reply
 
 
 @dataclass(eq=False)
@@ -363,7 +531,9 @@ class _Backend:
                     f"{api} limiter applies to the default backend only; with an executor, "
                     "size the executor itself (e.g. max_workers)"
                 )
-        return cls(f, _describe(f), executor, bool(kill_on_cancel), limiter)
+        if not isinstance(kill_on_cancel, bool):
+            raise TypeError(f"{api} kill_on_cancel must be True or False, got {kill_on_cancel!r}")
+        return cls(f, _describe(f), executor, kill_on_cancel, limiter)
 
     @functools.cached_property
     def fn_blob(self) -> bytes:
@@ -372,33 +542,56 @@ class _Backend:
         # pickle is reused by every later call.
         return pickle.dumps(self.fn, _PROTOCOL)
 
-    async def run(self, arg_blobs: list[bytes]) -> list[_Reply]:
-        replies: list[_Reply] = await self.submit(_run_jobs, arg_blobs)
+    async def run(self, arg_blobs: list[bytes], timeout: float | None = None) -> list[_Reply]:
+        replies: list[_Reply] = await self.submit(_worker.run_jobs, arg_blobs, timeout)
         return replies
 
     async def submit(
-        self, worker: Callable[[str, bytes, Sequence[bytes], int], list[T]], arg_blobs: list[bytes]
+        self,
+        worker: Callable[[str, bytes, Sequence[bytes], int], list[T]],
+        arg_blobs: list[bytes],
+        timeout: float | None = None,
     ) -> list[T]:
-        """Run ``worker(fn_name, fn_blob, arg_blobs, call_number)`` in a worker process."""
+        """Run ``worker(fn_name, fn_blob, arg_blobs, call_number)`` in a worker process;
+        with a ``timeout`` (default backend only), raise :class:`AttemptTimeout` if the job
+        runs longer than that once a worker process is ready for it."""
         try:
             fn_blob = self.fn_blob
         except Exception as exc:
             raise _not_picklable_function(self.fn_name, self.fn, exc) from exc
         if self.executor is None:
+            gate = None if timeout is None else _ReadyWorker(self.limiter, timeout, fn_blob)
             try:
-                replies: list[T] = await trio_parallel.run_sync(
-                    worker,
-                    self.fn_name,
-                    fn_blob,
-                    arg_blobs,
-                    0,
-                    kill_on_cancel=self.kill_on_cancel,
-                    limiter=self.limiter,
-                )
+                if gate is None:
+                    replies: list[T] = await trio_parallel.run_sync(
+                        worker,
+                        self.fn_name,
+                        fn_blob,
+                        arg_blobs,
+                        0,
+                        kill_on_cancel=self.kill_on_cancel,
+                        limiter=self.limiter,
+                    )
+                    return replies
+                with gate.scope:
+                    replies = await trio_parallel.run_sync(
+                        worker,
+                        self.fn_name,
+                        fn_blob,
+                        arg_blobs,
+                        0,
+                        kill_on_cancel=self.kill_on_cancel,
+                        limiter=gate,
+                    )
+                    return replies
             except trio_parallel.BrokenWorkerError as exc:
                 died = _worker_died(self.fn_name, exc)
             else:
-                return replies
+                # only reached when the gate's own deadline cancelled the job
+                raise AttemptTimeout(
+                    f"attempt took longer than timeout={timeout} s (timed from the moment a"
+                    " worker process was ready for the job)"
+                )
             # Raised outside the except block, so not chained to trio-parallel's error: that
             # one holds the multiprocessing.Process, which cannot be pickled, and tblib (which
             # Dask installs for every exception class) pickles the chain. WorkerDied's message
@@ -411,6 +604,61 @@ class _Backend:
             worker, self.fn_name, fn_blob, arg_blobs, next(_call_numbers)
         )
         return await _wait_future(future, self.kill_on_cancel)
+
+
+class _ReadyWorker:
+    """The limiter handed to trio-parallel for a job with a timeout: it acquires the real
+    limiter, makes sure an idle worker process is ready (if none is, it starts one with a
+    job that only loads the function), then starts the job's clock (``scope.deadline``).
+
+    trio-parallel enters its limiter and then takes the newest idle worker from its cache
+    with no checkpoint in between, so the job gets a ready worker: the start of a worker
+    process never counts against the job's ``timeout``.
+    """
+
+    __slots__ = ("fn_blob", "limiter", "scope", "timeout")
+
+    def __init__(
+        self, limiter: trio.CapacityLimiter | None, timeout: float, fn_blob: bytes
+    ) -> None:
+        self.limiter = limiter or trio_parallel.current_default_worker_limiter()
+        self.timeout = timeout
+        self.fn_blob = fn_blob
+        self.scope = trio.CancelScope()
+
+    async def __aenter__(self) -> None:
+        await self.limiter.acquire()
+        try:
+            if not trio_parallel.default_context_statistics().idle_workers:
+                # Holds this job's limiter token: the worker started here is the one the
+                # job runs in (unless a worker that was busy became idle meanwhile).
+                await trio_parallel.run_sync(
+                    _worker.ready, self.fn_blob, kill_on_cancel=True, limiter=_NO_LIMIT
+                )
+        except BaseException:
+            self.limiter.release()
+            raise
+        self.scope.deadline = trio.current_time() + self.timeout
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.limiter.release()
+
+
+class _NoLimit:
+    """An async context manager that limits nothing (for the warm-up job, which runs under
+    the token its job already holds)."""
+
+    async def __aenter__(self) -> None:
+        pass
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+_NO_LIMIT = _NoLimit()
+
+
+_call_numbers = itertools.count()
 
 
 def _worker_died(fn_name: str, exc: trio_parallel.BrokenWorkerError) -> WorkerDied:
@@ -582,7 +830,9 @@ class _Batcher(Generic[R]):
         error: Exception | None = None
         try:
             with batch.scope:
-                replies = await self._backend.submit(_run_batch, [c.blob for c in batch.calls])
+                replies = await self._backend.submit(
+                    _worker.run_batch, [c.blob for c in batch.calls]
+                )
         except Exception as exc:
             error = exc
         finally:
@@ -601,7 +851,7 @@ class _Batcher(Generic[R]):
         if replies is not None:
             for call, reply in zip(batch.calls, replies, strict=True):
                 if not call.abandoned:
-                    if type(reply) is _Failure:
+                    if type(reply) is _worker.Failure:
                         call.failure = reply.reply
                     else:
                         call.value = reply
@@ -660,11 +910,19 @@ def _dump_args(fn_name: str, args: tuple[Any, ...]) -> bytes:
 
 
 def _load_reply(reply: _Reply) -> Any:
-    ok, blob, remote_tb = reply
-    if ok:
-        return pickle.loads(blob)
-    error = pickle.loads(blob)
-    assert isinstance(error, BaseException)
+    kind, payload, remote_tb = reply
+    if kind == _worker.OK:
+        return pickle.loads(payload)
+    error: BaseException
+    if kind == _worker.RAISED:
+        error = pickle.loads(payload)
+        assert isinstance(error, BaseException)
+    elif kind == _worker.NOT_PICKLABLE:
+        error = NotPicklableError(payload)
+    else:
+        error = RemoteError(payload)
+        if kind == _worker.EXITED:
+            error.retryable = False  # type: ignore[attr-defined]  # read by Retry
     # The worker's text shows the whole chain; drop whatever a tblib-enabled pickle (Dask
     # installs one) restored, so each frame shows once, the same way on every backend.
     error.__traceback__ = None
@@ -674,147 +932,19 @@ def _load_reply(reply: _Reply) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# In the worker process
-
-
-_call_numbers = itertools.count()
-
-
-def _run_jobs(
-    fn_name: str, fn_blob: bytes, arg_blobs: Sequence[bytes], call_number: int = 0
-) -> list[_Reply]:
-    """Run ``f(*args)`` for each pickled argument tuple; one reply per call, never raising
-    for a problem of one call. Runs in the worker process (module level, so it is found by
-    name there). ``call_number`` only makes each submission distinct."""
-    fn, failure = _load_function(fn_name, fn_blob)
-    if fn is None:
-        assert failure is not None
-        return [failure for _ in arg_blobs]
-    replies: list[_Reply] = []
-    for arg_blob in arg_blobs:
-        try:
-            args = pickle.loads(arg_blob)
-        except Exception as exc:
-            replies.append(_args_not_loadable(fn_name, exc))
-            continue
-        try:
-            value = fn(*args)
-        except Exception as exc:
-            replies.append(_error_reply(exc))
-            continue
-        try:
-            replies.append((True, pickle.dumps(value, _PROTOCOL), ""))
-        except Exception as exc:
-            replies.append(_result_not_picklable(fn_name, value, exc))
-    return replies
-
-
-def _load_function(
-    fn_name: str, fn_blob: bytes
-) -> tuple[Callable[..., Any], None] | tuple[None, _Reply]:
-    """The function, or None and the error reply that answers each call."""
-    try:
-        return pickle.loads(fn_blob), None
-    except Exception as exc:
-        problem = NotPicklableError(
-            f"the worker process cannot load the function {fn_name}"
-            f" ({type(exc).__name__}: {exc}); is its module importable there?"
-        )
-        return None, _error_reply(problem, exc)
-
-
-def _args_not_loadable(fn_name: str, exc: Exception) -> _Reply:
-    problem = NotPicklableError(
-        f"the worker process cannot load the arguments of {fn_name}"
-        f" ({type(exc).__name__}: {exc})"
-    )
-    return _error_reply(problem, exc)
-
-
-def _result_not_picklable(fn_name: str, value: object, exc: Exception) -> _Reply:
-    problem = NotPicklableError(
-        f"cannot send the result of {fn_name} back from the worker process: the"
-        f" {type(value).__name__} it returned cannot be pickled"
-        f" ({type(exc).__name__}: {exc})"
-    )
-    return _error_reply(problem, exc)
-
-
-class _Failure:
-    """In the list :func:`_run_batch` returns: a call that failed, with its error reply (which
-    the caller loads and raises). Any other entry is the call's return value."""
-
-    __slots__ = ("reply",)
-
-    def __init__(self, reply: _Reply) -> None:
-        self.reply = reply
-
-    def __reduce__(self) -> tuple[type[_Failure], tuple[_Reply]]:
-        return (_Failure, (self.reply,))
-
-
-def _run_batch(
-    fn_name: str, fn_blob: bytes, arg_blobs: Sequence[bytes], call_number: int = 0
-) -> list[Any]:
-    """Like :func:`_run_jobs`, but a call that succeeds is answered by its value itself, not
-    by a pickle of it: the backend then pickles (and the parent unpickles) the whole list in
-    one go instead of once per call. Each value is checked here to pickle, so one that
-    cannot is replaced by its own :class:`NotPicklableError` and fails only its call."""
-    fn, failure = _load_function(fn_name, fn_blob)
-    if fn is None:
-        assert failure is not None
-        return [_Failure(failure) for _ in arg_blobs]
-    replies: list[Any] = []
-    for arg_blob in arg_blobs:
-        try:
-            args = pickle.loads(arg_blob)
-        except Exception as exc:
-            replies.append(_Failure(_args_not_loadable(fn_name, exc)))
-            continue
-        try:
-            replies.append(fn(*args))
-        except Exception as exc:
-            replies.append(_Failure(_error_reply(exc)))
-    try:
-        pickle.dumps(replies, _PROTOCOL)
-    except Exception:  # find the culprits; the others go back as they are
-        for i, reply in enumerate(replies):
-            if not isinstance(reply, _Failure):
-                try:
-                    pickle.dumps(reply, _PROTOCOL)
-                except Exception as exc:
-                    replies[i] = _Failure(_result_not_picklable(fn_name, reply, exc))
-    return replies
-
-
-def _error_reply(error: BaseException, cause: BaseException | None = None) -> _Reply:
-    shown = error if cause is None else cause
-    remote_tb = "".join(traceback.format_exception(shown))
-    try:
-        blob = pickle.dumps(error, _PROTOCOL)
-        pickle.loads(blob)  # some exceptions pickle but cannot be rebuilt; find out here
-    except Exception as exc:
-        stand_in = RemoteError(
-            f"{type(error).__module__}.{type(error).__qualname__}: {error}"
-            f" (the original exception could not be pickled: {type(exc).__name__}: {exc})"
-        )
-        blob = pickle.dumps(stand_in, _PROTOCOL)
-    return (False, blob, remote_tb)
-
-
-# ---------------------------------------------------------------------------------------------
 # Small helpers
 
 
 def _check_sync_callable(api: str, f: object) -> None:
     if not callable(f):
-        raise TypeError(f"{api} expects a sync callable, got {f!r}")
+        raise TypeError(f"{api}(f): f must be a sync callable, got {_short_repr(f)}")
     target = _unwrap_partial(f)
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
         getattr(target, "__call__", None)  # noqa: B004 - an async __call__ counts too
     ):
         raise TypeError(
-            f"{api} expects a sync function, but {_describe(f)} is async: await it directly"
+            f"{api}(f): f must be a sync function, but {_describe(f)} is async: give it to"
+            f" the pool (or await it) directly, without {api}"
         )
 
 
@@ -846,10 +976,12 @@ def _short_repr(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _wrapper_name(api: str, f: object) -> str:
+    return f"{api}({getattr(_unwrap_partial(f), '__name__', type(f).__name__)})"
+
+
 def _name_wrapper(wrapper: Callable[..., Any], api: str, f: object) -> None:
     # A readable name in stats, logs and reprs; deliberately no __wrapped__, so that
     # inspect.unwrap() does not lead a coroutine-function check to the sync function.
-    name = getattr(_unwrap_partial(f), "__name__", type(f).__name__)
-    wrapper.__name__ = f"{api}({name})"
-    wrapper.__qualname__ = f"{api}({name})"
+    wrapper.__name__ = wrapper.__qualname__ = _wrapper_name(api, f)
 

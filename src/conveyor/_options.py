@@ -45,7 +45,17 @@ def _is_async_callable(fn: object) -> bool:
 
 
 def check_items(items: object) -> None:
-    """Refuse ``items`` that is neither an iterable nor an async iterable."""
+    """Refuse ``items`` that is neither an iterable nor an async iterable, or is a string.
+
+    A ``str`` or ``bytes`` is iterable, but as one item per character (or per int) it is
+    never what was meant.
+    """
+    if isinstance(items, str | bytes | bytearray | memoryview):
+        raise TypeError(
+            f"items must be an iterable of items, got the {type(items).__name__} "
+            f"{items!r:.60}, which would be processed one character at a time; "
+            f"pass [{items!r:.40}] for a single item"
+        )
     if isinstance(items, AsyncIterable | Iterable):
         return
     raise TypeError(

@@ -26,18 +26,22 @@ as ``Unfinished`` in ``_finalize``: nothing is dropped.
 from __future__ import annotations
 
 import heapq
+import inspect
 import logging
+import math
 import traceback
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar
+from types import CoroutineType
+from typing import Any, Generic, NoReturn, TypeVar
 
 import trio
 from trio.lowlevel import ParkingLot, checkpoint
 
 from . import _linger
 from ._limits import Adaptive, Claim, Limit, PerKey
+from ._options import check_drain
 from ._progress import Progress
 from ._quantiles import Quantiles, Throughput
 from ._records import Failed, Record, Report, Succeeded, Unfinished
@@ -120,8 +124,10 @@ class Pool(Generic[T]):
         adaptive: Adaptive | None = None,
         progress: Progress | None = None,
     ) -> None:
-        self._fn = fn
+        self._fn = fn if inspect.iscoroutinefunction(fn) else _awaiting(fn)
         self._workers = workers
+        self._spawned = 0  # worker tasks started so far (lazily, see _spawn_workers)
+        self._nursery: trio.Nursery | None = None
         self._retry = retry
         self._timeout = timeout
         self._drain = drain
@@ -136,6 +142,9 @@ class Pool(Generic[T]):
         self._tasks_done = False
         # Retry scheduler: (due time, seq, job); seq breaks ties in submission order.
         self._heap: list[tuple[float, int, _Job]] = []
+        # Retries that are due while fresh items wait in the channel: workers take these
+        # first (a retry already holds its slot; it should not queue behind the backlog).
+        self._due: deque[_Job] = deque()
         self._scheduler_lot = ParkingLot()
         # Settled records not handed out yet: (seq, record).
         # Records only; (seq, record) pairs when an ordered reader needs the sequence
@@ -187,6 +196,8 @@ class Pool(Generic[T]):
         self._inner_scope = trio.CancelScope(shield=True)
         self._watch_scope = trio.CancelScope()
         self._feed_scope = trio.CancelScope()
+        self._caller_error: BaseException | None = None  # raised by the caller's block
+        self._feed_error: Exception | None = None  # raised by `items`: re-raised at the end
 
     # ------------------------------------------------------------------ intake
 
@@ -244,6 +255,8 @@ class Pool(Generic[T]):
         ``drain`` option, 0 unless set), then they are cancelled. Everything not settled by
         then settles as ``Unfinished``. Calling it again can only shorten the grace.
         """
+        if drain is not None:
+            check_drain(drain)
         grace = self._drain if drain is None else drain
         self._stopping = True
         self._intake_closed = True
@@ -287,6 +300,8 @@ class Pool(Generic[T]):
             job.enqueued = self._now()
         self._outstanding[seq] = job
         self._submitted += 1
+        if self._spawned < self._workers:
+            self._spawn_workers()
         return job
 
     def _unaccept(self, job: _Job) -> None:
@@ -302,61 +317,95 @@ class Pool(Generic[T]):
             self._scheduler_lot.unpark_all()
 
     async def _feed(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
-        """Accept every item of ``items``, lazily, as the channel makes room; then close."""
-        send = self._send
+        """Accept every item of ``items``, lazily, as the channel makes room; then close.
+
+        Room is awaited *before* the next item is taken, and an item taken is put in the
+        ledger before anything else can happen, whatever intake's state: an item taken from
+        ``items`` is always accounted for (if the pool stopped meanwhile, it settles as
+        ``Unfinished`` with no attempt). An exception from ``items`` stops the pool like
+        :meth:`stop` and is raised from the pool's block once everything has settled.
+        """
         with self._feed_scope:
             try:
-                outstanding = self._outstanding
-                capacity = self._capacity
-                low = self._feeder_low
-                accept = self._accept
-                # Room is awaited *before* the next item is taken, so an item taken from
-                # `items` is always in the ledger.
                 if isinstance(items, AsyncIterable):
-                    iterator = aiter(items)
-                    try:
-                        while True:
-                            if len(outstanding) >= capacity:
-                                await self._wait_for_room(low)
-                            try:
-                                item = await anext(iterator)
-                            except StopAsyncIteration:
-                                break
-                            await send.send(accept(item))
-                    finally:
-                        aclose = getattr(iterator, "aclose", None)
-                        if aclose is not None:
-                            await aclose()
+                    await self._feed_async(items)
                 else:
-                    # The hot loop of intake: _accept inlined (this task only ever runs
-                    # between its own awaits, so intake cannot close under it; a stop()
-                    # cancels it at its next await).
-                    sync_iterator = iter(items)
-                    send_nowait = send.send_nowait
-                    current_time = self._now
-                    while True:
-                        if len(outstanding) >= capacity:
-                            await self._wait_for_room(low)
-                        try:
-                            item = next(sync_iterator)
-                        except StopIteration:
-                            break
-                        seq = self._next_seq
-                        self._next_seq = seq + 1
-                        job = _Job(item, seq)
-                        if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
-                            job.enqueued = current_time()
-                        outstanding[seq] = job
-                        self._submitted += 1
-                        try:
-                            send_nowait(job)
-                        except trio.WouldBlock:
-                            await send.send(job)
+                    await self._feed_sync(items)
             except trio.ClosedResourceError:
-                # stop() closed intake. An item taken from `items` but not sent stays in
-                # the ledger and settles as Unfinished: it was taken, so it is accounted.
+                # stop() closed the channel. The item taken but not sent stays in the
+                # ledger and settles as Unfinished: it was taken, so it is accounted.
+                return
+            except Exception as exc:
+                self._feed_error = exc
+                self.stop()
                 return
         self.close()
+
+    def _take(self, item: Any) -> _Job:
+        """Put an item just taken from ``items`` in the ledger (never refused)."""
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        job = _Job(item, seq)
+        if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+            job.enqueued = self._now()
+        self._outstanding[seq] = job
+        self._submitted += 1
+        if self._spawned < self._workers:
+            self._spawn_workers()
+        return job
+
+    async def _feed_async(self, items: AsyncIterable[Any]) -> None:
+        send = self._send
+        outstanding = self._outstanding
+        capacity = self._capacity
+        low = self._feeder_low
+        take = self._take
+        iterator = aiter(items)
+        try:
+            while True:
+                if len(outstanding) >= capacity:
+                    await self._wait_for_room(low)
+                try:
+                    item = await anext(iterator)
+                except StopAsyncIteration:
+                    break
+                await send.send(take(item))
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _feed_sync(self, items: Iterable[Any]) -> None:
+        # The hot loop of intake: _take inlined (this task only ever runs between its own
+        # awaits, so nothing else changes the ledger's sequence under it).
+        send = self._send
+        outstanding = self._outstanding
+        capacity = self._capacity
+        low = self._feeder_low
+        workers = self._workers
+        sync_iterator = iter(items)
+        send_nowait = send.send_nowait
+        current_time = self._now
+        while True:
+            if len(outstanding) >= capacity:
+                await self._wait_for_room(low)
+            try:
+                item = next(sync_iterator)
+            except StopIteration:
+                break
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            job = _Job(item, seq)
+            if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+                job.enqueued = current_time()
+            outstanding[seq] = job
+            self._submitted += 1
+            if self._spawned < workers:
+                self._spawn_workers()
+            try:
+                send_nowait(job)
+            except trio.WouldBlock:
+                await send.send(job)
 
     # ------------------------------------------------------------------ workers
 
@@ -369,6 +418,7 @@ class Pool(Generic[T]):
         outbox = self._outbox
         outbox_limit = self._outbox_limit
         keep_seq = self._keep_seq
+        due = self._due
         # Limits and stats: with no limit configured, the only per-item additions are two
         # tests and, for sampled items, two clock reads and two histogram inserts.
         per_key = self._per_key
@@ -381,7 +431,7 @@ class Pool(Generic[T]):
         streak = 0
         while True:
             try:
-                job = receive_nowait()
+                job = due.popleft() if due else receive_nowait()
             except trio.WouldBlock:
                 try:
                     job = await receive()
@@ -434,6 +484,9 @@ class Pool(Generic[T]):
                     job.last_error = error
                 raise
             else:
+                if type(value) is CoroutineType:
+                    self._attempt_failed(job, _not_awaited(value))
+                    continue
                 del outstanding[seq]
                 self._succeeded += 1
                 record = Succeeded(job.item, value, job.attempts)
@@ -467,10 +520,9 @@ class Pool(Generic[T]):
         try:
             token = await per_key.admit(job.item, job, self._resend, claim)
         except Exception as error:
-            # The key function raised on this item: it fails as if its attempt had.
-            job.attempts += 1
-            self._attempts += 1
-            self._attempt_failed(job, error)
+            # The key function raised on this item: no attempt was made, and it would
+            # raise again; the item fails at once.
+            self._give_up(job, error, "failed before an attempt (its PerKey key raised)")
             return None
         if token is None:
             self._parked += 1
@@ -550,6 +602,11 @@ class Pool(Generic[T]):
         holds (test it again if that matters). Costs the pool nothing while nobody waits,
         and little while someone does.
         """
+        if not callable(predicate) or _is_async(predicate):
+            raise TypeError(
+                f"wait_stats predicate must be a plain function stats -> bool (not async), "
+                f"got {predicate!r:.80}"
+            )
         await checkpoint()
         while True:
             stats = self.stats
@@ -566,9 +623,17 @@ class Pool(Generic[T]):
         self._reader_lot.unpark_all()
 
     def _attempt_failed(self, job: _Job, error: Exception) -> None:
+        """An attempt raised ``error``: schedule a retry, or settle the item as Failed.
+
+        An error the policy would retry while the pool is stopping leaves the item
+        outstanding: it settles as ``Unfinished`` with ``error`` as its last error (it did
+        not give up; the pool did).
+        """
         job.last_error = error
         retry = self._retry
-        if retry is not None and not self._stopping and retry.should_retry(error, job.attempts):
+        if retry is not None and retry.should_retry(error, job.attempts):
+            if self._stopping:
+                return
             delay = retry.delay(error, job.attempts)
             self._retried += 1
             if logger.isEnabledFor(logging.INFO):
@@ -576,8 +641,16 @@ class Pool(Generic[T]):
                     "item %r failed on attempt %d of %d (%s: %s); retrying in %.3f s",
                     job.item, job.attempts, retry.attempts, type(error).__name__, error, delay,
                 )
-            heapq.heappush(self._heap, (trio.current_time() + delay, job.seq, job))
-            self._scheduler_lot.unpark_all()
+            if delay <= 0:
+                # Due now: straight to the front of the work, where this worker (which is
+                # not waiting on the channel) looks first; no scheduler round trip.
+                seq = job.seq
+                if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+                    job.enqueued = self._now()
+                self._due.append(job)
+            else:
+                heapq.heappush(self._heap, (trio.current_time() + delay, job.seq, job))
+                self._scheduler_lot.unpark_all()
             if self._stats_waiting:
                 self._wake_stats()
             return
@@ -585,6 +658,11 @@ class Pool(Generic[T]):
             why = f"gave up after {job.attempts} attempts"
         else:
             why = f"failed on attempt {job.attempts}"
+        self._give_up(job, error, why)
+
+    def _give_up(self, job: _Job, error: BaseException, why: str) -> None:
+        """Settle ``job`` as Failed with ``error`` (the one settle step of a failure)."""
+        job.last_error = error
         logger.warning("item %r %s: %s: %s", job.item, why, type(error).__name__, error)
         record = Failed(
             job.item, error, job.attempts, "".join(traceback.format_exception(error))
@@ -627,6 +705,11 @@ class Pool(Generic[T]):
                 self._claims_in_heap -= 1
             if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
                 job.enqueued = self._now()
+            if send.statistics().current_buffer_used:
+                # Fresh items wait in the channel (so no worker waits on it): the retry goes
+                # ahead of them, since it already holds its slot (workers look here first).
+                self._due.append(job)
+                continue
             try:
                 await send.send(job)
             except trio.ClosedResourceError:
@@ -638,17 +721,26 @@ class Pool(Generic[T]):
     async def _running(
         self, feed: Iterable[Any] | AsyncIterable[Any] | None = None
     ) -> AsyncIterator[Pool[T]]:
-        """Run the pool around the caller's block (see the module docstring)."""
+        """Run the pool around the caller's block (see the module docstring).
+
+        Errors come out as they were raised: the caller's own exception is the very object
+        it raised (a group stays the group it was), an exception from ``feed`` is raised
+        bare once the pool has stopped and settled, and nursery groups that only wrap one
+        real error (plus cancellations) are unwrapped.
+        """
         if self._started:
-            raise RuntimeError("a pool runs once")
+            raise RuntimeError("a pool runs once: call conveyor.open_pool(...) again for a new one")
         self._started = True
         self._now = trio.lowlevel.current_clock().current_time
         self._t0 = trio.current_time()
         self._throughput.observe(self._t0, 0)
-        sole: BaseException | None = None
+        if trio.current_effective_deadline() == -math.inf:
+            self._stopping = True  # opened in a cancelled scope: start no attempt at all
+        error: BaseException | None = None
         try:
             try:
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch)
                     # The pool's tasks see this nursery as the place for work that
                     # outlives a cancelled attempt (see _linger); the caller's block does not.
                     token = _linger.current.set(nursery)
@@ -656,42 +748,51 @@ class Pool(Generic[T]):
                         nursery.start_soon(self._run_tasks, feed)
                     finally:
                         _linger.current.reset(token)
-                    nursery.start_soon(self._watch)
                     if self._progress is not None:
                         nursery.start_soon(self._show_progress, self._progress)
                     try:
                         yield self
-                    except BaseException:
+                    except BaseException as exc:
+                        self._caller_error = exc
                         self.stop()
                         raise
                     if feed is None:
                         self.close()
             except BaseExceptionGroup as group:
-                sole = _sole_error(group)
-                if sole is None:
+                error = sole_error(group, self._caller_error)
+                if error is None:
                     raise
         finally:
+            self._caller_error = None
             self._finalize()
             if self._progress is not None:
                 self._progress.finish(self.stats)
-        if sole is not None:
+        if error is None and self._feed_error is not None:
+            error, self._feed_error = self._feed_error, None
+        if error is not None:
             # Raised outside the `except` so the group does not become its __context__:
             # callers write `except ValueError`, not `except* ValueError`.
             try:
-                raise sole
+                raise error
             finally:
-                sole = None
+                error = None
 
     async def _run_tasks(self, feed: Iterable[Any] | AsyncIterable[Any] | None) -> None:
+        own_timeout = getattr(self._fn, "_conveyor_timed", None)
+        if own_timeout is not None and self._timeout is not None:
+            # in_process times its attempts itself, from the moment a worker process is
+            # ready (starting one is not counted); see conveyor._offload.in_process.
+            self._fn, self._timeout = own_timeout(self._timeout), None
         try:
             with self._inner_scope:
                 async with trio.open_nursery() as nursery:
-                    for _ in range(self._workers):
-                        nursery.start_soon(self._worker)
+                    self._nursery = nursery
+                    self._spawn_workers()  # for items submitted before this task ran
                     nursery.start_soon(self._scheduler)
                     if feed is not None:
                         nursery.start_soon(self._feed, feed)
         finally:
+            self._nursery = None
             self._tasks_done = True
             self._t_end = trio.current_time()
             self._watch_scope.cancel()
@@ -700,14 +801,42 @@ class Pool(Generic[T]):
             self._space_lot.unpark_all()
             self._wake_stats()
 
+    def _spawn_workers(self) -> None:
+        """Start worker tasks lazily: one per outstanding item, up to ``workers``.
+
+        ``workers=200_000`` over ten items starts ten tasks, not 200,000 up front.
+        Workers never exit before the channel ends, so this count only grows.
+        """
+        nursery = self._nursery
+        if nursery is None:
+            return  # _run_tasks has not run yet; it calls this when it does
+        want = min(self._workers, len(self._outstanding))
+        while self._spawned < want:
+            self._spawned += 1
+            nursery.start_soon(self._worker)
+
     async def _show_progress(self, progress: Progress) -> None:
         with self._progress_scope:
             await progress.run(lambda: self.stats)
 
     async def _watch(self) -> None:
+        """Stop the pool when a cancel from outside reaches it.
+
+        The workers run in a shielded scope, so they do not see that cancel themselves.
+        This task waits with an abort callback, which trio calls the instant the cancel is
+        delivered (before any other task runs again): it sets ``_stopping`` there, so no
+        worker starts another attempt, even one whose previous attempt finished in the
+        same scheduling round. The rest of :meth:`stop` follows when this task runs.
+        """
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if not self._watch_scope.cancel_called:  # not our own end of the pool
+                self._stopping = True
+            return trio.lowlevel.Abort.SUCCEEDED
+
         with self._watch_scope:
             try:
-                await trio.sleep_forever()
+                await trio.lowlevel.wait_task_rescheduled(abort)
             except BaseException:
                 if not self._watch_scope.cancel_called:
                     self.stop()  # cancelled from outside: stop, with the configured drain
@@ -742,68 +871,18 @@ class Pool(Generic[T]):
 
     # ------------------------------------------------------------------ output
 
-    async def results(self) -> AsyncIterator[Record]:
+    def results(self) -> AsyncIterator[Record]:
         """Yield each record (``Succeeded`` or ``Failed``) as its item settles.
 
         Ends when the pool has ended. A success handed out here is not kept for
         :meth:`report` (only counted), so a long stream does not accumulate.
         """
-        outbox = self._outbox
-        # Wake workers waiting for room only once the outbox is down to half its limit,
-        # so they refill it in a batch rather than one record per read.
-        low = (self._outbox_limit or 0) // 2
-        keep_seq = self._keep_seq
-        streak = 0
-        while True:
-            if outbox:
-                record = outbox.popleft()
-                if keep_seq:
-                    record = record[1]
-                if self._space_lot and len(outbox) <= low:
-                    self._space_lot.unpark_all()
-                streak += 1
-                if streak >= _STREAK:
-                    streak = 0
-                    await checkpoint()
-                yield record
-            elif self._tasks_done:
-                return
-            else:
-                streak = 0
-                self._reader_waiting = True
-                await self._reader_lot.park()
+        return _Records(self)
 
-    async def _results_in_order(self, window: trio.Semaphore) -> AsyncIterator[Record]:
-        """Yield records in submission order; each yield frees one slot of ``window``."""
+    def _results_in_order(self, window: trio.Semaphore) -> _OrderedRecords:
+        """Records in submission order; each one handed out frees one slot of ``window``."""
         assert self._keep_seq, "an ordered reader needs a pool made with ordered=True"
-        outbox = self._outbox
-        pending: dict[int, Record] = {}
-        expected = 0
-        try:
-            while True:
-                while outbox:
-                    seq, record = outbox.popleft()
-                    pending[seq] = record
-                if self._space_lot:
-                    self._space_lot.unpark_all()
-                if expected in pending:
-                    record = pending.pop(expected)
-                    expected += 1
-                    window.release()
-                    yield record
-                    await checkpoint()
-                elif self._tasks_done:
-                    # Stopped early: the gaps will never fill; hand out the rest in order.
-                    for seq in sorted(pending):
-                        yield pending.pop(seq)
-                    return
-                else:
-                    self._reader_waiting = True
-                    await self._reader_lot.park()
-        finally:
-            # Left early (cancel, break): records waiting for their turn go back to the
-            # outbox, so report() still has them.
-            outbox.extendleft((seq, pending[seq]) for seq in sorted(pending, reverse=True))
+        return _OrderedRecords(self, window)
 
     @property
     def stats(self) -> Stats:
@@ -853,15 +932,136 @@ class Pool(Generic[T]):
         return Report(succeeded, list(self._failed), list(self._unfinished), self.stats)
 
 
+class _Records:
+    """The reader of a pool's records as they settle (``pool.results()``).
+
+    A class rather than an async generator: the bare ``async for`` form of ``map`` reads
+    it from the caller's task while the pool runs in another one, and a class can be
+    dropped early without the finalisation problems of async generators. Subclasses hook
+    :meth:`_end` (the pool has ended, nothing left) and :meth:`_interrupted` (the reader
+    was cancelled or failed while waiting).
+    """
+
+    __slots__ = ("_low", "_pool", "_streak")
+
+    def __init__(self, pool: Pool[Any]) -> None:
+        self._pool = pool
+        # Wake workers waiting for room only once the outbox is down to half its limit,
+        # so they refill it in a batch rather than one record per read.
+        self._low = (pool._outbox_limit or 0) // 2
+        self._streak = 0
+
+    def __aiter__(self) -> _Records:
+        return self
+
+    async def __anext__(self) -> Record:
+        pool = self._pool
+        outbox = pool._outbox
+        while True:
+            if outbox:
+                self._streak += 1
+                if self._streak >= _STREAK:
+                    # A checkpoint now and then, before taking a record (a cancel here
+                    # leaves every record in the outbox, so in the report).
+                    self._streak = 0
+                    await self._wait(checkpoint)
+                    continue
+                record = outbox.popleft()
+                if pool._keep_seq:
+                    record = record[1]
+                if pool._space_lot and len(outbox) <= self._low:
+                    pool._space_lot.unpark_all()
+                return record  # type: ignore[no-any-return]
+            if pool._tasks_done:
+                await self._end()
+            self._streak = 0
+            pool._reader_waiting = True
+            await self._wait(pool._reader_lot.park)
+
+    async def _wait(self, wait: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await wait()
+        except BaseException:
+            await self._interrupted()
+            raise
+
+    async def _end(self) -> NoReturn:
+        raise StopAsyncIteration
+
+    async def _interrupted(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        """Stop reading (records not read stay in the pool's report)."""
+
+
+class _OrderedRecords(_Records):
+    """Records in submission order, through the ordered map's reorder window."""
+
+    __slots__ = ("_expected", "_pending", "_window")
+
+    def __init__(self, pool: Pool[Any], window: trio.Semaphore) -> None:
+        super().__init__(pool)
+        self._window = window
+        self._pending: dict[int, Record] = {}
+        self._expected = 0
+
+    async def __anext__(self) -> Record:
+        pool = self._pool
+        outbox = pool._outbox
+        pending = self._pending
+        await self._wait(checkpoint)  # before taking anything: a cancel loses nothing
+        while True:
+            while outbox:
+                seq, record = outbox.popleft()
+                pending[seq] = record
+            if pool._space_lot:
+                pool._space_lot.unpark_all()
+            expected = self._expected
+            if expected in pending:
+                self._expected = expected + 1
+                self._window.release()
+                return pending.pop(expected)
+            if pool._tasks_done:
+                if pending:
+                    # Stopped early: the gaps will never fill; hand out the rest in order.
+                    return pending.pop(min(pending))
+                await self._end()
+            pool._reader_waiting = True
+            await self._wait(pool._reader_lot.park)
+
+    async def aclose(self) -> None:
+        """Stop reading; records waiting for their turn go back to the pool's report."""
+        give_back(self._pool, self._pending)
+
+
+def give_back(pool: Pool[Any], pending: dict[int, Record]) -> None:
+    """Put records an ordered reader held back into the pool's outbox, in order."""
+    pool._outbox.extendleft((seq, pending[seq]) for seq in sorted(pending, reverse=True))
+    pending.clear()
+
+
 def _percentiles(quantiles: Quantiles) -> Percentiles:
     p50, p90, p99 = quantiles.quantiles(0.5, 0.9, 0.99)
     return Percentiles(quantiles.count, p50, p90, p99, quantiles.max)
 
 
-def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one real error in a group (ignoring Cancelled), or None if there is not exactly one."""
+def sole_error(
+    group: BaseExceptionGroup[BaseException], caller_error: BaseException | None
+) -> BaseException | None:
+    """What to raise for a nursery group, or None to raise the group as it is.
+
+    The caller's own exception, when the group holds nothing else but cancellations:
+    the very object raised, a group kept whole (trio's nurseries may copy the groups they
+    pass through, but never the leaves, so it is recognised by its leaves). Otherwise the
+    one real error (ignoring Cancelled), or a Cancelled if that is all there is.
+    """
     leaves = list(_leaves(group))
     real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if caller_error is not None and real:
+        mine = {id(e) for e in _leaves(caller_error)}
+        if all(id(e) in mine for e in real):
+            return caller_error
     if len(real) == 1:
         return real[0]
     if not real and leaves:
@@ -876,3 +1076,50 @@ def _leaves(error: BaseException) -> Iterable[BaseException]:
     else:
         yield error
 
+
+class _NotAwaitable(TypeError):
+    """``fn(item)`` returned something that is not awaitable (never retried)."""
+
+    retryable = False
+
+
+def _awaiting(fn: Callable[[Any], Any]) -> Callable[[Any], Awaitable[Any]]:
+    """Wrap a task callable that is not an ``async def`` (a lambda, a callable object...).
+
+    It may well return an awaitable (``lambda n: fetch(client, n)``): then that is awaited.
+    If it returns anything else, the item fails (not retried) with advice that works.
+    ``async def`` functions are called directly, without this extra frame.
+    """
+
+    async def call(item: Any) -> Any:
+        result = fn(item)
+        if not inspect.isawaitable(result):
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            raise _NotAwaitable(
+                f"fn({item!r:.60}) returned {type(result).__name__} {result!r:.60}, not an "
+                f"awaitable: fn must be an async function (async def fn(item)) or return an "
+                f"awaitable. For a sync function, pass conveyor.in_thread({name}) (blocking "
+                f"I/O) or conveyor.in_process({name}) (CPU-heavy work) instead"
+            )
+        return await result
+
+    return call
+
+
+def _not_awaited(value: CoroutineType[Any, Any, Any]) -> TypeError:
+    """The error of an attempt whose ``fn`` returned a coroutine it did not await."""
+    name = getattr(value, "__qualname__", type(value).__name__)
+    value.close()  # no "coroutine was never awaited" warning: the error says it
+    error = TypeError(
+        f"the task returned the coroutine {name}() without awaiting it: write "
+        f"`return await {name}(...)` in the task function"
+    )
+    error.retryable = False  # type: ignore[attr-defined]
+    return error
+
+
+def _is_async(fn: object) -> bool:
+    """``fn`` is an async function (or a partial of one, or an object with async __call__)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
+    )
