@@ -207,6 +207,9 @@ class KeyFnError(Exception):
     """Raised by a PerKey key function for some items."""
 
 
+HANG = 100_000.0  # virtual seconds: far past the longest scenario (rate 1/s, backoffs)
+
+
 def live_tasks() -> int:
     def count(task: trio.lowlevel.Task) -> int:
         return 1 + sum(count(t) for n in task.child_nurseries for t in n.child_tasks)
@@ -424,6 +427,11 @@ def check_wide(w: Wide) -> None:
             pool_ref.stop(w.stop_drain)
 
     async def main() -> None:
+        # A pool stuck with nothing left to wait for ends here (virtual time), not in a hang.
+        with trio.fail_after(HANG):
+            await scenario()
+
+    async def scenario() -> None:
         nonlocal caught, tasks_before, tasks_after, scope_ref
         tasks_before = live_tasks()
         async with trio.open_nursery() as outer:
@@ -558,19 +566,27 @@ def ok(duration: float = 0) -> list[Step]:
 
 
 # Explicit examples, one per failure (each fails in every scheduling order).
-LOST_ON_ERROR = Wide(  # A1/A3: the bare ordered form drops a record when the source raises
+LOST_ON_ERROR = Wide(  # A1/A3 (fixed in 0430e29): bare ordered map, source raising: a record lost
     workers=2, buffer=0, attempts=1, backoff=None, plans=[ok(), ok(), ok(), ok(0.5), ok()],
     source="async_raises", raise_at=5, form="ordered",
 )
-STARTS_AFTER_CANCEL = Wide(  # A2: item 1 starts after fn(0) cancelled the caller's scope
+STARTS_AFTER_CANCEL = Wide(  # A2 (fixed in 0430e29): item 1 starts after fn(0) cancelled
     workers=1, buffer=2, attempts=1, backoff=None, plans=[ok(), ok(), ok()],
     form="run", stop_how="cancel_from_fn", stop_item=0,
 )
-BARE_LEFT = Wide(  # A3: leaving a bare map loop neither stops the pool nor ends its tasks
+BARE_STARTS_AFTER_CANCEL = Wide(  # A2, bare map form: the same
+    workers=1, buffer=2, attempts=1, backoff=None, plans=[ok(), ok(), ok()],
+    form="map", stop_how="cancel_from_fn", stop_item=0,
+)
+SWALLOWED = Wide(  # A9-like: the source raises as a cancel lands, and the error is swallowed
+    workers=1, buffer=0, attempts=1, backoff=None, plans=[],
+    source="async_raises", raise_at=0, form="run", stop_how="cancel", stop_at=0.0,
+)
+BARE_LEFT = Wide(  # A3 (fixed in 0430e29): a bare map loop left: pool not stopped, tasks left
     workers=1, buffer=0, attempts=1, backoff=None, plans=[ok(), ok(), ok()],
     form="map", exit_at=0,
 )
-KEY_RAISES = Wide(  # A7: a raising key function is retried and counted as attempts
+KEY_RAISES = Wide(  # A7 (fixed in 0430e29): a raising key function was retried, counted
     workers=2, buffer=0, attempts=3, backoff=None, plans=[ok(), ok()],
     keys=2, key_raises=frozenset({0}),
 )
@@ -613,27 +629,26 @@ def test_wide_structured_map_left_at_any_point(w: Wide) -> None:
     check_wide(w)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A1: an item taken from an async source (or "
-                   "through an ordered map) is lost when intake closes; the bare form drops "
-                   "the record in its hands")
+@pytest.mark.xfail(strict=True, reason="issue 9 A9-like: a source error raised as the "
+                   "caller's scope is cancelled is swallowed (and A2 in the bare map form)")
 @WIDE
 @example(LOST_ON_ERROR)
+@example(SWALLOWED)
 @given(wides(stops=POOL_STOPS, callbacks=False))
 def test_wide_every_item_taken_is_in_one_record(w: Wide) -> None:
     check_wide(w)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A2: a queued item starts after an outside "
-                   "cancel; the bare map form loses the record it holds on a cancel")
+@pytest.mark.xfail(strict=True, reason="issue 9 A2 (bare map form): a queued item starts "
+                   "after an outside cancel, which the bare form's pool learns of late")
 @WIDE
 @example(STARTS_AFTER_CANCEL)
+@example(BARE_STARTS_AFTER_CANCEL)
 @given(wides(sources=("sync",), stops=OUTSIDE, exits=False, callbacks=False))
 def test_wide_no_attempt_after_an_outside_cancel(w: Wide) -> None:
     check_wide(w)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A3: leaving a bare map loop does not stop the "
-                   "pool (fn called after, tasks left)")
 @WIDE
 @example(BARE_LEFT)
 @given(wides(sources=("sync",), forms=("map", "ordered"), stops=("none",), callbacks=False))
@@ -641,8 +656,8 @@ def test_wide_bare_map_left_at_any_point(w: Wide) -> None:
     check_wide(w)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A4, A5, A7: raising retry_on / overload_on / "
-                   "key functions end the run, change records, count attempts")
+@pytest.mark.xfail(strict=True, reason="issue 9 A4, A5: raising retry_on / overload_on "
+                   "end the run, change records, leave a PerKey slot held")
 @WIDE
 @example(KEY_RAISES)
 @example(RETRY_ON_RAISES)
@@ -652,12 +667,16 @@ def test_wide_raising_user_callbacks(w: Wide) -> None:
     check_wide(w)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A1-A5, A7: everything drawn together")
+@pytest.mark.xfail(strict=True, reason="issue 9 A2 (bare form), A4, A5, A9-like: everything "
+                   "drawn together")
 @WIDE
 @example(LOST_ON_ERROR)
 @example(STARTS_AFTER_CANCEL)
 @example(BARE_LEFT)
 @example(KEY_RAISES)
+@example(SWALLOWED)
+@example(BARE_STARTS_AFTER_CANCEL)
+@example(RETRY_ON_RAISES)
 @given(wides())
 def test_wide_everything(w: Wide) -> None:
     check_wide(w)
