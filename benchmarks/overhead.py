@@ -15,6 +15,11 @@ Three variants: no-op; one checkpoint per item (`asyncio.sleep(0)`,
 `trio.lowlevel.checkpoint()`); bounded queue (buffer 100)
 fed by a producer task, seed 001's backpressure pattern. Figures are µs per item, timed inside
 the event loop from the first line of `main` to the last (loop start-up excluded for all).
+
+A fourth case compares the two forms of `conveyor.map` on no-op items: the structured
+`async with conveyor.map(...) as records` (the reference) and the bare
+`async for record in conveyor.map(...)`, whose pool runs in a system task (issue 9: the bare
+form should cost at most 1.2x the structured one per item).
 """
 
 from __future__ import annotations
@@ -138,6 +143,27 @@ def conveyor_run(fn: Callable[[int], Awaitable[Any]], n: int, bounded: int) -> S
     return Sample(trio.run(main) / n * 1e6)
 
 
+def conveyor_map(n: int, bare: bool) -> Sample:
+    import conveyor
+
+    async def main() -> float:
+        t0 = perf_counter()
+        count = 0
+        stream = conveyor.map(noop, range(n), workers=WORKERS)
+        if bare:
+            async for _ in stream:
+                count += 1
+        else:
+            async with stream as records:
+                async for _ in records:
+                    count += 1
+        dt = perf_counter() - t0
+        assert count == n
+        return dt
+
+    return Sample(trio.run(main) / n * 1e6)
+
+
 def label(n: int) -> str:
     """100000 -> '100k'."""
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
@@ -179,4 +205,10 @@ def cases(cfg: Config) -> list[Case]:
             ),
         ]
         out.append(Case(NAME, f"overhead {variant}, {label(n)} items", "µs/item", systems))
+    have_map = conveyor_has("map")
+    out.append(Case(NAME, f"conveyor.map forms, no-op, {label(n)} items", "µs/item", [
+        System("map, async with (structured)",
+               partial(conveyor_map, n, False) if have_map else None, True),
+        System("map, bare async for", partial(conveyor_map, n, True) if have_map else None),
+    ]))
     return out

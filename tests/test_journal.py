@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import functools
 import io
+import operator
 import os
 import pickle
+import re
 import sqlite3
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,12 +29,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import conveyor
-from conveyor import JournalError, Retry, Succeeded
+from conveyor import Failed, JournalError, Retry, Succeeded
 from conveyor._journal import _Db, check_journal, key_fingerprint
 
 
 async def jrun(fn: Callable[[Any], Awaitable[Any]], items: Any, **options: Any) -> conveyor.Report:
     return await conveyor.run(fn, items, **options)
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rows(path: Path) -> dict[Any, tuple[str, int, Any, str | None]]:
@@ -299,31 +305,206 @@ async def test_a_journal_of_another_key_function_is_refused(tmp_path: Path) -> N
     await jrun(Counting(), range(3), journal=journal, key=key_of)
     with pytest.raises(
         JournalError,
-        match=r"written with the key function 'tests\.test_journal\.key_of', this run uses "
-        r"'tests\.test_journal\.other_key'",
+        match=r"written with another key function: 'tests\.test_journal\.key_of code=\w+ "
+        r"py=3\.\d+', this run's is 'tests\.test_journal\.other_key code=\w+ py=3\.\d+'.*Use "
+        r"the key function that wrote it, or another journal path",
     ):
         await jrun(never, range(3), journal=journal, key=other_key)
-    with pytest.raises(JournalError, match=r"this run uses 'item'"):
+    with pytest.raises(JournalError, match=r"this run's is 'item'"):
         await jrun(never, range(3), journal=journal)
+    # The fix the message gives: the key function that wrote it.
+    assert len((await jrun(never, range(3), journal=journal, key=key_of)).succeeded) == 3
+
+
+async def test_a_changed_lambda_is_a_changed_key_function(tmp_path: Path) -> None:
+    # Before: both were 'tests.test_journal.<lambda>', and every item ran again under the
+    # new key, unnoticed.
+    journal = tmp_path / "job.journal"
+    await jrun(Counting(), range(3), journal=journal, key=lambda n: f"item-{n}")
+    with pytest.raises(JournalError, match=r"written with another key function: "
+                                           r"'tests\.test_journal\..*<lambda> code="):
+        await jrun(never, range(3), journal=journal, key=lambda n: f"row-{n}")
+    again = await jrun(never, range(3), journal=journal, key=lambda n: f"item-{n}")
+    assert len(again.succeeded) == 3
+
+
+def make_key(prefix: str) -> Callable[[int], str]:
+    return lambda n: f"{prefix}-{n}"
+
+
+def test_key_fingerprints_cover_what_defines_the_key() -> None:
+    same = key_fingerprint
+    assert same(None) == "item"
+    assert re.fullmatch(r"tests\.test_journal\.key_of code=[0-9a-f]{16} py=3\.\d+",
+                        same(key_of))
+    # Same name and body, other name: differ. Same code, other closure value: differ.
+    assert same(key_of) != same(other_key)
+    assert same(make_key("a")) == same(make_key("a"))
+    assert same(make_key("a")) != same(make_key("b"))
+    # A partial: its function and its arguments.
+    assert same(functools.partial(key_of)).startswith("partial(tests.test_journal.key_of) ")
+    assert same(functools.partial(make_key, "a")) != same(functools.partial(make_key, "b"))
+    # A callable object: its class's __call__ and its plain attributes.
+    assert same(Counting()).startswith("tests.test_journal.Counting ")
+    assert same(operator.itemgetter("id")) != same(operator.itemgetter("name"))
+    # A helper of the same module that the key calls by name counts too.
+    assert same(calls_helper) != same(calls_other_helper)
+
+
+def helper(n: int) -> str:
+    return str(n)
+
+
+def other_helper(n: int) -> str:
+    return str(-n)
+
+
+def calls_helper(n: int) -> str:
+    return helper(n)
+
+
+def calls_other_helper(n: int) -> str:
+    return other_helper(n)
+
+
+@pytest.mark.slow
+async def test_a_key_fingerprint_is_the_same_in_another_process() -> None:
+    script = (
+        "from tests.test_journal import key_of, make_key\n"
+        "from conveyor._journal import key_fingerprint\n"
+        "print(key_fingerprint(key_of)); print(key_fingerprint(make_key('a')))\n"
+    )
+    root = ROOT
+    done = await trio.run_process(
+        [sys.executable, "-c", script], capture_stdout=True,
+        env={**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}, cwd=root,
+    )
+    assert done.stdout.decode().split("\n")[:2] == [
+        key_fingerprint(key_of), key_fingerprint(make_key("a"))
+    ]
+
+
+@pytest.mark.parametrize("stored", [
+    "tests.test_journal.key_of",  # written by a conveyor that stored names only
+    "tests.test_journal.key_of code=0123456789abcdef py=3.0",  # by another Python
+])
+async def test_a_journal_whose_key_code_cannot_be_compared_is_checked_by_name(
+    tmp_path: Path, stored: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = tmp_path / "job.journal"
+    await jrun(Counting(), range(3), journal=journal, key=key_of)
+    conn = sqlite3.connect(journal)
+    conn.execute("UPDATE conveyor_journal SET value = ? WHERE name = 'key'", (stored,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalError, match=r"written with another key function"):
+        await jrun(never, range(3), journal=journal, key=other_key)
+    report = await jrun(never, range(3), journal=journal, key=key_of)
+    assert len(report.succeeded) == 3
+    assert "Only their names can be compared" in caplog.text
+    conn = sqlite3.connect(journal)
+    assert conn.execute("SELECT value FROM conveyor_journal WHERE name = 'key'").fetchone() == (
+        key_fingerprint(key_of),
+    )  # recorded: from now on the code is compared
+    conn.close()
 
 
 async def test_a_journal_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(JournalError, match=r"cannot open it"):
-        await jrun(never, range(3), journal=tmp_path / "nowhere" / "job.journal", key=key_of)
+    journal = tmp_path / "nowhere" / "job.journal"
+    with pytest.raises(JournalError, match=r"its directory '.*nowhere' does not exist; create it"):
+        await jrun(never, range(3), journal=journal, key=key_of)
+    (tmp_path / "nowhere").mkdir()  # the fix the message gives
+    assert (await jrun(Counting(), range(3), journal=journal, key=key_of)).ok
 
 
-async def test_two_items_with_one_key_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(JournalError, match=r"two items have the journal key 'item-1'"):
-        await jrun(Counting(), [0, 1, 2, 1], journal=tmp_path / "j", key=key_of)
+# ---------------------------------------------------------------------------------------------
+# A bad key fails its item only: Failed, attempts 0; the run goes on and is journaled
+
+
+async def bad_key_run(
+    tmp_path: Path, key: Callable[[int], Any], bad: int
+) -> tuple[conveyor.Report, Counting, Failed]:
+    """Run range(10) where item ``bad``'s key is bad; check the others ran and were
+    journaled, then a rerun: the others come from the journal, ``bad`` fails again."""
+    journal = tmp_path / "job.journal"
+    calls = Counting()
+    report = await jrun(calls, range(10), journal=journal, key=key, workers=2)
+    assert set(calls.calls) == set(range(10)) - {bad}  # the run went on
+    assert sorted(r.item for r in report.succeeded) == sorted(set(range(10)) - {bad})
+    (failed,) = report.failed
+    assert failed.item == bad and failed.attempts == 0
+    assert report.stats.submitted == 10 and report.stats.failed == 1
+    stored = rows(journal)
+    assert len(stored) == 9 and {v[0] for v in stored.values()} == {"succeeded"}
+    again = await jrun(never, range(10), journal=journal, key=key, workers=2)
+    assert len(again.succeeded) == 9 and [r.item for r in again.failed] == [bad]
+    return report, calls, failed
+
+
+async def test_an_item_whose_key_raises_fails_alone(tmp_path: Path) -> None:
+    # Before: the run ended with the key's KeyError after 10 calls.
+    def key(n: int) -> str:
+        return {3: None}.get(n, f"item-{n}") or {}["id"]  # item 3 has no id
+
+    _, _, failed = await bad_key_run(tmp_path, key, bad=3)
+    assert isinstance(failed.error, KeyError)
+    assert "raised by the journal's key function tests.test_journal." in failed.traceback
+    assert "for item 3; the item was not run" in failed.traceback
 
 
 @pytest.mark.parametrize("bad_key", [1.5, None, ("a", 1), True, 2**64])
-async def test_a_key_that_sqlite_cannot_hold_exactly_is_refused(
+async def test_an_item_whose_key_sqlite_cannot_hold_exactly_fails_alone(
     tmp_path: Path, bad_key: object
 ) -> None:
-    with pytest.raises(TypeError, match=r"journal key must be a str, bytes or a 64-bit int; "
-                                        r"key\(item\) is .* for item 0"):
-        await jrun(Counting(), [0], journal=tmp_path / "j", key=lambda n: bad_key)
+    # Before: the run ended with a TypeError before any call.
+    _, _, failed = await bad_key_run(
+        tmp_path, lambda n: bad_key if n == 0 else f"item-{n}", bad=0
+    )
+    assert isinstance(failed.error, TypeError)
+    assert re.fullmatch(r"journal key must be a str, bytes or a 64-bit int; key\(item\) is "
+                        r".* for item 0; the item was not run", str(failed.error))
+
+
+async def test_a_key_that_returns_a_coroutine_fails_its_item_and_closes_it(
+    tmp_path: Path,
+) -> None:
+    async def fetch_id(n: int) -> str:
+        return str(n)
+
+    # A lambda around an async function cannot be told from a plain one at the call.
+    _, _, failed = await bad_key_run(
+        tmp_path, lambda n: fetch_id(n) if n == 5 else f"item-{n}", bad=5
+    )
+    assert "key(item) is <coroutine object" in str(failed.error)  # and no "never awaited"
+
+
+async def test_an_item_that_repeats_a_key_fails_alone(tmp_path: Path) -> None:
+    # Before: the run ended with a JournalError after 3 calls.
+    journal = tmp_path / "job.journal"
+    calls = Counting()
+    report = await jrun(calls, [0, 1, 2, 1, 3], journal=journal, key=key_of, workers=1)
+    assert sorted(calls.calls) == [0, 1, 2, 3]  # the first 1 ran, the run went on
+    (failed,) = report.failed
+    assert (failed.item, failed.attempts) == (1, 0)
+    assert isinstance(failed.error, JournalError)
+    assert str(failed.error).startswith("two items have the journal key 'item-1' (this one is "
+                                        "1); each item needs its own key")
+    assert rows(journal)[key_of(1)][:3] == ("succeeded", 1, 1)  # the first one's row stays
+
+
+async def test_a_failing_write_is_an_os_error_not_a_journal_error(tmp_path: Path) -> None:
+    spec = check_journal(tmp_path / "j", key_of)
+    assert spec is not None
+    db = _Db(spec)
+    try:
+        db.conn.execute("PRAGMA max_page_count = 8")  # a full disk, for this connection
+        with pytest.raises(OSError, match=r"'.*j': cannot write to it: database or disk is "
+                                          r"full") as caught:
+            db.write([(f"k{n}", "succeeded", 1, bytes(1000), None, 0.0) for n in range(100)])
+        assert not isinstance(caught.value, JournalError)
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    finally:
+        db.close()
 
 
 async def test_a_value_that_cannot_be_pickled_is_an_error(tmp_path: Path) -> None:
@@ -344,13 +525,6 @@ def test_journal_options_are_checked() -> None:
     with pytest.raises(TypeError, match=r"key must be a callable"):
         check_journal("j", "id")
     assert check_journal(None, None) is None
-
-
-def test_key_fingerprints() -> None:
-    assert key_fingerprint(None) == "item"
-    assert key_fingerprint(key_of) == "tests.test_journal.key_of"
-    assert key_fingerprint(functools.partial(key_of)) == "partial(tests.test_journal.key_of)"
-    assert key_fingerprint(Counting()) == "tests.test_journal.Counting"
 
 
 def test_a_succeeded_row_is_never_replaced(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ The same limits inside the real pool are tested in test_stats.py and test_invari
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Hashable
@@ -15,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+import conveyor
 from conveyor._limits import (
     Adaptive,
     CapacityLimit,
@@ -109,6 +112,11 @@ def test_rate_state_does_not_leak_between_trio_runs() -> None:
         ({"per_second": "5"}, TypeError, r"per_second must be a number > 0, got '5'"),
         ({"per_second": 1, "burst": 0}, ValueError, r"Rate: burst must be >= 1, got 0"),
         ({"per_second": 1, "burst": 1.5}, TypeError, r"Rate: burst must be an int >= 1"),
+        ({"per_second": True}, TypeError, r"Rate: per_second must be a number > 0, got True"),
+        ({"per_second": 10**400}, ValueError, r"per_second must be a finite number > 0"),
+        ({"per_second": 1, "burst": True}, TypeError, r"Rate: burst must be an int >= 1"),
+        ({"per_second": 1, "burst": 10**30}, ValueError,
+         r"Rate: burst must be an int in 1..9007199254740992, got 10000"),
     ],
 )
 def test_rate_refuses_bad_input(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -440,12 +448,21 @@ async def test_per_key_claim_finding_the_slot_taken_goes_back_to_the_front() -> 
     assert [job for job, _ in resent] == ["job1"]
 
 
+async def async_host(item: str) -> str:
+    return item.split("/")[0]
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
         ((host,), {"limit": 0}, ValueError, r"PerKey: limit must be >= 1, got 0"),
         ((host,), {}, ValueError, r"PerKey: give a limit, a rate, or both"),
         (("host",), {"limit": 1}, TypeError, r"PerKey: key must be a callable"),
+        ((async_host,), {"limit": 1}, TypeError,
+         r"PerKey: key must be a callable item -> hashable key, a plain \(sync\) callable, got "
+         r"the async function 'async_host'.*write it as a plain `def` \(no `async`\)$"),
+        ((host,), {"limit": True}, TypeError, r"PerKey: limit must be an int >= 1, got True"),
+        ((host,), {"limit": 1, "max_parked": 1.5}, TypeError, r"max_parked must be an int"),
         ((host,), {"rate": 5}, TypeError, r"PerKey: rate must be a conveyor.Rate or None"),
         ((host,), {"limit": 1, "max_parked": -1}, ValueError, r"max_parked must be >= 0"),
     ],
@@ -576,3 +593,208 @@ def test_every_limit_satisfies_the_protocol() -> None:
         Adaptive(overload_on=Overloaded),
     ]
     assert all(isinstance(limit, Limit) for limit in limits)
+
+
+# ------------------------------------------- Adaptive: predicates contained, bad ones refused
+
+
+class HttpError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def is_429(error: Exception) -> bool:
+    return error.status == 429  # type: ignore[attr-defined]  # not every error has one
+
+
+async def test_adaptive_predicate_never_sees_a_cancel_items_cut_off_are_unfinished(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: list[type[BaseException]] = []
+
+    def predicate(error: Exception) -> bool:
+        seen.append(type(error))
+        return is_429(error)
+
+    async def slow(item: int) -> int:
+        await trio.sleep(10)
+        return item
+
+    adaptive = Adaptive(overload_on=predicate, min=1, max=10, initial=10)
+    with trio.move_on_after(1):
+        async with conveyor.open_pool(slow, workers=10, adaptive=adaptive) as pool:
+            for item in range(10):
+                await pool.submit(item)
+    report = pool.report()
+    assert sorted(r.item for r in report.unfinished) == list(range(10))
+    assert report.failed == [] and report.succeeded == []
+    assert all(r.attempts == 1 and r.last_error is None for r in report.unfinished)
+    assert seen == []  # a Cancelled never reaches the predicate
+    assert adaptive.limit == 10 and adaptive.decreases == 0 and adaptive.running == 0
+
+
+async def test_adaptive_predicate_that_raises_keeps_the_items_own_error_and_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fn(item: int) -> int:
+        if item % 2:
+            raise ValueError(f"not HTTP: {item}")  # no .status: the predicate raises
+        raise HttpError(500)
+
+    adaptive = Adaptive(overload_on=is_429, min=1, max=8, initial=4)
+    with caplog.at_level(logging.WARNING, logger="conveyor"):
+        report = await conveyor.run(
+            fn, range(4), adaptive=adaptive, retry=conveyor.Retry(attempts=2, backoff=None)
+        )
+    assert sorted(r.item for r in report.failed) == [0, 1, 2, 3]
+    for record in report.failed:
+        assert record.attempts == 2  # retried as usual: the predicate decides nothing else
+        if record.item % 2:
+            assert type(record.error) is ValueError
+            assert record.error.__notes__[-1] == (
+                "conveyor: the Adaptive overload_on predicate 'is_429' raised on this error "
+                "(AttributeError: 'ValueError' object has no attribute 'status'); counted as "
+                "no overload signal"
+            )
+            assert record.error.__notes__[-1] in record.traceback
+        else:
+            assert type(record.error) is HttpError and not hasattr(record.error, "__notes__")
+    assert adaptive.limit == 4 and adaptive.decreases == 0
+    logged = [r for r in caplog.records if "overload_on predicate" in r.getMessage()]
+    assert len(logged) == 4 and all(r.levelno == logging.WARNING for r in logged)
+    assert sorted(r.getMessage().rsplit("; ", 1)[1] for r in logged) == [
+        "the error was ValueError: not HTTP: 1", "the error was ValueError: not HTTP: 1",
+        "the error was ValueError: not HTTP: 3", "the error was ValueError: not HTTP: 3",
+    ]
+
+
+async def returns_true(error: Exception) -> bool:
+    return True
+
+
+@pytest.mark.parametrize(
+    ("overload_on", "error", "match"),
+    [
+        (int, TypeError, r"^Adaptive: overload_on must be an exception class, a tuple of them, "
+                         r"or a predicate f\(exc\) -> bool, got the class int$"),
+        (429, TypeError, r"overload_on must be an exception class, a tuple .* got 429$"),
+        ("429", TypeError, r"overload_on must be an exception class, a tuple .* got '429'$"),
+        ((), ValueError, r"overload_on must be .* got an empty tuple$"),
+        (returns_true, TypeError,
+         r"^Adaptive: overload_on must be .*, a plain \(sync\) callable, got the async "
+         r"function 'returns_true'.*write it as a plain `def` \(no `async`\)$"),
+    ],
+)
+def test_adaptive_refuses_bad_overload_on(overload_on: Any, error: type[Exception], match: str
+                                          ) -> None:
+    with pytest.raises(error, match=match):
+        Adaptive(overload_on=overload_on)
+
+
+async def test_adaptive_predicate_returning_a_coroutine_is_no_signal_and_no_warning() -> None:
+    adaptive = Adaptive(overload_on=lambda e: returns_true(e), initial=4, max=8)
+
+    async def fn(item: int) -> None:
+        raise HttpError(429)
+
+    report = await conveyor.run(fn, range(3), adaptive=adaptive)
+    gc.collect()  # an unawaited coroutine would warn, an error under filterwarnings
+    assert adaptive.decreases == 0 and len(report.failed) == 3
+    assert "returned an awaitable (coroutine), not a bool" in report.failed[0].error.__notes__[0]
+
+
+async def test_the_advice_for_an_async_overload_on_works() -> None:
+    def plain(error: Exception) -> bool:  # the same predicate, as a plain def
+        return True
+
+    adaptive = Adaptive(overload_on=plain, initial=4, max=8)
+
+    async def fn(item: int) -> None:
+        raise HttpError(429)
+
+    await conveyor.run(fn, [1], adaptive=adaptive)
+    assert adaptive.limit == 2 and adaptive.decreases == 1
+
+
+# -------------------------------------------------------- Adaptive: one decrease per episode
+
+
+async def test_a_slot_freed_by_an_overloaded_attempt_is_not_handed_on_before_the_decrease(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    adaptive = Adaptive(overload_on=Overloaded, min=1, max=16, initial=8)
+    tokens = [await adaptive.acquire() for _ in range(8)]
+    granted: list[Any] = []
+
+    async def waiter() -> None:
+        granted.append(await adaptive.acquire())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        adaptive.release(tokens[0], Overloaded())
+        await trio.testing.wait_all_tasks_blocked()
+        assert adaptive.limit == 4 and adaptive.running == 7 and granted == []
+        for token in tokens[1:4]:  # the same episode: no second decrease
+            adaptive.release(token, Overloaded())
+        assert adaptive.limit == 4 and adaptive.decreases == 1
+        adaptive.release(tokens[4], None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert granted  # running fell to 3 < 4: the waiter gets the slot now
+        for token in tokens[5:]:
+            adaptive.release(token, None)
+    adaptive.release(granted[0], None)
+    assert adaptive.running == 0
+
+
+async def test_adaptive_against_a_service_that_takes_6_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """AIMD on a service that refuses (at once) any call beyond 6 concurrent ones.
+
+    Ideal: 600 calls of 0.1 s, 6 at a time, take 600 * 0.1 / 6 = 10.0 s. The limit probes
+    7, gets the one refusal and halves once (7 * 0.5 -> 3), then climbs back as the calls
+    already running finish (with two decreases per episode it sank to 1 and the run took
+    12.3 s, 1.23x).
+    """
+    calls, duration, capacity = 600, 0.1, 6
+    adaptive = Adaptive(overload_on=Overloaded, min=1, max=100)
+    running = 0
+    refused = 0
+
+    async def service(item: int) -> int:
+        nonlocal running, refused
+        if running >= capacity:
+            refused += 1
+            raise Overloaded
+        running += 1
+        try:
+            await trio.sleep(duration)
+        finally:
+            running -= 1
+        return item
+
+    samples: list[tuple[float, int]] = []  # (time, limit in force), every 10 ms
+
+    async def watch(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.sleep(0.005)  # between the rounds of calls, never at one
+        task_status.started()
+        while True:
+            samples.append((trio.current_time(), adaptive.limit))
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch)
+        report = await conveyor.run(
+            service, range(calls), workers=20, adaptive=adaptive,
+            retry=conveyor.Retry(attempts=100, backoff=None),
+        )
+        elapsed = trio.current_time()
+        nursery.cancel_scope.cancel()
+    ideal = calls * duration / capacity
+    assert len(report.succeeded) == calls
+    assert elapsed <= 1.15 * ideal, (elapsed, ideal)
+    warm = [limit for t, limit in samples if t > 1.0]  # warm-up: 1 -> 7 takes < 1 s
+    assert min(warm) >= 3 and max(warm) <= 6, Counter(warm)
+    assert adaptive.decreases == refused  # one refusal per episode, one decrease each

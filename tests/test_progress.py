@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+import conveyor
 from conveyor._progress import Progress, format_duration, format_line
 
 
@@ -118,3 +121,72 @@ def test_default_stream_is_stderr_at_the_time_of_writing(
 def test_progress_refuses_bad_input(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Progress(io.StringIO(), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((), {"interval": "1"}, TypeError,
+         r"^progress interval must be a finite number of seconds > 0 or None, got '1'$"),
+        ((), {"interval": True}, TypeError, r"^progress interval must be a finite number"),
+        ((), {"interval": math.nan}, ValueError,
+         r"^progress interval must be a finite number > 0, got nan$"),
+        ((), {"interval": math.inf}, ValueError, r"^progress interval must be a finite number"),
+        ((), {"interval": 10**400}, ValueError, r"^progress interval must be a finite number"),
+        ((), {"interval": -1}, ValueError, r"^progress interval must be a finite number"),
+        ((), {"total": "5"}, TypeError, r"^progress total must be an int >= 0 or None, got '5'$"),
+        ((), {"total": 5.0}, TypeError, r"^progress total must be an int >= 0 or None, got 5.0$"),
+        ((), {"total": True}, TypeError, r"^progress total must be an int >= 0 or None"),
+        ((), {"tty": "yes"}, TypeError, r"^progress tty must be True, False or None, got 'yes'$"),
+        ((5,), {}, TypeError,
+         r"^progress stream must be a text stream \(e\.g\. sys\.stdout, an open text file\) or "
+         r"None, got 5 \(the number of items goes in total=\.\.\.\)$"),
+        (("out.txt",), {}, TypeError, r"^progress stream must be a text stream"),
+        ((io.BytesIO(),), {}, TypeError, r"^progress stream must be a text stream"),
+    ],
+)
+async def test_progress_refuses_bad_input_at_the_call_before_any_work(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Progress(*args, **kwargs)
+
+
+async def test_the_advice_for_a_positional_count_works(autojump_clock: trio.testing.MockClock
+                                                       ) -> None:
+    out = io.StringIO()
+    report = await conveyor.run(_work, range(5), progress=Progress(out, total=5))
+    assert len(report.succeeded) == 5
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "5/5 100.0%"
+
+
+async def _work(item: int) -> int:
+    await trio.sleep(1)
+    return item
+
+
+async def test_a_reused_progress_shows_each_runs_own_count(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    out = io.StringIO()
+    progress = Progress(out, tty=False)
+    await conveyor.run(_work, range(10), progress=progress)
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "10/10 100.0%"
+    await conveyor.run(_work, range(50), progress=progress)
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "50/50 100.0%"  # not 50/10
+    async with conveyor.map(_work, range(20), progress=progress) as records:
+        assert len([r async for r in records]) == 20
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "20/20 100.0%"
+    async with conveyor.open_pool(_work, progress=progress) as pool:  # its count is unknown
+        for item in range(3):
+            await pool.submit(item)
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "3 done of 3 accepted"
+    assert progress.total is None
+
+
+async def test_a_given_total_holds_for_every_run(autojump_clock: trio.testing.MockClock) -> None:
+    out = io.StringIO()
+    progress = Progress(out, total=100)
+    await conveyor.run(_work, range(10), progress=progress)
+    await conveyor.run(_work, range(30), progress=progress)
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "30/100 30.0%"

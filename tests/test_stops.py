@@ -494,3 +494,93 @@ async def _maybe(value: Any) -> Any:
     if hasattr(value, "__await__"):
         return await value
     return value
+
+
+# ------------------------------------------------ fn: any awaitable-returning callable
+
+
+async def fetch(client: dict[str, int], n: int) -> int:
+    await trio.sleep(1)
+    return client["base"] + n
+
+
+class AsyncCallable:
+    async def __call__(self, n: int) -> int:
+        await trio.sleep(1)
+        return n
+
+
+@pytest.mark.parametrize("kind", ["lambda", "partial", "async __call__"])
+async def test_any_callable_returning_an_awaitable_is_a_task(
+    autojump_clock: trio.testing.MockClock, kind: str
+) -> None:
+    import functools
+
+    client = {"base": 100}
+    fn: Any = {
+        "lambda": lambda n: fetch(client, n),
+        "partial": functools.partial(fetch, client),
+        "async __call__": AsyncCallable(),
+    }[kind]
+    base = 0 if kind == "async __call__" else 100
+    report = await conveyor.run(fn, range(3))
+    assert sorted(report.values()) == [base, base + 1, base + 2]
+    async with conveyor.map(fn, range(3)) as records:
+        assert sorted([r.unwrap() async for r in records]) == [base, base + 1, base + 2]
+
+
+def double(n: int) -> int:
+    return 2 * n
+
+
+async def test_a_sync_callable_fails_its_items_not_retried_with_advice_that_works(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    report = await conveyor.run(double, range(3), retry=Retry(attempts=5, backoff=None))
+    assert not report.succeeded and [f.attempts for f in report.failed] == [1, 1, 1]
+    message = str(report.failed[0].error)
+    assert isinstance(report.failed[0].error, TypeError)
+    assert "returned int 0, not an awaitable" in message
+    assert "conveyor.in_thread(double)" in message
+    # the advice, followed
+    report = await conveyor.run(conveyor.in_thread(double), range(3))
+    assert sorted(report.values()) == [0, 2, 4]
+
+
+# ------------------------------------------------ a retryable error during the drain
+
+
+async def test_an_attempt_failing_during_the_drain_is_unfinished_with_its_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def fn(i: int) -> int:
+        await trio.sleep(2)
+        raise OSError(f"down {i}")
+
+    with trio.move_on_after(1):
+        async with conveyor.open_pool(fn, workers=2, drain=5, retry=Retry(attempts=3)) as pool:
+            await pool.submit(1)
+            await pool.submit(2)
+    report = pool.report()
+    assert not report.failed
+    assert [(r.item, r.attempts, type(r.last_error)) for r in report.unfinished] == [
+        (1, 1, OSError), (2, 1, OSError)
+    ]
+    assert report.stats.retried == 0
+
+
+# ---------------------------------------------------------------- A11: the README's three ways in
+
+
+async def test_the_three_ways_in_snippet_keeps_its_stats_identity(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with conveyor.open_pool(slow, workers=10) as pool:
+        for item in range(1000):
+            await pool.submit(item)
+        pool.close()
+        read = [record async for record in pool.results()]
+    report = pool.report()
+    stats = report.stats
+    assert len(read) == 1000 and report.succeeded == []  # what was read is not kept
+    assert stats.submitted == stats.succeeded + stats.failed + stats.unfinished == 1000

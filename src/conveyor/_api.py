@@ -15,7 +15,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 import trio
 
-from ._journal import check_journal, run_journaled
+from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._options import check_fn, check_items, check_options
 from ._pool import Pool, _OrderedRecords, _Records, give_back
@@ -81,12 +81,11 @@ def _make_pool(
 
 def _progress(progress: object, total: int | None) -> Progress | None:
     if progress is True:
-        return Progress(total=total)
+        progress = Progress()
     if progress is False:
         return None
     if isinstance(progress, Progress):
-        if progress.total is None:
-            progress.total = total
+        progress.begin(total)  # this run's count: a reused Progress forgets the last one's
         return progress
     raise TypeError(
         f"progress must be True, False or a conveyor.Progress, got {progress!r}"
@@ -157,11 +156,13 @@ async def run(
             succeeded (they come back as ``Succeeded`` with the stored value and
             attempts) and runs the others. Committed every 100 records or 0.2 s, and on
             a stop before the exception propagates; values must be picklable. A file that
-            is not a journal, or was written with another key function, raises
+            is not a journal, was written with another key function, is in use by another
+            run, or that another user owns or others can write, raises
             :class:`conveyor.JournalError` at the call.
         key: with ``journal``: ``item -> str | int | bytes``, distinct per item, cheap
             and stable across runs (default: the item itself). Identified across runs by
-            its module and qualified name.
+            its name and a hash of its code and the plain values it uses. An item whose
+            key raises, is of another type or repeats another's fails (attempts 0).
 
     Limits are held around every attempt, retries included (a retry waiting for its
     backoff holds none), in this order: ``per_key``, ``limiter``, ``adaptive``, ``rate``.
@@ -169,7 +170,7 @@ async def run(
     Returns:
         A :class:`conveyor.Report` with every ``Succeeded``, ``Failed`` and (after a stop)
         ``Unfinished`` item. With a journal, ``succeeded`` also holds the items taken from
-        it (first), while ``stats`` counts this run's work only.
+        it (as they are taken from ``items``), while ``stats`` counts this run's work only.
 
     Stopping: when the caller's cancel scope or deadline fires, or KeyboardInterrupt
     arrives, the run stops taking items and starts no queued item or retry; attempts
@@ -208,6 +209,8 @@ def open_pool(
     per_key: PerKey[Any] | None = None,
     adaptive: Adaptive | None = None,
     progress: bool | Progress = False,
+    journal: str | os.PathLike[str] | None = None,
+    key: Callable[[Any], str | int | bytes] | None = None,
 ) -> AbstractAsyncContextManager[Pool[T]]:
     """Open a pool and feed it by hand; the options are those of :func:`run`.
 
@@ -225,28 +228,38 @@ def open_pool(
     settled. Leaving it by an exception or a cancel stops the pool like
     :meth:`Pool.stop` (with the ``drain`` grace); the items still outstanding settle as
     ``Unfinished``, and the exception propagates as it was raised.
+
+    With ``journal=``: an item submitted that the journal holds as succeeded is not run: it
+    settles at once, with its stored value, in ``results()`` like the others; the journal
+    records every item as it settles (read or not), and is committed when the block ends,
+    however it ends.
     """
+    journal_spec = check_journal(journal, key)
     pool = _make_pool(
         fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
         limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive, progress=progress,
     )
-    return _OpenPool(pool)
+    return _OpenPool(pool, journal_spec)
 
 
 class _OpenPool(Generic[T]):
     """What :func:`open_pool` returns: enter it once with ``async with``."""
 
-    __slots__ = ("_cm", "_pool")
+    __slots__ = ("_cm", "_journal", "_pool")
 
-    def __init__(self, pool: Pool[T]) -> None:
+    def __init__(self, pool: Pool[T], journal: JournalSpec | None) -> None:
         self._pool = pool
+        self._journal = journal
         self._cm: AbstractAsyncContextManager[Pool[T]] | None = None
 
     async def __aenter__(self) -> Pool[T]:
-        cm = self._pool._running()  # a second entry: "a pool runs once"
-        pool = await cm.__aenter__()
+        pool = self._pool
+        if pool._started:
+            raise RuntimeError("a pool runs once: call conveyor.open_pool(...) again for a new one")
+        cm = pool._running() if self._journal is None else open_journaled_pool(pool, self._journal)
+        running = await cm.__aenter__()
         self._cm = cm
-        return pool
+        return running
 
     async def __aexit__(
         self,
@@ -275,6 +288,8 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     per_key: PerKey[Any] | None = None,
     adaptive: Adaptive | None = None,
     progress: bool | Progress = False,
+    journal: str | os.PathLike[str] | None = None,
+    key: Callable[[Any], str | int | bytes] | None = None,
 ) -> MapStream[T]:
     """Stream a record for every item as it settles; the options are those of :func:`run`.
 
@@ -297,8 +312,14 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     happens, and is waited for, when the block ends; with the bare ``async for`` form
     the pool is cancelled as soon as the iterator is dropped (use ``async with`` when you
     need to know it has ended).
+
+    With ``journal=``: the items the journal holds as succeeded are not run, and are
+    yielded all the same (in their place with ``ordered=True``) with their stored value;
+    the journal records every item as it settles and is committed however the stream ends
+    (the end, a ``break``, an error, a cancel, Ctrl-C).
     """
     check_items(items)
+    journal_spec = check_journal(journal, key)
     if not isinstance(ordered, bool):
         raise TypeError(f"ordered must be True or False, got {ordered!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
@@ -321,14 +342,17 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     )
     if ordered and window is None:
         window = 2 * workers + size
-    return MapStream(pool, items, window if ordered else None)
+    return MapStream(pool, items, window if ordered else None, journal_spec)
 
 
 class MapStream(Generic[T]):
     """What :func:`conveyor.map` returns: iterate it, or enter it with ``async with``."""
 
-    def __init__(self, pool: Pool[T], items: Items, window: int | None) -> None:
+    def __init__(
+        self, pool: Pool[T], items: Items, window: int | None, journal: JournalSpec | None = None
+    ) -> None:
         self._pool = pool
+        self._journal = journal
         self._items = items
         self._window = window
         self._cm: AbstractAsyncContextManager[AsyncIterator[Record]] | None = None
@@ -348,7 +372,11 @@ class MapStream(Generic[T]):
     async def _open(self) -> AsyncIterator[AsyncIterator[Record]]:
         feed, records = self._feed_and_records()
         pool = self._pool
-        async with pool._running(feed), aclosing(records):
+        async with (
+            journaled(pool, self._journal, feed) as fed,
+            pool._running(fed),
+            aclosing(records),
+        ):
             yield records
             if not pool._tasks_done:
                 pool.stop()  # the caller left before the end: take and start nothing more
@@ -368,7 +396,7 @@ class MapStream(Generic[T]):
 
     def __aiter__(self) -> AsyncIterator[Record]:
         feed, records = self._feed_and_records()
-        host = _Host(self._pool, feed)
+        host = _Host(self._pool, feed, self._journal)
         reader: _Records
         if isinstance(records, _OrderedRecords):
             reader = _BareOrdered(self._pool, records._window)
@@ -393,10 +421,11 @@ class _Host:
     reader, so that dropping the reader (leaving the loop) finalises it at once.
     """
 
-    __slots__ = ("_feed", "done", "failure", "pool", "scope", "token")
+    __slots__ = ("_feed", "_journal", "done", "failure", "pool", "scope", "token")
 
-    def __init__(self, pool: Pool[Any], feed: Items) -> None:
+    def __init__(self, pool: Pool[Any], feed: Items, journal: JournalSpec | None) -> None:
         self.pool = pool
+        self._journal = journal
         self._feed: Items | None = feed
         self.scope = trio.CancelScope()
         self.done = trio.Event()
@@ -412,12 +441,19 @@ class _Host:
         try:
             feed, self._feed = self._feed, None
             with self.scope:
-                async with self.pool._running(feed):
+                async with (
+                    journaled(self.pool, self._journal, feed) as fed,
+                    self.pool._running(fed),
+                ):
                     pass
         except BaseException as exc:  # a system task must not raise: hand it over
             self.failure = exc
         finally:
             self.done.set()
+            # The reader waits for the pool's end; if the pool never ran (the journal was
+            # refused), that end is now.
+            self.pool._tasks_done = True
+            self.pool._wake_reader()
 
     def left(self, pending: dict[int, Record] | None) -> None:
         """The caller left its loop: no new attempt from now on, then stop the pool.

@@ -57,12 +57,19 @@ decrease, as TCP congestion avoidance), at most one decrease per "window" of att
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Hashable
-from typing import Any, Generic, Protocol, TypeVar, cast, final, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, final, runtime_checkable
 
 import trio
+
+from ._options import check_sync_callable, describe_callable
+from ._retry import plain_predicate
+
+logger = logging.getLogger("conveyor")
 
 __all__ = [
     "Adaptive",
@@ -90,20 +97,30 @@ class Limit(Protocol):
         ...
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r:.60}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an int in {minimum}..{maximum}, got {value!r:.60}")
     return value
 
 
 def _check_positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number > 0, got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+        raise TypeError(f"{name} must be a number > 0, got {value!r:.60}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r:.60}")
+    return number
+
+
+# The largest count kept exactly in a float (Rate's burst and Adaptive's limit are floats).
+_MAX_COUNT = 2**53
 
 
 # ----------------------------------------------------------------------------------- rate
@@ -177,7 +194,7 @@ class Rate:
 
     def __init__(self, per_second: float, burst: int = 1) -> None:
         self.per_second = _check_positive("Rate: per_second", per_second)
-        self.burst = _check_int("Rate: burst", burst, 1)
+        self.burst = _check_int("Rate: burst", burst, 1, _MAX_COUNT)
         self._gcra = _Gcra(self.per_second, self.burst)
 
     def __repr__(self) -> str:
@@ -336,8 +353,7 @@ class PerKey(Generic[J]):
         rate: Rate | None = None,
         max_parked: int = 1000,
     ) -> None:
-        if not callable(key):
-            raise TypeError(f"PerKey: key must be a callable item -> key, got {key!r}")
+        check_sync_callable("PerKey: key", key, "a callable item -> hashable key")
         if limit is not None:
             _check_int("PerKey: limit", limit, 1)
         if rate is not None and not isinstance(rate, Rate):
@@ -473,6 +489,15 @@ class PerKey(Generic[J]):
                 self._maybe_forget(idle.popleft()[0], now)
         state = self._states.get(key)
         if state is None:
+            if inspect.isawaitable(key):  # checked for new keys only: a coroutine always is
+                close = getattr(key, "close", None)
+                if close is not None:
+                    close()  # no "coroutine was never awaited" warning
+                raise TypeError(
+                    f"the PerKey key function {describe_callable(self.key)!r} returned an "
+                    f"awaitable ({type(key).__name__}), not a key: it must be a plain "
+                    f"function that returns a hashable key at once"
+                )
             rate = self.rate
             gcra = None
             if rate is not None:
@@ -558,11 +583,18 @@ class PerKey(Generic[J]):
 
 @final
 class _AdaptiveToken:
-    __slots__ = ("epoch", "start")
+    __slots__ = ("epoch", "event", "granted", "start")
 
-    def __init__(self, epoch: int, start: float) -> None:
-        self.epoch = epoch
-        self.start = start
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.start = 0.0
+        self.granted = False
+        self.event: trio.Event | None = None  # set while waiting for a slot
+
+
+OverloadOn = (
+    type[BaseException] | tuple[type[BaseException], ...] | Callable[[Exception], bool] | None
+)
 
 
 @final
@@ -571,32 +603,35 @@ class Adaptive:
 
     Every attempt that ends without an overload signal adds ``increase / limit`` (so the limit
     grows by ``increase`` per window of ``limit`` good attempts); an overload signal multiplies
-    it by ``decrease``, at most once per window (attempts that started before the last
-    decrease do not decrease it again). The limit stays within ``min`` .. ``max``. Other
-    errors leave it alone.
+    it by ``decrease``, once per overload episode: an attempt that was granted its slot
+    before the last decrease does not decrease it again, however its overload arrives
+    (attempts belong to the window they were granted in). The limit stays within ``min`` ..
+    ``max``. Other errors leave it alone.
 
     Args:
         overload_on: what signals overload: an exception class, a tuple of them, or a
-            predicate on the exception (e.g. an HTTP 429 / 503 status).
+            predicate on the exception (e.g. an HTTP 429 / 503 status), a plain function
+            (an ``async def`` is refused). Only exceptions (:class:`Exception`) reach it (never
+            ``trio.Cancelled`` or another ``BaseException``); if it raises, that attempt
+            counts as no signal, its item keeps its own error (with a note saying what the
+            predicate raised) and a WARNING goes to the ``"conveyor"`` logger.
         latency_target: optional; an attempt slower than this many seconds counts as an
             overload signal too. Measured from the moment this limit grants the slot (with a
             ``rate`` as well, that includes the wait for the rate's slot).
         min: the lowest limit (>= 1).
         max: the highest limit (>= min).
         initial: where to start (default ``min``).
-        increase: additive step per window (> 0).
+        increase: additive step per window (a finite number > 0).
         decrease: multiplicative factor on overload (0 < decrease < 1).
 
-    Its current value is :attr:`limit` (also in the pool's stats). Shareable between pools.
+    Its current value is :attr:`limit` (also in the pool's stats). Shareable between pools;
+    slots are granted first come first served.
     """
 
     def __init__(
         self,
         *,
-        overload_on: type[BaseException]
-        | tuple[type[BaseException], ...]
-        | Callable[[BaseException], bool]
-        | None = None,
+        overload_on: OverloadOn = None,
         latency_target: float | None = None,
         min: int = 1,
         max: int = 100,
@@ -604,8 +639,8 @@ class Adaptive:
         increase: float = 1.0,
         decrease: float = 0.5,
     ) -> None:
-        lo = _check_int("Adaptive: min", min, 1)
-        hi = _check_int("Adaptive: max", max, 1)
+        lo = _check_int("Adaptive: min", min, 1, _MAX_COUNT)
+        hi = _check_int("Adaptive: max", max, 1, _MAX_COUNT)
         if lo > hi:
             raise ValueError(f"Adaptive: min must be <= max, got min={lo}, max={hi}")
         start = lo if initial is None else _check_int("Adaptive: initial", initial, 1)
@@ -622,13 +657,16 @@ class Adaptive:
         if latency_target is not None:
             latency_target = _check_positive("Adaptive: latency_target", latency_target)
         self.latency_target = latency_target
+        self.overload_on = overload_on
         self._is_overload = _overload_predicate(overload_on)
         if overload_on is None and latency_target is None:
             raise ValueError("Adaptive: give overload_on, latency_target, or both")
         self.min, self.max = lo, hi
         self._value = float(start)
+        self._limit = start  # int(self._value)
+        self._running = 0
+        self._waiters: deque[_AdaptiveToken] = deque()
         self._epoch = 0
-        self._limiter = trio.CapacityLimiter(start)
         self.decreases = 0  # how many times it backed off (stats, tests)
 
     def __repr__(self) -> str:
@@ -637,70 +675,110 @@ class Adaptive:
     @property
     def limit(self) -> int:
         """The current concurrency limit."""
-        return int(self._limiter.total_tokens)
+        return self._limit
 
     @property
     def running(self) -> int:
         """Attempts holding a slot now."""
-        return self._limiter.borrowed_tokens
+        return self._running
 
     async def acquire(self, item: Any = None) -> _AdaptiveToken:
-        token = _AdaptiveToken(self._epoch, 0.0)
-        try:
-            self._limiter.acquire_on_behalf_of_nowait(token)  # as CapacityLimit.acquire
-        except trio.WouldBlock:
-            await self._limiter.acquire_on_behalf_of(token)
-        # The window an attempt belongs to is the one it starts in, not the one it queued in.
-        token.epoch = self._epoch
+        token = _AdaptiveToken()
+        if self._running < self._limit and not self._waiters:
+            # A free slot at once: no scheduling round (as CapacityLimit.acquire).
+            self._running += 1
+            token.epoch = self._epoch
+        else:
+            token.event = trio.Event()
+            self._waiters.append(token)
+            try:
+                await token.event.wait()
+            except BaseException:
+                if token.granted:
+                    self._running -= 1
+                    self._grant()
+                else:
+                    self._waiters.remove(token)  # O(waiters), on a cancel only
+                raise
+            token.event = None
         if self.latency_target is not None:
             token.start = trio.current_time()  # latency of the attempt, not of the wait
         return token
 
     def release(self, token: object, error: BaseException | None) -> None:
         assert isinstance(token, _AdaptiveToken)
-        self._limiter.release_on_behalf_of(token)
-        overloaded = error is not None and self._is_overload(error)
+        # The signal first, the slot after: a slot freed by an overloaded attempt must not
+        # go to a waiter under the limit that was just found too high.
+        overloaded = False
+        if isinstance(error, Exception):  # never Cancelled, KeyboardInterrupt...
+            try:
+                overloaded = self._is_overload(error)
+            except Exception as predicate_error:
+                self._predicate_failed(error, predicate_error)
+        elif error is not None:  # cut short (a cancel): it says nothing about the service
+            self._running -= 1
+            self._grant()
+            return
         if not overloaded and self.latency_target is not None:
             overloaded = trio.current_time() - token.start > self.latency_target
         if overloaded:
-            if token.epoch == self._epoch:  # one decrease per window
+            if token.epoch == self._epoch:  # one decrease per episode
                 self._epoch += 1
                 self.decreases += 1
                 self._set(self._value * self.decrease)
         elif error is None:
             self._set(self._value + self.increase / self._value)
+        self._running -= 1
+        self._grant()
+
+    def _predicate_failed(self, error: Exception, predicate_error: Exception) -> None:
+        message = (
+            f"conveyor: the Adaptive overload_on predicate "
+            f"{describe_callable(self.overload_on)!r} raised on this error "
+            f"({type(predicate_error).__name__}: {predicate_error}); counted as no "
+            f"overload signal"
+        )
+        error.add_note(message)
+        logger.warning("%s; the error was %s: %s", message, type(error).__name__, error)
 
     def _set(self, value: float) -> None:
-        value = self._value = float(self.min if value < self.min else min(value, self.max))
-        whole = int(value)
-        if whole != self._limiter.total_tokens:
-            self._limiter.total_tokens = whole
+        self._value = float(self.min if value < self.min else min(value, self.max))
+        self._limit = int(self._value)
+
+    def _grant(self) -> None:
+        """Hand free slots to waiters, first come first served, in the current window."""
+        waiters = self._waiters
+        while waiters and self._running < self._limit:
+            token = waiters.popleft()
+            token.granted = True
+            token.epoch = self._epoch  # the window it is granted in, not the one it ran in
+            self._running += 1
+            assert token.event is not None
+            token.event.set()
 
 
-def _overload_predicate(
-    overload_on: type[BaseException]
-    | tuple[type[BaseException], ...]
-    | Callable[[BaseException], bool]
-    | None,
-) -> Callable[[BaseException], bool]:
+def _overload_predicate(overload_on: OverloadOn) -> Callable[[Exception], bool]:
+    valid = "an exception class, a tuple of them, or a predicate f(exc) -> bool"
     if overload_on is None:
         return lambda error: False
-    if isinstance(overload_on, type) and issubclass(overload_on, BaseException):
+    if isinstance(overload_on, type):
+        if not issubclass(overload_on, BaseException):
+            raise TypeError(
+                f"Adaptive: overload_on must be {valid}, got the class {overload_on.__name__}"
+            )
         classes: tuple[type[BaseException], ...] = (overload_on,)
     elif isinstance(overload_on, tuple):
+        if not overload_on:
+            raise ValueError(f"Adaptive: overload_on must be {valid}, got an empty tuple")
         for cls in overload_on:
             if not (isinstance(cls, type) and issubclass(cls, BaseException)):
                 raise TypeError(
-                    f"Adaptive: overload_on must hold exception classes, got {cls!r}"
+                    f"Adaptive: overload_on must hold exception classes, got {cls!r:.60}"
                 )
         classes = overload_on
-    elif callable(overload_on):
-        return cast("Callable[[BaseException], bool]", overload_on)
     else:
-        raise TypeError(
-            "Adaptive: overload_on must be an exception class, a tuple of them, or a "
-            f"predicate on the exception, got {overload_on!r}"
-        )
+        check_sync_callable("Adaptive: overload_on", overload_on, valid)
+        return plain_predicate(overload_on, "Adaptive overload_on")
     return lambda error: isinstance(error, classes)
 
 

@@ -48,6 +48,7 @@ import trio_parallel  # type: ignore[import-untyped]  # untyped; its API is smal
 import _conveyor_worker as _worker
 
 from . import _linger
+from ._options import is_async_callable
 from ._pool import AttemptTimeout
 
 __all__ = [
@@ -938,10 +939,7 @@ def _load_reply(reply: _Reply) -> Any:
 def _check_sync_callable(api: str, f: object) -> None:
     if not callable(f):
         raise TypeError(f"{api}(f): f must be a sync callable, got {_short_repr(f)}")
-    target = _unwrap_partial(f)
-    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-        getattr(target, "__call__", None)  # noqa: B004 - an async __call__ counts too
-    ):
+    if is_async_callable(f):
         raise TypeError(
             f"{api}(f): f must be a sync function, but {_describe(f)} is async: give it to"
             f" the pool (or await it) directly, without {api}"

@@ -41,7 +41,7 @@ from trio.lowlevel import ParkingLot, checkpoint
 
 from . import _linger
 from ._limits import Adaptive, Claim, Limit, PerKey
-from ._options import check_drain
+from ._options import check_drain, check_sync_callable
 from ._progress import Progress
 from ._quantiles import Quantiles, Throughput
 from ._records import Failed, Record, Report, Succeeded, Unfinished
@@ -89,7 +89,7 @@ class _Job:
     wait). ``claim``: set while a per-key limit has resent it with a claim on its key.
     """
 
-    __slots__ = ("attempts", "claim", "enqueued", "item", "last_error", "seq")
+    __slots__ = ("attempts", "claim", "enqueued", "item", "last_error", "seq", "started")
 
     def __init__(self, item: Any, seq: int) -> None:
         self.item = item
@@ -98,6 +98,7 @@ class _Job:
         self.last_error: BaseException | None = None
         self.claim: Claim | None = None
         self.enqueued = 0.0
+        self.started = 0.0  # when its first attempt started (with a Retry budget only)
 
 
 class Pool(Generic[T]):
@@ -130,6 +131,7 @@ class Pool(Generic[T]):
         self._nursery: trio.Nursery | None = None
         self._retry = retry
         self._timeout = timeout
+        self._budget = None if retry is None else retry.budget
         self._drain = drain
         self._send, self._receive = trio.open_memory_channel[_Job](buffer)
         # Ledger: accepted and not yet settled, in submission order.
@@ -199,6 +201,9 @@ class Pool(Generic[T]):
         self._caller_error: BaseException | None = None  # raised by the caller's block
         self._feed_error: Exception | None = None  # raised by `items`: re-raised at the end
 
+        # The journal's intake gate for submit(): False when it settled the item itself.
+        self._gate: Callable[[Any], bool] | None = None
+
     # ------------------------------------------------------------------ intake
 
     async def submit(self, item: Any) -> None:
@@ -212,6 +217,8 @@ class Pool(Generic[T]):
 
         If the call is cancelled, the item was not accepted and will not be processed.
         """
+        if self._gate is not None and not self._intake_closed and not self._gate(item):
+            return
         if len(self._outstanding) >= self._capacity:
             await self._wait_for_room(self._capacity - 1)
         job = self._accept(item)
@@ -230,6 +237,8 @@ class Pool(Generic[T]):
             trio.WouldBlock: the pool is full; the item was not accepted.
             trio.ClosedResourceError: intake is closed.
         """
+        if self._gate is not None and not self._intake_closed and not self._gate(item):
+            return
         if len(self._outstanding) >= self._capacity and not self._intake_closed:
             raise trio.WouldBlock
         job = self._accept(item)
@@ -383,6 +392,7 @@ class Pool(Generic[T]):
         capacity = self._capacity
         low = self._feeder_low
         workers = self._workers
+        spawning = self._spawned < workers
         sync_iterator = iter(items)
         send_nowait = send.send_nowait
         current_time = self._now
@@ -400,12 +410,43 @@ class Pool(Generic[T]):
                 job.enqueued = current_time()
             outstanding[seq] = job
             self._submitted += 1
-            if self._spawned < workers:
+            if spawning:
                 self._spawn_workers()
+                spawning = self._spawned < workers
             try:
                 send_nowait(job)
             except trio.WouldBlock:
                 await send.send(job)
+
+    # ------------------------------------------------------------------ journal seam
+
+    def _observe_settled(self, observe: Callable[[Record], None]) -> None:
+        """Call ``observe(record)`` as each item settles as Succeeded or Failed in a worker
+        (the journal's writer); before the pool starts. Costs nothing when not used: the
+        outbox becomes a deque whose ``append`` also calls ``observe``."""
+        outbox = _ObservedOutbox(self._outbox)
+        outbox.observe = observe
+        outbox.keep_seq = self._keep_seq
+        self._outbox = outbox
+
+    def _settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
+        """Settle an item without running it: a success taken from a journal (not this
+        run's work: not in the stats), or an item refused before its first attempt
+        (``Failed``, attempts 0, counted as submitted and failed). It takes its place in the
+        output like any record (in order, for an ordered reader); ``observe`` does not see
+        it. Also once intake has closed: an item already taken from ``items`` is settled."""
+        if not self._started:
+            raise RuntimeError("submit() is only possible inside the pool's `async with` block")
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        if type(record) is Failed:
+            self._submitted += 1
+            self._failed.append(record)
+        deque.append(self._outbox, (seq, record) if self._keep_seq else record)
+        if self._reader_waiting:
+            self._wake_reader()
+        if self._stats_waiting:
+            self._wake_stats()
 
     # ------------------------------------------------------------------ workers
 
@@ -413,12 +454,15 @@ class Pool(Generic[T]):
         receive = self._receive.receive
         receive_nowait = self._receive.receive_nowait
         fn = self._fn
-        timeout = self._timeout
+        # Timed attempts (a per-attempt timeout or a Retry budget) go through _timed;
+        # the others call fn directly.
+        timed = self._timeout is not None or self._budget is not None
         outstanding = self._outstanding
         outbox = self._outbox
         outbox_limit = self._outbox_limit
         keep_seq = self._keep_seq
         due = self._due
+        coroutine_type = CoroutineType
         # Limits and stats: with no limit configured, the only per-item additions are two
         # tests and, for sampled items, two clock reads and two histogram inserts.
         per_key = self._per_key
@@ -465,10 +509,10 @@ class Pool(Generic[T]):
                     self._attempts += 1
                     self._in_flight += 1
                     try:
-                        if timeout is None:
+                        if not timed:
                             value = await fn(job.item)  # the hot path: no extra frame
                         else:
-                            value = await self._timed(job.item, timeout)
+                            value = await self._timed(job)
                     finally:
                         self._in_flight -= 1
                         if sample:
@@ -484,7 +528,7 @@ class Pool(Generic[T]):
                     job.last_error = error
                 raise
             else:
-                if type(value) is CoroutineType:
+                if type(value) is coroutine_type:  # a forgotten await
                     self._attempt_failed(job, _not_awaited(value))
                     continue
                 del outstanding[seq]
@@ -562,10 +606,9 @@ class Pool(Generic[T]):
             self._in_flight += 1
             start = self._now() if sample else 0.0
             try:
-                timeout = self._timeout
-                if timeout is None:
+                if self._timeout is None and self._budget is None:
                     return await self._fn(item)
-                return await self._timed(item, timeout)
+                return await self._timed(job)
             except BaseException as exc:
                 error = exc
                 raise
@@ -581,11 +624,30 @@ class Pool(Generic[T]):
                 self._per_key.release(key_token, error)
             error = None  # no reference cycle through the traceback
 
-    async def _timed(self, item: Any, timeout: float) -> Any:
-        """``fn(item)`` within the per-attempt ``timeout``, else :class:`AttemptTimeout`."""
-        with trio.move_on_after(timeout):
-            return await self._fn(item)
+    async def _timed(self, job: _Job) -> Any:
+        """``fn(item)`` within the attempt's time, else :class:`AttemptTimeout`.
+
+        The attempt's time ends at the per-attempt ``timeout`` or at the end of the item's
+        ``Retry.budget`` (counted from the start of its first attempt), whichever is first.
+        """
+        now = self._now()
+        if job.attempts == 1:
+            job.started = now
+        timeout = self._timeout
+        deadline = math.inf if timeout is None else now + timeout
+        budget = self._budget
+        cut_by_budget = False
+        if budget is not None and job.started + budget < deadline:
+            deadline = job.started + budget
+            cut_by_budget = True
+        with trio.move_on_at(deadline):
+            return await self._fn(job.item)
         # only reached when the scope's own deadline cancelled the attempt
+        if cut_by_budget:
+            raise AttemptTimeout(
+                f"attempt cut at the end of the item's budget={budget} s (Retry.budget), "
+                f"{job.attempts} attempt(s) in"
+            )
         raise AttemptTimeout(f"attempt took longer than timeout={timeout} s")
 
     def _wake_stats(self) -> None:
@@ -602,15 +664,11 @@ class Pool(Generic[T]):
         holds (test it again if that matters). Costs the pool nothing while nobody waits,
         and little while someone does.
         """
-        if not callable(predicate) or _is_async(predicate):
-            raise TypeError(
-                f"wait_stats predicate must be a plain function stats -> bool (not async), "
-                f"got {predicate!r:.80}"
-            )
+        check_sync_callable("wait_stats predicate", predicate, "a function stats -> bool")
         await checkpoint()
         while True:
             stats = self.stats
-            if predicate(stats) or self._tasks_done:
+            if _truth(predicate, stats) or self._tasks_done:
                 return stats
             tested = trio.current_time()
             self._stats_waiting = True
@@ -635,6 +693,15 @@ class Pool(Generic[T]):
             if self._stopping:
                 return
             delay = retry.delay(error, job.attempts)
+            budget = self._budget
+            if budget is not None and trio.current_time() + delay >= job.started + budget:
+                error.add_note(
+                    f"conveyor: not retried: the next attempt would start after the item's "
+                    f"budget={budget} s (Retry.budget) has run out"
+                )
+                self._give_up(job, error, f"gave up after {job.attempts} attempts "
+                                          f"(its budget of {budget} s is spent)")
+                return
             self._retried += 1
             if logger.isEnabledFor(logging.INFO):
                 logger.info(
@@ -956,8 +1023,8 @@ class _Records:
 
     async def __anext__(self) -> Record:
         pool = self._pool
-        outbox = pool._outbox
         while True:
+            outbox = pool._outbox  # read anew after a wait: a journal may wrap it at start
             if outbox:
                 self._streak += 1
                 if self._streak >= _STREAK:
@@ -1008,10 +1075,10 @@ class _OrderedRecords(_Records):
 
     async def __anext__(self) -> Record:
         pool = self._pool
-        outbox = pool._outbox
         pending = self._pending
         await self._wait(checkpoint)  # before taking anything: a cancel loses nothing
         while True:
+            outbox = pool._outbox  # read anew after a wait: a journal may wrap it at start
             while outbox:
                 seq, record = outbox.popleft()
                 pending[seq] = record
@@ -1118,8 +1185,26 @@ def _not_awaited(value: CoroutineType[Any, Any, Any]) -> TypeError:
     return error
 
 
-def _is_async(fn: object) -> bool:
-    """``fn`` is an async function (or a partial of one, or an object with async __call__)."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
-    )
+def _truth(predicate: Callable[[Stats], object], stats: Stats) -> bool:
+    """``predicate(stats)`` as a bool; an awaitable answer is refused (never true)."""
+    answer = predicate(stats)
+    if inspect.isawaitable(answer):
+        close = getattr(answer, "close", None)
+        if close is not None:
+            close()  # no "never awaited" warning: the error says it
+        raise TypeError(
+            f"wait_stats predicate must return a bool, got {type(answer).__name__} (an "
+            f"awaitable: it would never run); write it as a plain function stats -> bool"
+        )
+    return bool(answer)
+
+class _ObservedOutbox(deque[Any]):
+    """An outbox that tells ``observe`` of every record appended (see
+    :meth:`Pool._observe_settled`)."""
+
+    observe: Callable[[Record], None]
+    keep_seq: bool
+
+    def append(self, entry: Any) -> None:
+        deque.append(self, entry)
+        self.observe(entry[1] if self.keep_seq else entry)

@@ -14,6 +14,7 @@ simpler, testable under ``autojump_clock``, and costs no dependency.
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from collections.abc import Callable
@@ -100,11 +101,17 @@ class Progress:
     """Writes the progress line of a pool until cancelled, then its final state.
 
     Args:
-        stream: where to write (default ``sys.stderr`` at the time of writing).
-        total: the number of items, when known.
-        interval: seconds between lines; default 0.2 s on a terminal, 10 s otherwise.
+        stream: where to write, an object with a ``write(str)`` method (default
+            ``sys.stderr`` at the time of writing).
+        total: the number of items (an int >= 0), when known. Without it, each run shows
+            the number of its own items when it knows it (``len(items)``), so a
+            ``Progress`` used for several runs shows each run's count, never the last one's.
+        interval: seconds between lines (a finite number > 0); default 0.2 s on a terminal,
+            10 s otherwise.
         tty: redraw in place (True) or write plain lines (False); default: whether
             ``stream`` is a terminal.
+
+    Every argument is checked here, at the call.
     """
 
     def __init__(
@@ -115,12 +122,40 @@ class Progress:
         interval: float | None = None,
         tty: bool | None = None,
     ) -> None:
-        if interval is not None and not (interval > 0 and math.isfinite(interval)):
-            raise ValueError(f"progress interval must be a finite number > 0, got {interval!r}")
-        if total is not None and total < 0:
-            raise ValueError(f"progress total must be >= 0, got {total!r}")
+        if stream is not None and (
+            not callable(getattr(stream, "write", None))
+            or isinstance(stream, io.RawIOBase | io.BufferedIOBase)
+        ):
+            raise TypeError(
+                f"progress stream must be a text stream (e.g. sys.stdout, an open text file) "
+                f"or None, got {stream!r:.60}"
+                + (" (the number of items goes in total=...)" if isinstance(stream, int)
+                   else "")
+            )
+        if total is not None:
+            if isinstance(total, bool) or not isinstance(total, int):
+                raise TypeError(f"progress total must be an int >= 0 or None, got {total!r:.60}")
+            if total < 0:
+                raise ValueError(f"progress total must be >= 0, got {total!r}")
+        if interval is not None:
+            if isinstance(interval, bool) or not isinstance(interval, int | float):
+                raise TypeError(
+                    f"progress interval must be a finite number of seconds > 0 or None, "
+                    f"got {interval!r:.60}"
+                )
+            try:
+                finite = math.isfinite(interval)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not (finite and interval > 0):
+                raise ValueError(
+                    f"progress interval must be a finite number > 0, got {interval!r:.60}"
+                )
+        if tty is not None and not isinstance(tty, bool):
+            raise TypeError(f"progress tty must be True, False or None, got {tty!r:.60}")
         self._stream = stream
         self.total = total
+        self._run_total = total  # this run's: total, else the count of its items if known
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
             try:
@@ -131,13 +166,17 @@ class Progress:
         self.interval = interval if interval is not None else (0.2 if tty else 10.0)
         self.lines = 0  # how many times it wrote (tests)
 
+    def begin(self, items: int | None) -> None:
+        """A run starts: show ``items`` as its total, unless ``total`` was given."""
+        self._run_total = self.total if self.total is not None else items
+
     @property
     def stream(self) -> TextIO:
         return self._stream if self._stream is not None else sys.stderr
 
     def write(self, stats: _Counts, final: bool = False) -> None:
         """Write one line (redrawn in place on a terminal)."""
-        line = format_line(stats, self.total)
+        line = format_line(stats, self._run_total)
         try:
             if self.tty:
                 self.stream.write("\r" + line + "\x1b[K" + ("\n" if final else ""))
