@@ -151,7 +151,12 @@ class Wide:
             outcome = self.outcome(item, attempt)
             if outcome != "retry":
                 return outcome, attempt
-            if self.retry_on == "raises" and item in self.raising and attempt < self.attempts:
+            step = self.step(item, attempt)
+            timed_out = self.timeout is not None and step.duration > self.timeout
+            if (
+                self.retry_on == "raises" and item in self.raising and not timed_out
+                and attempt < self.attempts
+            ):  # the predicate raises on this attempt's own error (not on a timeout)
                 return "any", attempt
         return "retry", self.attempts
 

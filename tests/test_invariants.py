@@ -34,6 +34,9 @@ from .strategies import (
     wides,
 )
 
+# 200 examples per property in CI; CONVEYOR_EXAMPLES=2000 (or 10000) runs longer, locally.
+EXAMPLES = int(os.environ.get("CONVEYOR_EXAMPLES", "200"))
+
 
 class Fatal(KeyError):
     """Not retryable: Retry(retry_on=RuntimeError) rejects it."""
@@ -159,7 +162,7 @@ def check(s: Scenario) -> None:
     assert not over_capacity, over_capacity
 
 
-@settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_invariants(s: Scenario) -> None:
     check(s)
@@ -552,9 +555,7 @@ def check_wide(w: Wide) -> None:
 # xfail(strict=True) fail on it, each at once on an explicit example that fails whatever the
 # order trio runs a moment's tasks in (see test_invariants_regressions.py for the minimal
 # repros); when the fixes land they pass, strict turns that into a failure, and the mark goes.
-# CONVEYOR_EXAMPLES=2000 (or 10000) runs every property longer, locally.
 
-EXAMPLES = int(os.environ.get("CONVEYOR_EXAMPLES", "200"))
 WIDE = settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 OPEN_POOL = ("open_pool", "open_pool_results")
 POOL_STOPS: tuple[StopHow, ...] = ("none", "stop", "stop_from_fn")
@@ -590,11 +591,11 @@ KEY_RAISES = Wide(  # A7 (fixed in 0430e29): a raising key function was retried,
     workers=2, buffer=0, attempts=3, backoff=None, plans=[ok(), ok()],
     keys=2, key_raises=frozenset({0}),
 )
-RETRY_ON_RAISES = Wide(  # A4: a raising retry_on predicate ends the run
+RETRY_ON_RAISES = Wide(  # A4 (fixed on main): a raising retry_on predicate ends the run
     workers=2, buffer=0, attempts=3, backoff=None, plans=[[Step("retry", 0)], ok()],
     retry_on="raises", raising=frozenset({0}),
 )
-OVERLOAD_ON_RAISES = Wide(  # A5: a raising overload_on predicate replaces the record
+OVERLOAD_ON_RAISES = Wide(  # A5 (fixed on main): a raising overload_on replaced the record
     workers=2, buffer=0, attempts=3, backoff=None, plans=[[Step("retry", 0)], ok()],
     adaptive="raises", raising=frozenset({0}),
 )
@@ -656,8 +657,6 @@ def test_wide_bare_map_left_at_any_point(w: Wide) -> None:
     check_wide(w)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A4, A5: raising retry_on / overload_on "
-                   "end the run, change records, leave a PerKey slot held")
 @WIDE
 @example(KEY_RAISES)
 @example(RETRY_ON_RAISES)
@@ -667,8 +666,8 @@ def test_wide_raising_user_callbacks(w: Wide) -> None:
     check_wide(w)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A2 (bare form), A4, A5, A9-like: everything "
-                   "drawn together")
+@pytest.mark.xfail(strict=True, reason="issue 9 A2 (bare map form), A9-like (source error "
+                   "swallowed by a cancel): everything drawn together")
 @WIDE
 @example(LOST_ON_ERROR)
 @example(STARTS_AFTER_CANCEL)

@@ -289,7 +289,6 @@ class PredicateError(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A4: a raising retry_on predicate ends the run")
 async def test_a4_a_raising_retry_on_predicate_fails_that_item_and_the_run_goes_on(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -308,7 +307,6 @@ async def test_a4_a_raising_retry_on_predicate_fails_that_item_and_the_run_goes_
     assert ledger_ok(report)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A5: overload_on is called with trio.Cancelled")
 async def test_a5_overload_on_sees_no_cancelled_and_a_cancel_leaves_items_unfinished(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -333,8 +331,6 @@ async def test_a5_overload_on_sees_no_cancelled_and_a_cancel_leaves_items_unfini
     assert sorted(u.item for u in report.unfinished) == [0, 1, 2, 3]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A5: a raising overload_on replaces the item's "
-                   "record")
 async def test_a5_a_raising_overload_on_never_changes_an_items_record(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -499,8 +495,6 @@ async def test_a_source_error_raised_as_the_scope_is_cancelled_comes_out_as_rais
     assert caught.value is raised
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A5: a raising overload_on leaves the item's "
-                   "PerKey slot held (the limits released after it are skipped)")
 async def test_a5_a_raising_overload_on_releases_every_other_limit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
