@@ -12,16 +12,31 @@ stats agree with the records (nothing left limited or parked).
 
 from __future__ import annotations
 
+import os
+from contextlib import aclosing
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 import conveyor
 from conveyor import Backoff, Retry, Succeeded
 
-from .strategies import Scenario, scenarios
+from .strategies import (
+    FORMS,
+    MAP_FORMS,
+    Scenario,
+    Step,
+    StopHow,
+    Wide,
+    scenarios,
+    wides,
+)
+
+# 200 examples per property in CI; CONVEYOR_EXAMPLES=2000 (or 10000) runs longer, locally.
+EXAMPLES = int(os.environ.get("CONVEYOR_EXAMPLES", "200"))
 
 
 class Fatal(KeyError):
@@ -148,7 +163,520 @@ def check(s: Scenario) -> None:
     assert not over_capacity, over_capacity
 
 
-@settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_invariants(s: Scenario) -> None:
     check(s)
+
+
+# ------------------------------------------------------------------------------------ wide
+#
+# Issue 9, C: the scenario grown with what it never drew (see strategies.Wide). Checked after
+# every example:
+#   a. each item taken from the input (open_pool: each item submit() accepted) is in exactly
+#      one record, and stats.submitted == succeeded + failed + unfinished;
+#   b. each record's attempts is the number of fn calls for its item (and stats.attempts
+#      their sum); an Unfinished never attempted has no last_error;
+#   c. no fn call once the stop or outside cancel is delivered (with drain too: no NEW
+#      attempt), none after a map loop is left; a pool opened in a cancelled scope calls fn
+#      zero times;
+#   d. after the call, with the virtual clock run on 100 s: nothing of the pool still runs
+#      and no task of it is left (the bare map form included);
+#   e. an error raised by the source or the caller's loop body comes out of the call as the
+#      very object raised; a user callback that raises never ends the run;
+#   f. outcomes: a success is the one the plan predicts; with no stop, every record is.
+
+
+class Retryable(RuntimeError):
+    """Retryable: retry_on takes RuntimeError (and AttemptTimeout)."""
+
+    def __init__(self, item: int, attempt: int) -> None:
+        super().__init__(f"retryable {item}/{attempt}")
+        self.item = item
+
+
+class SourceError(Exception):
+    """Raised by the async source midway."""
+
+
+class BodyExit(Exception):
+    """Raised by the caller's loop body to leave a map loop."""
+
+
+class PredicateError(Exception):
+    """Raised by a user predicate (retry_on, overload_on) for some items."""
+
+
+class KeyFnError(Exception):
+    """Raised by a PerKey key function for some items."""
+
+
+HANG = 100_000.0  # virtual seconds: far past the longest scenario (rate 1/s, backoffs)
+
+
+def live_tasks() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(t) for n in task.child_nurseries for t in n.child_tasks)
+
+    return count(trio.lowlevel.current_root_task())
+
+
+def wide_options(w: Wide) -> dict[str, Any]:
+    def retry_predicate(error: Exception) -> bool:
+        if isinstance(error, Retryable) and error.item in w.raising:
+            raise PredicateError(f"retry_on raised on {error.item}")
+        return isinstance(error, RuntimeError | conveyor.AttemptTimeout)
+
+    retry_on: Any = {
+        "class": (RuntimeError, conveyor.AttemptTimeout),
+        "predicate": lambda e: isinstance(e, RuntimeError | conveyor.AttemptTimeout),
+        "raises": retry_predicate,
+    }[w.retry_on]
+    options: dict[str, Any] = {
+        "workers": w.workers,
+        "buffer": w.buffer,
+        "drain": w.drain,
+        "timeout": w.timeout,
+        "limiter": w.limiter,
+        "retry": Retry(
+            attempts=w.attempts,
+            backoff=None if w.backoff is None else Backoff(initial=w.backoff, jitter=None),
+            retry_on=retry_on,
+        ),
+    }
+    if w.rate is not None:
+        options["rate"] = conveyor.Rate(w.rate[0], burst=w.rate[1])
+    if w.adaptive is not None:
+
+        def overload(error: BaseException) -> bool:
+            # A realistic predicate: it reads an attribute only our errors have.
+            if error.item in w.raising:  # type: ignore[attr-defined]
+                raise PredicateError(f"overload_on raised on {error.item}")  # type: ignore[attr-defined]
+            return isinstance(error, RuntimeError)
+
+        overload_on: Any = {
+            "class": RuntimeError,
+            "predicate": lambda e: isinstance(e, RuntimeError),
+            "raises": overload,
+        }[w.adaptive]
+        options["adaptive"] = conveyor.Adaptive(overload_on=overload_on, min=1, max=4, initial=2)
+    if w.keys is not None:
+        keys = w.keys
+
+        def key(item: int) -> int:
+            if item in w.key_raises:
+                raise KeyFnError(f"no key for {item}")
+            return item % keys
+
+        options["per_key"] = conveyor.PerKey(key, limit=1)
+    return options
+
+
+def check_wide(w: Wide) -> None:
+    n = len(w.plans)
+    log: list[tuple[str, int | None, float]] = []  # (what, item, virtual time), in order
+    calls: dict[int, int] = {}
+    running = 0
+    max_running = 0
+    per_key_running: dict[int, int] = {}
+    max_per_key = 0
+    taken: list[int] = []  # what the source yielded
+    accepted: list[int] = []  # open_pool forms: what submit() accepted
+    streamed: list[Any] = []
+    source_error: SourceError | None = None
+    body_error: BodyExit | None = None
+    caught: BaseException | None = None
+    report: conveyor.Report | None = None
+    pool_ref: Any = None
+    scope_ref: trio.CancelScope | None = None
+    stream_ref: Any = None
+    tasks_before = tasks_after = 0
+    options = wide_options(w)
+    is_open_pool = w.form in ("open_pool", "open_pool_results")
+
+    def mark(what: str, item: int | None = None) -> None:
+        log.append((what, item, trio.current_time()))
+
+    def sync_source() -> Any:
+        for i in range(n):
+            taken.append(i)
+            yield i
+
+    async def async_source() -> Any:
+        nonlocal source_error
+        for i in range(n + 1):
+            if w.source_delay is not None:
+                await trio.sleep(w.source_delay)
+            if w.source == "async_raises" and i == w.raise_at:
+                source_error = SourceError(i)
+                mark("source raised")
+                raise source_error
+            if i == n:
+                return
+            taken.append(i)
+            yield i
+
+    def source() -> Any:
+        return sync_source() if w.source == "sync" else async_source()
+
+    async def fn(i: int) -> int:
+        nonlocal running, max_running, max_per_key
+        attempt = calls[i] = calls.get(i, 0) + 1
+        mark("call", i)
+        step = w.step(i, attempt)
+        running += 1
+        max_running = max(max_running, running)
+        k = i % w.keys if w.keys is not None else 0
+        per_key_running[k] = per_key_running.get(k, 0) + 1
+        max_per_key = max(max_per_key, per_key_running[k])
+        try:
+            await trio.sleep(step.duration)
+        finally:
+            running -= 1
+            per_key_running[k] -= 1
+        if i == w.stop_item and attempt == 1 and w.stop_how in ("cancel_from_fn", "stop_from_fn"):
+            mark("stop")
+            if w.stop_how == "cancel_from_fn":
+                assert scope_ref is not None
+                scope_ref.cancel()
+            else:
+                pool_ref.stop(w.stop_drain)
+        if step.outcome == "retry":
+            raise Retryable(i, attempt)
+        if step.outcome == "fatal":
+            raise Fatal(i)
+        return i * 10
+
+    def read(record: Any) -> bool:
+        """Keep a streamed record; True when the caller leaves the loop now."""
+        nonlocal body_error
+        streamed.append(record)
+        if w.exit_at is None or len(streamed) <= w.exit_at:
+            return False
+        mark("left")
+        if w.exit_how == "raise":
+            body_error = BodyExit()
+            raise body_error
+        return True
+
+    async def feed(pool: Any) -> None:
+        async def submit(i: int) -> bool:
+            try:
+                await pool.submit(i)
+            except trio.ClosedResourceError:
+                return False  # stop(): intake closed, the item was not accepted
+            accepted.append(i)
+            return True
+
+        if w.source == "sync":
+            for i in source():
+                if not await submit(i):
+                    return
+        else:
+            async with aclosing(source()) as items:
+                async for i in items:
+                    if not await submit(i):
+                        return
+
+    async def body() -> None:
+        nonlocal report, pool_ref, stream_ref
+        if w.form == "run":
+            report = await conveyor.run(fn, source(), **options)
+        elif w.form in MAP_FORMS:
+            stream = stream_ref = conveyor.map(
+                fn, source(), ordered=w.form.startswith("ordered"), **options
+            )
+            if w.form.endswith("_with"):
+                async with stream as records:
+                    async for record in records:
+                        if read(record):
+                            break
+            else:
+                async for record in stream:
+                    if read(record):
+                        break
+        elif w.form == "open_pool":
+            async with conveyor.open_pool(fn, **options) as pool:
+                pool_ref = pool
+                await feed(pool)
+        else:
+            async with conveyor.open_pool(fn, **options) as pool:
+                pool_ref = pool
+                feed_error: list[BaseException] = []
+
+                async def feeder() -> None:
+                    try:
+                        await feed(pool)
+                    except SourceError as exc:  # re-raised below, not in our nursery's group
+                        feed_error.append(exc)
+                        nursery.cancel_scope.cancel()
+                    pool.close()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(feeder)
+                    async for record in pool.results():
+                        streamed.append(record)
+                if feed_error:
+                    raise feed_error[0]
+
+    async def canceller(scope: trio.CancelScope) -> None:
+        await trio.sleep_until(w.stop_at)
+        mark("stop")
+        scope.cancel()
+
+    async def stopper() -> None:
+        await trio.sleep_until(w.stop_at)
+        if pool_ref is not None:
+            mark("stop")
+            pool_ref.stop(w.stop_drain)
+
+    async def main() -> None:
+        # A pool stuck with nothing left to wait for ends here (virtual time), not in a hang.
+        with trio.fail_after(HANG):
+            await scenario()
+
+    async def scenario() -> None:
+        nonlocal caught, tasks_before, tasks_after, scope_ref
+        tasks_before = live_tasks()
+        async with trio.open_nursery() as outer:
+            with trio.CancelScope() as scope:
+                scope_ref = scope
+                if w.stop_how == "deadline":
+                    scope.deadline = w.stop_at
+                elif w.stop_how == "cancel":
+                    outer.start_soon(canceller, scope)
+                elif w.stop_how == "stop":
+                    outer.start_soon(stopper)
+                elif w.stop_how == "cancelled_scope":
+                    mark("stop")
+                    scope.cancel()
+                try:
+                    await body()
+                except trio.Cancelled:
+                    raise
+                except BaseException as exc:
+                    caught = exc
+            outer.cancel_scope.cancel()
+        assert running == 0 or stream_ref is not None  # the bare map form: checked below
+        # Let the virtual clock run on: a pool left running behind the caller shows here.
+        await trio.sleep(100)
+        tasks_after = live_tasks()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    # e. errors come out as raised; nothing else comes out
+    allowed: list[BaseException | None] = []
+    if body_error is not None:
+        allowed.append(body_error)
+    if source_error is not None:
+        allowed.append(source_error)
+    bare_left = w.form in ("map", "ordered") and any(e[0] == "left" for e in log)
+    if not allowed or (bare_left and body_error is None):
+        allowed.append(None)  # the bare form left early may never see the source's error
+    assert any(caught is e for e in allowed), (caught, allowed)
+
+    # c. no attempt starts once the stop is delivered, none after a map loop is left
+    stops = [i for i, e in enumerate(log) if e[0] in ("stop", "left")]
+    if stops:
+        late = [e for e in log[stops[0]:] if e[0] == "call"]
+        assert not late, ("fn called after", log[stops[0]], late)
+    if w.stop_how == "deadline":
+        late = [e for e in log if e[0] == "call" and e[2] >= w.stop_at]
+        assert not late, ("fn called after the deadline", w.stop_at, late)
+    # d. nothing of the pool still runs, no task of it is left
+    assert running == 0
+    assert tasks_after == tasks_before, (tasks_before, tasks_after)
+    per_key = options.get("per_key")
+    if per_key is not None:
+        assert per_key.keys == 0 and per_key.parked == 0
+    assert max_running <= w.workers
+    if w.limiter is not None:
+        assert max_running <= w.limiter
+    if w.keys is not None:
+        assert max_per_key <= 1
+
+    if w.form == "run" and report is None:
+        return  # a cancelled or failed run() returns no account
+    if w.form in MAP_FORMS:
+        report = stream_ref.report()
+    elif is_open_pool:
+        report = pool_ref.report()
+    assert report is not None
+    stats = report.stats
+
+    # a. exactly once
+    expected_items = accepted if is_open_pool else taken
+    streamed_ok = [r for r in streamed if isinstance(r, Succeeded)]
+    records = streamed_ok + report.succeeded + report.failed + report.unfinished
+    assert sorted(r.item for r in records) == sorted(expected_items), (records, expected_items)
+    assert stats.submitted == len(expected_items)
+    assert stats.submitted == stats.succeeded + stats.failed + stats.unfinished, stats
+    assert stats.succeeded == len(streamed_ok) + len(report.succeeded)
+    assert stats.failed == len(report.failed) and stats.unfinished == len(report.unfinished)
+    assert stats.in_flight == 0 and stats.queued == 0 and stats.waiting_retry == 0
+    assert stats.limited == 0 and stats.parked == 0
+    if w.form.startswith("ordered"):
+        assert [r.item for r in streamed] == sorted(r.item for r in streamed)
+
+    # b. attempts exact
+    assert stats.attempts == sum(calls.values()), (stats.attempts, calls)
+    for r in records:
+        assert r.attempts == calls.get(r.item, 0), (r, calls.get(r.item, 0))
+    for u in report.unfinished:
+        if u.attempts == 0:
+            assert u.last_error is None, u
+
+    # f. outcomes
+    stopped = w.stop_how != "none" or any(e[0] in ("left", "source raised") for e in log)
+    for r in streamed_ok + report.succeeded:
+        assert w.expected(r.item) == ("ok", r.attempts) and r.value == r.item * 10, r
+    for f in report.failed:
+        outcome, count = w.expected(f.item)
+        if outcome == "any":
+            assert f.attempts <= count, f
+            continue
+        if isinstance(f.error, KeyFnError):
+            kind = "key"
+        elif isinstance(f.error, Fatal):
+            kind = "fatal"
+        else:
+            kind = "retry"
+        if w.keys is not None and f.item in w.key_raises:
+            assert (kind, f.attempts) == ("key", 0), f
+        elif stopped:  # a retryable failure while stopping is not retried
+            assert kind == w.outcome(f.item, f.attempts) and f.attempts <= count, f
+        else:
+            assert (kind, f.attempts) == (outcome, count), (f, outcome, count)
+    if not stopped:
+        assert not report.unfinished
+        assert len(expected_items) == n
+
+
+# The wide properties. Those that pass on today's pool hold what already works; those marked
+# xfail(strict=True) fail on it, each at once on an explicit example that fails whatever the
+# order trio runs a moment's tasks in (see test_invariants_regressions.py for the minimal
+# repros); when the fixes land they pass, strict turns that into a failure, and the mark goes.
+
+WIDE = settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
+OPEN_POOL = ("open_pool", "open_pool_results")
+POOL_STOPS: tuple[StopHow, ...] = ("none", "stop", "stop_from_fn")
+OUTSIDE: tuple[StopHow, ...] = ("cancel", "deadline", "cancel_from_fn", "cancelled_scope")
+
+
+def ok(duration: float = 0) -> list[Step]:
+    return [Step("ok", duration)]
+
+
+# Explicit examples, one per failure (each fails in every scheduling order).
+LOST_ON_ERROR = Wide(  # A1/A3 (fixed in 0430e29): bare ordered map, source raising: a record lost
+    workers=2, buffer=0, attempts=1, backoff=None, plans=[ok(), ok(), ok(), ok(0.5), ok()],
+    source="async_raises", raise_at=5, form="ordered",
+)
+STARTS_AFTER_CANCEL = Wide(  # A2 (fixed in 0430e29): item 1 starts after fn(0) cancelled
+    workers=1, buffer=2, attempts=1, backoff=None, plans=[ok(), ok(), ok()],
+    form="run", stop_how="cancel_from_fn", stop_item=0,
+)
+BARE_STARTS_AFTER_CANCEL = Wide(  # A2, bare map form: the same
+    workers=1, buffer=2, attempts=1, backoff=None, plans=[ok(), ok(), ok()],
+    form="map", stop_how="cancel_from_fn", stop_item=0,
+)
+SWALLOWED = Wide(  # A9-like: the source raises as a cancel lands, and the error is swallowed
+    workers=1, buffer=0, attempts=1, backoff=None, plans=[],
+    source="async_raises", raise_at=0, form="run", stop_how="cancel", stop_at=0.0,
+)
+BARE_LEFT = Wide(  # A3 (fixed in 0430e29): a bare map loop left: pool not stopped, tasks left
+    workers=1, buffer=0, attempts=1, backoff=None, plans=[ok(), ok(), ok()],
+    form="map", exit_at=0,
+)
+KEY_RAISES = Wide(  # A7 (fixed in 0430e29): a raising key function was retried, counted
+    workers=2, buffer=0, attempts=3, backoff=None, plans=[ok(), ok()],
+    keys=2, key_raises=frozenset({0}),
+)
+RETRY_ON_RAISES = Wide(  # A4 (fixed on main): a raising retry_on predicate ends the run
+    workers=2, buffer=0, attempts=3, backoff=None, plans=[[Step("retry", 0)], ok()],
+    retry_on="raises", raising=frozenset({0}),
+)
+OVERLOAD_ON_RAISES = Wide(  # A5 (fixed on main): a raising overload_on replaced the record
+    workers=2, buffer=0, attempts=3, backoff=None, plans=[[Step("retry", 0)], ok()],
+    adaptive="raises", raising=frozenset({0}),
+)
+
+
+@WIDE
+@given(wides(sources=("sync",), stops=("none",), exits=False, callbacks=False))
+def test_wide_every_form_with_limits_and_timeouts(w: Wide) -> None:
+    check_wide(w)
+
+
+@WIDE
+@given(
+    wides(
+        sources=("async", "async_raises"), forms=tuple(f for f in FORMS if f != "ordered"),
+        stops=("none",), exits=False, callbacks=False,
+    )
+)
+def test_wide_async_sources_run_to_the_end(w: Wide) -> None:
+    check_wide(w)
+
+
+@WIDE
+@given(wides(forms=OPEN_POOL, stops=POOL_STOPS, callbacks=False))
+def test_wide_pool_stop_at_any_instant(w: Wide) -> None:
+    check_wide(w)
+
+
+@WIDE
+@given(wides(sources=("sync",), forms=("map_with",), stops=("none",), callbacks=False))
+def test_wide_structured_map_left_at_any_point(w: Wide) -> None:
+    check_wide(w)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 A9-like: a source error raised as the "
+                   "caller's scope is cancelled is swallowed (and A2 in the bare map form)")
+@WIDE
+@example(LOST_ON_ERROR)
+@example(SWALLOWED)
+@given(wides(stops=POOL_STOPS, callbacks=False))
+def test_wide_every_item_taken_is_in_one_record(w: Wide) -> None:
+    check_wide(w)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 A2 (bare map form): a queued item starts "
+                   "after an outside cancel, which the bare form's pool learns of late")
+@WIDE
+@example(STARTS_AFTER_CANCEL)
+@example(BARE_STARTS_AFTER_CANCEL)
+@given(wides(sources=("sync",), stops=OUTSIDE, exits=False, callbacks=False))
+def test_wide_no_attempt_after_an_outside_cancel(w: Wide) -> None:
+    check_wide(w)
+
+
+@WIDE
+@example(BARE_LEFT)
+@given(wides(sources=("sync",), forms=("map", "ordered"), stops=("none",), callbacks=False))
+def test_wide_bare_map_left_at_any_point(w: Wide) -> None:
+    check_wide(w)
+
+
+@WIDE
+@example(KEY_RAISES)
+@example(RETRY_ON_RAISES)
+@example(OVERLOAD_ON_RAISES)
+@given(wides(sources=("sync",), stops=("none",), exits=False))
+def test_wide_raising_user_callbacks(w: Wide) -> None:
+    check_wide(w)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 A2 (bare map form), A9-like (source error "
+                   "swallowed by a cancel): everything drawn together")
+@WIDE
+@example(LOST_ON_ERROR)
+@example(STARTS_AFTER_CANCEL)
+@example(BARE_LEFT)
+@example(KEY_RAISES)
+@example(SWALLOWED)
+@example(BARE_STARTS_AFTER_CANCEL)
+@example(RETRY_ON_RAISES)
+@given(wides())
+def test_wide_everything(w: Wide) -> None:
+    check_wide(w)
