@@ -416,8 +416,6 @@ async def test_a3_a_cancelled_bare_map_loop_loses_no_record(
         await trial()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A2 (bare map form): an attempt starts after "
-                   "the outside cancel, which the bare form's pool learns of late")
 async def test_a2_bare_map_starts_no_attempt_after_an_outside_cancel(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -460,9 +458,6 @@ class SourceError(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 A9-like (run and map regressed in 0430e29; "
-                   "the bare form before it): a source error raised as the caller's scope is "
-                   "cancelled is swallowed")
 @pytest.mark.parametrize("form", ["run", "map_with", "map"])
 async def test_a_source_error_raised_as_the_scope_is_cancelled_comes_out_as_raised(
     autojump_clock: trio.testing.MockClock, form: str
