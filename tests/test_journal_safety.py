@@ -7,6 +7,7 @@ process that is then killed), real files and permissions otherwise.
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import stat
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -284,6 +286,19 @@ async def test_an_async_key_function_is_refused_at_the_call(tmp_path: Path) -> N
 
     with pytest.raises(TypeError, match=r"got the async function"):
         await conveyor.run(never, [1], journal=tmp_path / "j", key=AsyncCall())
+
+    async def async_gen_key(n: int) -> Any:  # found by tests/test_surface.py in CI
+        yield str(n)
+
+    for entry in (
+        lambda: conveyor.run(never, [1], journal=tmp_path / "j", key=async_gen_key),
+        lambda: conveyor.map(never, [1], journal=tmp_path / "j", key=async_gen_key),
+        lambda: conveyor.open_pool(never, journal=tmp_path / "j", key=async_gen_key),
+    ):
+        with pytest.raises(TypeError, match=r"got the async function"):
+            result = entry()
+            if inspect.iscoroutine(result):
+                await result
 
     def key(n: int) -> str:  # the fix the message gives
         return str(n)

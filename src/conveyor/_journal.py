@@ -71,6 +71,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     _fcntl = None  # type: ignore[assignment]
 
+from ._options import is_async_callable
 from ._records import Failed, Report, Succeeded, Unfinished
 
 if TYPE_CHECKING:
@@ -205,28 +206,13 @@ def check_journal(journal: object, key: object) -> JournalSpec | None:
         )
     if key is not None and not callable(key):
         raise TypeError(f"key must be a callable item -> str | int | bytes, or None, got {key!r}")
-    if key is not None and _is_async_callable(key):
+    if key is not None and is_async_callable(key):
         raise TypeError(
             f"key must be a plain function item -> str | int | bytes, got the async function "
             f"{key!r}: its coroutine would be the key. Compute the key without awaiting "
             f"(def key(item): ...)"
         )
     return JournalSpec(path, key, key_fingerprint(key))
-
-
-def _is_async_callable(fn: object) -> bool:
-    """Whether calling ``fn`` returns a coroutine (an ``async def``, a partial of one, or an
-    object whose ``__call__`` is one)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    if inspect.iscoroutinefunction(fn):
-        return True
-    if inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn):
-        return False
-    if isinstance(fn, type):
-        return False
-    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the instance's
-    return call is not None and inspect.iscoroutinefunction(call)
 
 
 def key_fingerprint(key: Callable[[Any], Any] | None) -> str:
