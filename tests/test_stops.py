@@ -21,19 +21,7 @@ import trio.testing
 import conveyor
 from conveyor import Retry, Succeeded, Unfinished
 
-
-class Counting:
-    """0..n-1, counting how many items were taken."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.pulled = 0
-
-    def __iter__(self) -> Any:
-        for item in range(self.n):
-            self.pulled += 1
-            yield item
-
+from .test_pool import Counting
 
 # ---------------------------------------------------------------- A1: an item taken is kept
 

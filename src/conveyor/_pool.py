@@ -304,16 +304,7 @@ class Pool(Generic[T]):
             raise trio.ClosedResourceError(self._closed_message())
         if not self._started:
             raise RuntimeError("submit() is only possible inside the pool's `async with` block")
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        job = _Job(item, seq)
-        if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
-            job.enqueued = self._now()
-        self._outstanding[seq] = job
-        self._submitted += 1
-        if self._spawned < self._workers:
-            self._spawn_workers()
-        return job
+        return self._take(item)
 
     def _unaccept(self, job: _Job) -> None:
         del self._outstanding[job.seq]
@@ -353,7 +344,7 @@ class Pool(Generic[T]):
         self.close()
 
     def _take(self, item: Any) -> _Job:
-        """Put an item just taken from ``items`` in the ledger (never refused)."""
+        """Put an item in the ledger (never refused: for ``items``, or after submit's checks)."""
         seq = self._next_seq
         self._next_seq = seq + 1
         job = _Job(item, seq)
