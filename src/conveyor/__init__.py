@@ -18,6 +18,11 @@ from ._limits import Adaptive as Adaptive
 from ._limits import PerKey as PerKey
 from ._limits import Rate as Rate
 
+# Observability: the observer seam and the live progress line.
+from ._observe import Attempt as Attempt
+from ._observe import Observer as Observer
+from ._observe import PoolInfo as PoolInfo
+
 # Heavy work off the event loop: threads and worker processes.
 from ._offload import NotPicklableError as NotPicklableError
 from ._offload import RemoteError as RemoteError
@@ -29,8 +34,6 @@ from ._offload import in_thread as in_thread
 # (the pool, continued)
 from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
-
-# Observability: the live progress line.
 from ._progress import Progress as Progress
 
 # What became of each item.
@@ -87,6 +90,9 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "PerKey",
     "Rate",
     # observability
+    "Attempt",
+    "Observer",
+    "PoolInfo",
     "Percentiles",
     "Progress",
     "Stats",

@@ -1,0 +1,122 @@
+"""The observer seam: how a pool reports what happens to whoever wants to know.
+
+A pool is given observers (``observers=[...]`` on ``run``, ``map`` and ``open_pool``). When it
+starts, it calls each one's :meth:`Observer.opened` with a :class:`PoolInfo`; what that returns
+receives the pool's events (by default the observer itself; return a per-pool object to keep
+per-pool state, e.g. metrics already labelled with the pool's name).
+
+Every event is a method of :class:`Observer`, a no-op there. A pool looks, once at start, at
+which methods each observer overrides, and only calls those. Per-item events that nobody
+overrides cost nothing: with no observer that overrides ``attempt_started``,
+``attempt_ended`` or ``succeeded``, the worker's hot path is the same as with no observer at
+all (callgrind, ``python -m benchmarks --instructions``).
+
+The logging (``conveyor`` logger) and the progress line are observers too
+(:class:`LogObserver`, :class:`conveyor.Progress`).
+
+Events are called synchronously from the pool's tasks, in the order they happen. An observer
+must not block (no I/O that waits); an exception raised by an observer is logged once per
+observer and method and otherwise ignored: a broken dashboard never loses an item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._records import Failed, Report, Succeeded, Unfinished
+    from ._stats import Stats
+
+__all__ = ["Attempt", "Observer", "PoolInfo"]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInfo:
+    """What an observer is told about a pool when it starts.
+
+    ``name``: the pool's name (``name=`` option; ``"pool"`` by default; the stage's name in a
+    pipeline). ``workers``: the most attempts at once. ``retry_attempts``: attempts allowed
+    per item (1 without a retry policy). ``total``: the number of items when it is known up
+    front (``len(items)``), else None. ``stats``: a function returning a fresh
+    :class:`~conveyor.Stats` snapshot (for observers that read gauges when scraped).
+    """
+
+    name: str
+    workers: int
+    retry_attempts: int
+    total: int | None
+    stats: Callable[[], Stats]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt at one item, as seen by :meth:`Observer.attempt_started` and the events
+    that follow it.
+
+    ``index``: the item's position in the input (0-based, in submission order). ``number``:
+    1 for the first attempt. ``queued``: seconds the item waited in the pool's queue before
+    this attempt started (for a retry: since its backoff ended). ``started``: the trio clock
+    (``trio.current_time()``) when the attempt started.
+    """
+
+    index: int
+    item: Any
+    number: int
+    queued: float
+    started: float
+
+
+class Observer:
+    """Base class of observers: every event is a no-op here; override the ones you need.
+
+    Only the overridden methods are called (the pool checks once, at start), so an observer
+    that only overrides :meth:`failed` and :meth:`closed` costs nothing per successful item.
+    """
+
+    #: Seconds between calls of :meth:`snapshot` while the pool runs; None: never.
+    snapshot_every: float | None = None
+
+    def opened(self, info: PoolInfo) -> Observer | None:
+        """The pool starts. Return the observer for this pool's events: ``self`` (the
+        default), another object (per-pool state), or None to receive nothing more.
+
+        Called in the task that opened the pool, so context variables (the current
+        OpenTelemetry span, say) are those of the code that opened it."""
+        return self
+
+    def attempt_started(self, attempt: Attempt) -> None:
+        """An attempt is starting (its limits are held; ``fn`` is called next)."""
+
+    def attempt_ended(
+        self, attempt: Attempt, error: BaseException | None, duration: float
+    ) -> None:
+        """The attempt ended after ``duration`` seconds: ``error`` is None when it returned,
+        the exception it raised otherwise (a :class:`trio.Cancelled` or other
+        ``BaseException`` when the pool's stop cut it short)."""
+
+    def retry_scheduled(self, attempt: Attempt, error: Exception, delay: float) -> None:
+        """``attempt`` failed with ``error``; the item is retried in ``delay`` seconds."""
+
+    def succeeded(self, record: Succeeded[Any]) -> None:
+        """An item settled as Succeeded."""
+
+    def failed(self, record: Failed) -> None:
+        """An item settled as Failed (gave up, or refused before an attempt)."""
+
+    def unfinished(self, record: Unfinished) -> None:
+        """An item settled as Unfinished (the pool stopped first)."""
+
+    def snapshot(self, stats: Stats) -> None:
+        """Every :attr:`snapshot_every` seconds while the pool runs."""
+
+    def closed(self, report: Report) -> None:
+        """The pool has ended and every item has settled: ``report`` is its final account
+        (``report.stats`` the final counters). Called also when a cancel, an error or
+        Ctrl-C ended it, before that propagates."""
+
+
+def overrides(observer: object, method: str) -> bool:
+    """Whether ``observer``'s class overrides ``Observer.<method>``."""
+    return getattr(type(observer), method, None) is not getattr(Observer, method)
