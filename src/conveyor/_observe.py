@@ -14,6 +14,10 @@ all (callgrind, ``python -m benchmarks --instructions``).
 The logging (``conveyor`` logger) and the progress line are observers too
 (:class:`LogObserver`, :class:`conveyor.Progress`).
 
+Order of events for one attempt: ``attempt_started``; then, if it failed and the item will be
+retried, ``retry_scheduled``; then ``attempt_ended``; then, if the item settled with this
+attempt, ``succeeded`` or ``failed``. ``unfinished`` comes when the pool ends, then ``closed``.
+
 Events are called synchronously from the pool's tasks, in the order they happen. An observer
 must not block (no I/O that waits); an exception raised by an observer is logged once per
 observer and method and otherwise ignored: a broken dashboard never loses an item.
@@ -97,7 +101,9 @@ class Observer:
         ``BaseException`` when the pool's stop cut it short)."""
 
     def retry_scheduled(self, attempt: Attempt, error: Exception, delay: float) -> None:
-        """``attempt`` failed with ``error``; the item is retried in ``delay`` seconds."""
+        """``attempt`` failed with ``error``; the item is retried in ``delay`` seconds.
+        Called before that attempt's :meth:`attempt_ended` (a tracer can put it on the
+        attempt's span)."""
 
     def succeeded(self, record: Succeeded[Any]) -> None:
         """An item settled as Succeeded."""
