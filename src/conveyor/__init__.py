@@ -31,6 +31,9 @@ from ._offload import in_process as in_process
 from ._offload import in_process_batched as in_process_batched
 from ._offload import in_thread as in_thread
 
+# Spans and metrics through the OpenTelemetry API (needs conveyor[otel], imported on use).
+from ._otel import OpenTelemetry as OpenTelemetry
+
 # (the pool, continued)
 from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
@@ -92,6 +95,7 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     # observability
     "Attempt",
     "Observer",
+    "OpenTelemetry",
     "PoolInfo",
     "Percentiles",
     "Progress",
