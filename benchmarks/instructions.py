@@ -14,6 +14,9 @@ The cases: seed 000's asyncio retry queue (`benchmarks/_asyncio_seed.py`, the re
 `conveyor.run(fn, range(N), workers=20, retry=Retry(attempts=4))`, each with no-op items and
 with one checkpoint per item (`asyncio.sleep(0)` / `trio.lowlevel.checkpoint()`); and
 `conveyor.map` (same options) in the `async with` form and the bare `async for` form, no-op.
+And `conveyor.run` no-op with a `conveyor.OpenTelemetry` observer (the API with no SDK; the
+SDK with metrics only; the SDK with spans and metrics, nothing exported), also given against
+`conveyor.run` without one: what OpenTelemetry costs per item.
 Ratios are to the asyncio queue with the same work; the bare form is also given against the
 `async with` form.
 """
@@ -74,6 +77,31 @@ async def main():
 trio.run(main)
 """
 
+# conveyor.run as above with a conveyor.OpenTelemetry observer: {otel} makes it.
+_CONVEYOR_OTEL = f"""
+import sys, trio, conveyor
+N = int(sys.argv[1])
+{{work}}
+{{otel}}
+async def main():
+    report = await conveyor.run(
+        work, range(N), workers={WORKERS}, retry=conveyor.Retry(attempts={ATTEMPTS}),
+        observers=[otel])
+    assert len(report.succeeded) == N and not report.failed and not report.unfinished
+trio.run(main)
+"""
+# The global providers, no SDK: the API's no-op spans and instruments.
+OTEL_API = "otel = conveyor.OpenTelemetry()"
+# The SDK, nothing exported: spans are made and dropped (an exporter's cost comes on top),
+# metrics aggregated in memory.
+OTEL_SDK = (
+    "from opentelemetry.sdk.trace import TracerProvider\n"
+    "from opentelemetry.sdk.metrics import MeterProvider\n"
+    "from opentelemetry.sdk.metrics.export import InMemoryMetricReader\n"
+    "otel = conveyor.OpenTelemetry(tracer_provider=TracerProvider(),\n"
+    "    meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]){extra})"
+)
+
 NOOP = "async def work(x):\n    return x + 1"
 ASYNCIO_CHECKPOINT = "async def work(x):\n    await asyncio.sleep(0)\n    return x + 1"
 TRIO_CHECKPOINT = "async def work(x):\n    await trio.lowlevel.checkpoint()\n    return x + 1"
@@ -94,10 +122,11 @@ class InstrCase:
 ASYNCIO_NOOP = "asyncio (seed 000), no-op"
 ASYNCIO_CP = "asyncio (seed 000), 1 checkpoint"
 MAP_WITH = "conveyor.map, async with, no-op"
+RUN_NOOP = "conveyor.run, no-op"
 
 CASES: tuple[InstrCase, ...] = (
     InstrCase(ASYNCIO_NOOP, _ASYNCIO.format(work=NOOP)),
-    InstrCase("conveyor.run, no-op", _CONVEYOR_RUN.format(work=NOOP), ASYNCIO_NOOP),
+    InstrCase(RUN_NOOP, _CONVEYOR_RUN.format(work=NOOP), ASYNCIO_NOOP),
     InstrCase(ASYNCIO_CP, _ASYNCIO.format(work=ASYNCIO_CHECKPOINT)),
     InstrCase("conveyor.run, 1 checkpoint", _CONVEYOR_RUN.format(work=TRIO_CHECKPOINT), ASYNCIO_CP),
     InstrCase(MAP_WITH, _CONVEYOR_MAP.format(work=NOOP, loop=WITH_LOOP), ASYNCIO_NOOP),
@@ -106,6 +135,24 @@ CASES: tuple[InstrCase, ...] = (
         _CONVEYOR_MAP.format(work=NOOP, loop=BARE_LOOP),
         ASYNCIO_NOOP,
         also=MAP_WITH,
+    ),
+    InstrCase(
+        "conveyor.run, no-op, OpenTelemetry (API, no SDK)",
+        _CONVEYOR_OTEL.format(work=NOOP, otel=OTEL_API),
+        ASYNCIO_NOOP,
+        also=RUN_NOOP,
+    ),
+    InstrCase(
+        "conveyor.run, no-op, OpenTelemetry (SDK, metrics only)",
+        _CONVEYOR_OTEL.format(work=NOOP, otel=OTEL_SDK.format(extra=", traces=False")),
+        ASYNCIO_NOOP,
+        also=RUN_NOOP,
+    ),
+    InstrCase(
+        "conveyor.run, no-op, OpenTelemetry (SDK, spans + metrics)",
+        _CONVEYOR_OTEL.format(work=NOOP, otel=OTEL_SDK.format(extra="")),
+        ASYNCIO_NOOP,
+        also=RUN_NOOP,
     ),
 )
 
