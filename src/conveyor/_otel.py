@@ -24,6 +24,8 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from ._observe import Attempt, Observer, PoolInfo
 
 if TYPE_CHECKING:
@@ -76,10 +78,10 @@ DURATION_BUCKETS = (
     30.0, 60.0, 300.0,
 )  # fmt: skip
 
-#: Seconds between the snapshots that metric readers in other threads see (a periodic
-#: exporter's thread must not call into trio); a reader in the pool's own thread reads the
-#: pool's stats directly.
-SNAPSHOT_EVERY = 1.0
+#: Seconds a metric reader in another thread (a periodic exporter's) waits for the pool's
+#: thread to read its stats (trio is called only from its own thread); past that it reports
+#: the last stats read, so a blocked event loop never blocks an exporter for long.
+STATS_WAIT = 0.5
 
 
 def _error_type(error: BaseException) -> str:
@@ -260,8 +262,8 @@ class _PoolTelemetry(Observer):
         self._metrics = owner._meter is not None
         self._owner = owner
         self._thread = threading.get_ident()
-        self._stats: Stats | None = None
-        self.snapshot_every = SNAPSHOT_EVERY if self._metrics else None
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._stats: Stats | None = None  # the last stats read
         self._set_span_in_context = trace.set_span_in_context
         self._attach = context.attach
         self._detach = context.detach
@@ -282,24 +284,41 @@ class _PoolTelemetry(Observer):
             self._retries_counter = owner._retries
             self._duration = owner._duration
             self._queue_wait = owner._queue_wait
-            try:
-                self._stats = info.stats()
-            except Exception:  # not readable before the pool runs: the first snapshot is
-                self._stats = None
+            self._read_stats()
 
     # -- gauges ---------------------------------------------------------------------------
 
     def current_stats(self) -> Stats | None:
-        """The pool's stats: read now in the pool's thread, else the last snapshot."""
+        """The pool's stats now, for a metric reader in any thread.
+
+        In the pool's thread they are read at once. From another thread (a periodic
+        exporter's) the pool's thread is asked to read them (``run_sync_soon``) and this
+        waits up to :data:`STATS_WAIT` seconds for it; past that, or once the event loop
+        has ended, it returns the last stats read.
+        """
         if threading.get_ident() == self._thread:
+            self._read_stats()
+            return self._stats
+        done = threading.Event()
+
+        def read() -> None:
             try:
-                return self._info.stats()
-            except Exception:
-                return self._stats
+                self._read_stats()
+            finally:
+                done.set()
+
+        try:
+            self._trio_token.run_sync_soon(read)
+        except trio.RunFinishedError:
+            return self._stats
+        done.wait(STATS_WAIT)
         return self._stats
 
-    def snapshot(self, stats: Stats) -> None:
-        self._stats = stats
+    def _read_stats(self) -> None:
+        try:
+            self._stats = self._info.stats()
+        except Exception:  # keep the last ones (the pool's stats should not raise)
+            pass
 
     # -- one attempt ----------------------------------------------------------------------
 
