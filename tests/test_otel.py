@@ -228,19 +228,19 @@ async def test_attempt_spans_under_the_span_current_where_the_pool_was_opened(
 
 
 async def test_metrics_equal_the_report(otel: Otel, autojump_clock: trio.testing.MockClock) -> None:
-    report = await run(
-        flaky(), ITEMS, workers=3, retry=RETRY, observers=[otel.observer()], name="predict"
-    )
+    observer = otel.observer()
+    report = await run(flaky(), ITEMS, workers=3, retry=RETRY, observers=[observer], name="predict")
     stats = report.stats
     assert otel.sums("conveyor.items.settled", "conveyor.item.outcome") == {
         "succeeded": stats.succeeded,
         "failed": stats.failed,
+        "unfinished": 0,
     }
-    attempts = otel.sums("conveyor.attempts", "conveyor.attempt.outcome")
-    assert sum(attempts.values()) == stats.attempts
-    assert attempts == {"succeeded": 6, "retried": stats.retried, "failed": 4}
+    assert [p.value for p in otel.points("conveyor.attempts")] == [stats.attempts]
     assert otel.sums("conveyor.retries", "error.type") == {"ValueError": stats.retried}
     durations = otel.points("conveyor.attempt.duration")
+    by_outcome = {p.attributes["conveyor.attempt.outcome"]: p.count for p in durations}
+    assert by_outcome == {"succeeded": 6, "retried": stats.retried, "failed": 4}
     assert sum(p.count for p in durations) == stats.attempts
     assert sum(p.sum for p in durations) == stats.attempts * 1.0  # each attempt sleeps 1 s
     waits = otel.points("conveyor.queue.wait_time")
@@ -256,6 +256,17 @@ async def test_metrics_equal_the_report(otel: Otel, autojump_clock: trio.testing
             }, "bounded attributes: never an item or a message"
     # After the pool: nothing outstanding is reported for it.
     assert all(p.value == 0 for p in otel.points("conveyor.item.count"))
+
+    # A second pool of the same name adds to the same counters (they never go down).
+    again = await run(flaky(), ITEMS, workers=3, retry=RETRY, observers=[observer], name="predict")
+    assert otel.sums("conveyor.items.settled", "conveyor.item.outcome") == {
+        "succeeded": stats.succeeded + again.stats.succeeded,
+        "failed": stats.failed + again.stats.failed,
+        "unfinished": 0,
+    }
+    assert [p.value for p in otel.points("conveyor.attempts")] == [
+        stats.attempts + again.stats.attempts
+    ]
 
 
 async def test_item_spans_span_their_attempts(
@@ -326,7 +337,8 @@ async def test_a_cancelled_run_ends_every_span_it_started(
         if s.attributes["conveyor.item.outcome"] == "unfinished"  # type: ignore[index]
     ]
     assert len(unfinished) >= 4
-    assert otel.sums("conveyor.attempts", "conveyor.attempt.outcome")["cancelled"] == 4
+    durations = otel.points("conveyor.attempt.duration")
+    assert {p.attributes["conveyor.attempt.outcome"]: p.count for p in durations}["cancelled"] == 4
 
 
 async def test_spans_made_by_fn_are_children_of_its_attempt(

@@ -20,7 +20,10 @@ recorded on a span (the ``exception`` event) carries its message, as OpenTelemet
 
 from __future__ import annotations
 
+import math
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +74,7 @@ CANCELLED = "cancelled"  # the pool's stop cut it short (trio.Cancelled, Ctrl-C,
 ATTEMPT_OUTCOMES = (SUCCEEDED, RETRIED, FAILED, CANCELLED)
 ITEM_OUTCOMES = ("succeeded", "failed", "unfinished")
 ITEM_STATES = ("queued", "in_flight", "waiting_retry", "limited", "parked")
+CUMULATIVE = (*ITEM_OUTCOMES, "attempts")  # Stats fields that only grow
 
 # Seconds: the OpenTelemetry semantic conventions' advice for durations.
 DURATION_BUCKETS = (
@@ -82,6 +86,9 @@ DURATION_BUCKETS = (
 #: thread to read its stats (trio is called only from its own thread); past that it reports
 #: the last stats read, so a blocked event loop never blocks an exporter for long.
 STATS_WAIT = 0.5
+#: Seconds for which stats read for another thread serve again (one collection reads them
+#: for several instruments).
+STATS_FRESH = 0.1
 
 
 def _error_type(error: BaseException) -> str:
@@ -153,16 +160,26 @@ class OpenTelemetry(Observer):
             otel_trace.get_tracer(SCOPE, __version__, tracer_provider) if traces else None
         )
         self._open: dict[int, _PoolTelemetry] = {}  # id -> pool, for the observable counts
+        # pool name -> the final counts of its closed pools (cumulative counters never drop)
+        self._closed: dict[str, Counter[str]] = {}
         self._lock = threading.Lock()
         self._meter = None
         if metrics:
             meter = otel_metrics.get_meter(SCOPE, __version__, meter_provider)
             self._meter = meter
-            self._items = meter.create_counter(
-                "conveyor.items.settled", "{item}", "Items settled, by outcome."
+            # Counts the pool keeps anyway are read from its stats when collected: nothing
+            # per item. The histograms' counts split the attempts by outcome.
+            meter.create_observable_counter(
+                "conveyor.items.settled",
+                [self._observe_settled],
+                "{item}",
+                "Items settled, by outcome.",
             )
-            self._attempts = meter.create_counter(
-                "conveyor.attempts", "{attempt}", "Attempts ended, by outcome."
+            meter.create_observable_counter(
+                "conveyor.attempts",
+                [self._observe_attempts],
+                "{attempt}",
+                "Attempts started, retries included.",
             )
             self._retries = meter.create_counter(
                 "conveyor.retries", "{retry}", "Attempts that failed and were scheduled again."
@@ -193,8 +210,10 @@ class OpenTelemetry(Observer):
         current here, in the task that opened the pool)."""
         from opentelemetry import context
 
+        if self._tracer is None and self._meter is None:
+            return None
         pool: _PoolTelemetry
-        if self._meter is not None or self.item_spans:
+        if self.item_spans:
             pool = _PoolItemTelemetry(self, info, context.get_current())
         else:
             pool = _PoolTelemetry(self, info, context.get_current())
@@ -203,9 +222,42 @@ class OpenTelemetry(Observer):
                 self._open[id(pool)] = pool
         return pool
 
-    def _forget(self, pool: _PoolTelemetry) -> None:
+    def _forget(self, pool: _PoolTelemetry, final: Stats) -> None:
         with self._lock:
-            self._open.pop(id(pool), None)
+            if self._open.pop(id(pool), None) is not None:
+                closed = self._closed.setdefault(pool.name, Counter())
+                for count in CUMULATIVE:
+                    closed[count] += getattr(final, count)
+
+    def _cumulative(self) -> dict[str, Counter[str]]:
+        """The counts of every pool so far, by pool name: closed ones and open ones."""
+        pools = self._pools()
+        with self._lock:
+            totals = {name: Counter(counts) for name, counts in self._closed.items()}
+        for pool in pools:
+            stats = pool.current_stats()
+            if stats is not None:
+                counts = totals.setdefault(pool.name, Counter())
+                for count in CUMULATIVE:
+                    counts[count] += getattr(stats, count)
+        return totals
+
+    def _observe_settled(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        return [
+            Observation(counts[outcome], {POOL_NAME: name, ITEM_OUTCOME: outcome})
+            for name, counts in self._cumulative().items()
+            for outcome in ITEM_OUTCOMES
+        ]
+
+    def _observe_attempts(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        return [
+            Observation(counts["attempts"], {POOL_NAME: name})
+            for name, counts in self._cumulative().items()
+        ]
 
     def _pools(self) -> list[_PoolTelemetry]:
         with self._lock:
@@ -264,6 +316,7 @@ class _PoolTelemetry(Observer):
         self._thread = threading.get_ident()
         self._trio_token = trio.lowlevel.current_trio_token()
         self._stats: Stats | None = None  # the last stats read
+        self._read_at = -math.inf  # when (time.monotonic())
         self._set_span_in_context = trace.set_span_in_context
         self._attach = context.attach
         self._detach = context.detach
@@ -276,11 +329,8 @@ class _PoolTelemetry(Observer):
         pool = {POOL_NAME: info.name}
         self._pool_attrs = pool
         self._attempt_attrs = {o: {**pool, ATTEMPT_OUTCOME: o} for o in ATTEMPT_OUTCOMES}
-        self._item_attrs = {o: {**pool, ITEM_OUTCOME: o} for o in ITEM_OUTCOMES}
         self._retry_attrs: dict[type[BaseException], dict[str, str]] = {}
         if self._metrics:
-            self._items_counter = owner._items
-            self._attempts_counter = owner._attempts
             self._retries_counter = owner._retries
             self._duration = owner._duration
             self._queue_wait = owner._queue_wait
@@ -299,6 +349,8 @@ class _PoolTelemetry(Observer):
         if threading.get_ident() == self._thread:
             self._read_stats()
             return self._stats
+        if time.monotonic() - self._read_at < STATS_FRESH:
+            return self._stats  # one collection reads several instruments: ask once
         done = threading.Event()
 
         def read() -> None:
@@ -311,7 +363,8 @@ class _PoolTelemetry(Observer):
             self._trio_token.run_sync_soon(read)
         except trio.RunFinishedError:
             return self._stats
-        done.wait(STATS_WAIT)
+        if done.wait(STATS_WAIT):
+            self._read_at = time.monotonic()
         return self._stats
 
     def _read_stats(self) -> None:
@@ -378,9 +431,7 @@ class _PoolTelemetry(Observer):
         else:
             outcome = CANCELLED
         if self._metrics:
-            attrs = self._attempt_attrs[outcome]
-            self._attempts_counter.add(1, attrs)
-            self._duration.record(duration, attrs)
+            self._duration.record(duration, self._attempt_attrs[outcome])
         running = self._running.pop(index, None)
         if running is None:
             return
@@ -411,29 +462,21 @@ class _PoolTelemetry(Observer):
             span.end()
         self._items.clear()
         self._stats = report.stats
-        self._owner._forget(self)
+        if self._metrics:
+            self._owner._forget(self, report.stats)
 
 
 class _PoolItemTelemetry(_PoolTelemetry):
-    """With metrics or item spans: the items' settle events too."""
+    """With item spans: the items' settle events end them."""
 
     def succeeded(self, record: Succeeded[Any]) -> None:
-        if self._metrics:
-            self._items_counter.add(1, self._item_attrs["succeeded"])
-        if self._item_spans:
-            self._end_item(record.index, "succeeded", record.attempts, None)
+        self._end_item(record.index, "succeeded", record.attempts, None)
 
     def failed(self, record: Failed) -> None:
-        if self._metrics:
-            self._items_counter.add(1, self._item_attrs["failed"])
-        if self._item_spans:
-            self._end_item(record.index, "failed", record.attempts, record.error)
+        self._end_item(record.index, "failed", record.attempts, record.error)
 
     def unfinished(self, record: Unfinished) -> None:
-        if self._metrics:
-            self._items_counter.add(1, self._item_attrs["unfinished"])
-        if self._item_spans:
-            self._end_item(record.index, "unfinished", record.attempts, None)
+        self._end_item(record.index, "unfinished", record.attempts, None)
 
     def _end_item(
         self, index: int, outcome: str, attempts: int, error: BaseException | None
