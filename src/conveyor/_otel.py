@@ -32,6 +32,8 @@ import trio
 from ._observe import Attempt, Observer, PoolInfo
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from opentelemetry.context import Context
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
     from opentelemetry.trace import Span, TracerProvider
@@ -323,7 +325,7 @@ class _PoolTelemetry(Observer):
         self._error_status = Status
         self._error_code = StatusCode.ERROR
         # index -> (attempt span, context token) of the attempt running now
-        self._running: dict[int, tuple[Span, object]] = {}
+        self._running: dict[int, tuple[Span, Token[Context] | None]] = {}
         self._items: dict[int, Span] = {}  # index -> item span (item_spans=True)
         self._retrying: set[int] = set()  # indexes whose running attempt will be retried
         pool = {POOL_NAME: info.name}
@@ -401,8 +403,12 @@ class _PoolTelemetry(Observer):
                 ATTEMPT_QUEUE_WAIT: attempt.queued,
             },
         )
-        # The attempt's span is current in the worker while fn runs: fn's spans are its children.
-        self._running[index] = (span, self._attach(self._set_span_in_context(span)))
+        # The attempt's span is current in the worker while fn runs: fn's spans are its
+        # children. (Not the API's invalid no-op span: no SDK, nothing to make current.)
+        token = None
+        if span.get_span_context().is_valid:
+            token = self._attach(self._set_span_in_context(span))
+        self._running[index] = (span, token)
 
     def retry_scheduled(self, attempt: Attempt, error: Exception, delay: float) -> None:
         self._retrying.add(attempt.index)
@@ -436,8 +442,12 @@ class _PoolTelemetry(Observer):
         if running is None:
             return
         span, token = running
-        self._detach(token)  # type: ignore[arg-type]
-        self._end_attempt(span, outcome, error)
+        if token is not None:
+            self._detach(token)
+        if span.is_recording():
+            self._end_attempt(span, outcome, error)
+        else:
+            span.end()
 
     def _end_attempt(self, span: Span, outcome: str, error: BaseException | None) -> None:
         span.set_attribute(ATTEMPT_OUTCOME, outcome)
