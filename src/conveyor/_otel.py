@@ -14,10 +14,10 @@ itself (an instrumented HTTP client, say) are its children.
 Metrics: histograms of attempt durations and queue waits and a counter of retries by
 exception type, fed by the events; counters of settled items and attempts and the counts of
 outstanding items by state, read from the pool's stats when a reader collects (nothing per
-item). Attributes on metrics are bounded: the pool's
-name, an outcome or a state, an exception's type name. Items and messages never appear in
-attributes (items may be huge or secret); on spans only the item's index does. An exception
-recorded on a span (the ``exception`` event) carries its message, as OpenTelemetry does.
+item). Attributes on metrics are bounded: the pool's name, an outcome or a state, an
+exception's type name. Items and messages never appear in attributes (items may be huge or
+secret); on spans only the item's index does. An exception recorded on a span (the
+``exception`` event) carries its message, as OpenTelemetry does.
 """
 
 from __future__ import annotations
