@@ -15,10 +15,12 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 import trio
 
+from ._engine import Engine
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._options import check_fn, check_items, check_options
-from ._pool import Pool, _OrderedRecords, _Records, give_back
+from ._outbox import OrderedRecords, Records
+from ._pool import Pool, running
 from ._progress import Progress
 from ._records import Record, Report
 from ._retry import Retry
@@ -57,13 +59,13 @@ def _make_pool(
     adaptive: Adaptive | None = None,
     progress: bool | Progress = False,
     total: int | None = None,
-) -> Pool[T]:
+) -> Engine:
     check_fn(fn)
     check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
     limits, per_key, adaptive = build_limits(
         limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive
     )
-    return Pool(
+    return Engine(
         fn,
         workers=workers,
         buffer=default_buffer(workers) if buffer is None else buffer,
@@ -191,7 +193,7 @@ async def run(
     )
     if journal_spec is not None:
         return await run_journaled(pool, items, journal_spec)
-    async with pool._running(items):
+    async with running(pool, items):
         pass
     return pool.report()
 
@@ -247,19 +249,19 @@ class _OpenPool(Generic[T]):
 
     __slots__ = ("_cm", "_journal", "_pool")
 
-    def __init__(self, pool: Pool[T], journal: JournalSpec | None) -> None:
+    def __init__(self, pool: Engine, journal: JournalSpec | None) -> None:
         self._pool = pool
         self._journal = journal
         self._cm: AbstractAsyncContextManager[Pool[T]] | None = None
 
     async def __aenter__(self) -> Pool[T]:
         pool = self._pool
-        if pool._started:
+        if pool.started:
             raise RuntimeError("a pool runs once: call conveyor.open_pool(...) again for a new one")
-        cm = pool._running() if self._journal is None else open_journaled_pool(pool, self._journal)
-        running = await cm.__aenter__()
+        cm = running(pool) if self._journal is None else open_journaled_pool(pool, self._journal)
+        facade = await cm.__aenter__()
         self._cm = cm
-        return running
+        return facade
 
     async def __aexit__(
         self,
@@ -352,7 +354,7 @@ class MapStream(Generic[T]):
     """What :func:`conveyor.map` returns: iterate it, or enter it with ``async with``."""
 
     def __init__(
-        self, pool: Pool[T], items: Items, window: int | None, journal: JournalSpec | None = None
+        self, pool: Engine, items: Items, window: int | None, journal: JournalSpec | None = None
     ) -> None:
         self._pool = pool
         self._journal = journal
@@ -361,15 +363,15 @@ class MapStream(Generic[T]):
         self._cm: AbstractAsyncContextManager[AsyncIterator[Record]] | None = None
         self._used = False
 
-    def _feed_and_records(self) -> tuple[Items, _Records]:
+    def _feed_and_records(self) -> tuple[Items, Records]:
         if self._used:
             raise RuntimeError("a conveyor.map stream can be iterated once")
         self._used = True
         pool = self._pool
         if self._window is None:
-            return self._items, _Records(pool)
+            return self._items, pool.box.reader()
         window = trio.Semaphore(self._window)
-        return _gated(self._items, window), pool._results_in_order(window)
+        return _gated(self._items, window), pool.box.ordered_reader(window)
 
     @asynccontextmanager
     async def _open(self) -> AsyncIterator[AsyncIterator[Record]]:
@@ -377,11 +379,11 @@ class MapStream(Generic[T]):
         pool = self._pool
         async with (
             journaled(pool, self._journal, feed) as fed,
-            pool._running(fed),
+            running(pool, fed),
             aclosing(records),
         ):
             yield records
-            if not pool._tasks_done:
+            if not pool.tasks_done:
                 pool.stop()  # the caller left before the end: take and start nothing more
 
     async def __aenter__(self) -> AsyncIterator[Record]:
@@ -400,11 +402,11 @@ class MapStream(Generic[T]):
     def __aiter__(self) -> AsyncIterator[Record]:
         feed, records = self._feed_and_records()
         host = _Host(self._pool, feed, self._journal)
-        reader: _Records
-        if isinstance(records, _OrderedRecords):
-            reader = _BareOrdered(self._pool, records._window)
+        reader: Records
+        if isinstance(records, OrderedRecords):
+            reader = _BareOrdered(self._pool.box, records.window)
         else:
-            reader = _BareUnordered(self._pool)
+            reader = _BareUnordered(self._pool.box)
         reader._host = host
         host.start()
         return reader
@@ -426,7 +428,7 @@ class _Host:
 
     __slots__ = ("_feed", "_journal", "done", "failure", "pool", "scope", "token")
 
-    def __init__(self, pool: Pool[Any], feed: Items, journal: JournalSpec | None) -> None:
+    def __init__(self, pool: Engine, feed: Items, journal: JournalSpec | None) -> None:
         self.pool = pool
         self._journal = journal
         self._feed: Items | None = feed
@@ -446,7 +448,7 @@ class _Host:
             with self.scope:
                 async with (
                     journaled(self.pool, self._journal, feed) as fed,
-                    self.pool._running(fed),
+                    running(self.pool, fed),
                 ):
                     pass
         except BaseException as exc:  # a system task must not raise: hand it over
@@ -455,8 +457,7 @@ class _Host:
             self.done.set()
             # The reader waits for the pool's end; if the pool never ran (the journal was
             # refused), that end is now.
-            self.pool._tasks_done = True
-            self.pool._wake_reader()
+            self.pool.end_output()
 
     def left(self, pending: dict[int, Record] | None) -> None:
         """The caller left its loop: no new attempt from now on, then stop the pool.
@@ -466,7 +467,7 @@ class _Host:
         records an ordered reader held back, which go back to the pool's report.
         """
         if not self.done.is_set():
-            self.pool._stopping = True  # read by every worker before it starts an attempt
+            self.pool.stopping = True  # read by every worker before it starts an attempt
         try:
             self.token.run_sync_soon(self._stop, pending)
         except trio.RunFinishedError:
@@ -474,7 +475,7 @@ class _Host:
 
     def _stop(self, pending: dict[int, Record] | None) -> None:
         if pending:
-            give_back(self.pool, pending)
+            self.pool.box.give_back(pending)
         self.scope.cancel()
 
     async def end(self) -> NoReturn:
@@ -491,7 +492,7 @@ class _Host:
         An error of the pool's own (from ``items``) is raised rather than the cancel: a
         cancel must not swallow it.
         """
-        self.pool._stopping = True
+        self.pool.stopping = True
         self.scope.cancel()
         with trio.CancelScope(shield=True):
             await self.done.wait()
@@ -516,7 +517,7 @@ class _Bare:
     def _cancelled(self) -> None:
         # The pool runs outside the caller's cancel scopes: this reader is what the
         # caller's cancel reaches, so it stops the pool's attempts at that very instant.
-        self._host.pool._stopping = True
+        self._host.pool.stopping = True
 
     def __del__(self) -> None:
         host = getattr(self, "_host", None)
@@ -524,11 +525,11 @@ class _Bare:
             host.left(getattr(self, "_pending", None))
 
 
-class _BareUnordered(_Bare, _Records):
+class _BareUnordered(_Bare, Records):
     __slots__ = ("_host",)
 
 
-class _BareOrdered(_Bare, _OrderedRecords):
+class _BareOrdered(_Bare, OrderedRecords):
     __slots__ = ("_host",)
 
 
