@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import CoroutineType
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar, final
 
 import trio
 from trio.lowlevel import ParkingLot, checkpoint
@@ -101,6 +101,7 @@ class _Job:
         self.started = 0.0  # when its first attempt started (with a Retry budget only)
 
 
+@final
 class Pool(Generic[T]):
     """A running pool of workers, as given by :func:`conveyor.open_pool`.
 
