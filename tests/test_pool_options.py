@@ -93,6 +93,14 @@ def test_the_readme_table_lists_every_option_with_its_default() -> None:
         assert ast.literal_eval(default) == DEFAULTS[name], name  # type: ignore[literal-required]
 
 
+def test_the_docstring_gives_every_option_its_default() -> None:
+    doc = PoolOptions.__doc__ or ""
+    documented = dict(re.findall(r"^    - ``(\w+)`` \[([^\]:]+)", doc, re.MULTILINE))
+    assert set(documented) == set(DEFAULTS)
+    for name, default in documented.items():
+        assert ast.literal_eval(default) == DEFAULTS[name], name  # type: ignore[literal-required]
+
+
 def test_resolve_fills_in_the_defaults_and_keeps_what_was_given() -> None:
     resolved = resolve("run", {"workers": 3, "name": "fetch"})
     assert resolved == {**DEFAULTS, "workers": 3, "name": "fetch"}

@@ -113,7 +113,7 @@ async def run(
             function with :func:`conveyor.in_thread` or :func:`conveyor.in_process`.
         items: any iterable or async iterable, consumed lazily as the work channel makes
             room (a million items never sit in memory at once).
-        options: keyword only, each optional: ``workers`` (10), ``buffer``,
+        options: keyword only, each optional: ``workers``, ``buffer``,
             ``retry``, ``timeout``, ``drain``, ``limiter``, ``rate``, ``per_key``,
             ``adaptive``, ``progress``, ``journal``, ``key``, ``name``, ``observers``.
             What each does and its default: :class:`conveyor.PoolOptions`. A name that
@@ -149,7 +149,8 @@ def open_pool(
     fn: Callable[[Any], Awaitable[T]],
     **options: Unpack[PoolOptions],
 ) -> AbstractAsyncContextManager[Pool[T]]:
-    """Open a pool and feed it by hand; the options are those of :func:`run`.
+    """Open a pool and feed it by hand; the options (:class:`conveyor.PoolOptions`) are
+    those of :func:`run`.
 
     ::
 
@@ -215,7 +216,8 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     window: int | None = None,
     **options: Unpack[PoolOptions],
 ) -> MapStream[T]:
-    """Stream a record for every item as it settles; the options are those of :func:`run`.
+    """Stream a record for every item as it settles; the options
+    (:class:`conveyor.PoolOptions`) are those of :func:`run`, plus ``ordered`` and ``window``.
 
     ``ordered=False`` yields records as they complete. ``ordered=True`` yields them in
     input order through a reorder window of ``window`` items (default

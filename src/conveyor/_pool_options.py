@@ -36,7 +36,7 @@ class PoolOptions(TypedDict, total=False):
 
     - ``workers`` [10]: how many attempts run at once (>= 1). Worker tasks start as items
       arrive, never more than there are items to work on.
-    - ``buffer`` [``max(256, workers)``]: the work channel's size (>= 0). The pool holds at
+    - ``buffer`` [None: ``max(256, workers)``]: the work channel's size (>= 0). The pool holds at
       most ``buffer + workers`` items taken and not yet settled, retries waiting for their
       backoff included: that bounds memory whatever the number of items. Give it room
       (buffer > 0) if workers should keep busy while retries wait.
