@@ -31,7 +31,7 @@ FACTORY_MADE = {
 # Every other public class: the caller constructs it (options, records in tests, errors), or
 # subclasses it (Observer), or it is a type only (PoolOptions).
 CONSTRUCTIBLE = {
-    "Adaptive", "Attempt", "AttemptTimeout", "Backoff", "Failed", "ItemUnfinished",
+    "Adaptive", "Attempt", "AttemptTimeout", "Backoff", "Failed", "ItemUnfinished", "LastReport",
     "ItemsFailed", "JournalError", "NotPicklableError", "Observer", "Percentiles", "PerKey",
     "PoolInfo", "PoolOptions", "Progress", "Rate", "RemoteError", "Report", "Retry",
     "RetryAfter", "Stats", "Succeeded", "Unfinished", "WorkerDied",
@@ -142,7 +142,7 @@ def own_doc(obj: Any) -> str | None:
         return doc if isinstance(doc, str) else None
     if isinstance(obj, property):
         return obj.__doc__ or (obj.fget.__doc__ if obj.fget else None)
-    return getattr(obj, "__doc__", None)
+    return inspect.getdoc(obj)  # a method that overrides a documented one: the base's doc
 
 
 def public_members() -> list[tuple[str, Any]]:
