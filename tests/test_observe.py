@@ -166,10 +166,11 @@ async def test_closed_comes_after_a_cancel_and_last_report_keeps_the_account(
     assert sorted(e[1] for e in recorder.events if e[0] == "unfinished") == sorted(
         r.index for r in report.unfinished
     )
-    # every attempt started was told ended; the ones the stop cut short with the cancel
+    # every attempt started was told ended; the 3 the stop cut short with the cancel
+    # (items 0 and 1 ended at t=1 and t=2; items 2, 3 and 4 were running at t=2.5)
     kinds = [e[0] for e in recorder.events]
-    assert kinds.count("started") == kinds.count("ended") == 3
-    assert sum(isinstance(e, trio.Cancelled) for e in recorder.ended_errors) == 1
+    assert kinds.count("started") == kinds.count("ended") == 5
+    assert sum(isinstance(e, trio.Cancelled) for e in recorder.ended_errors) == 3
     assert recorder.reports == [report]
 
 
@@ -199,12 +200,30 @@ class Raising(Observer):
     def __init__(self) -> None:
         self.calls = 0
 
-    def _boom(self, *args: Any) -> None:
+    def _boom(self) -> None:
         self.calls += 1
         raise RuntimeError("observer broke")
 
-    attempt_started = attempt_ended = retry_scheduled = _boom
-    succeeded = failed = unfinished = snapshot = closed = _boom
+    def attempt_started(self, attempt: Attempt) -> None:
+        self._boom()
+
+    def attempt_ended(self, attempt: Attempt, error: BaseException | None, duration: float) -> None:
+        self._boom()
+
+    def retry_scheduled(self, attempt: Attempt, error: Exception, delay: float) -> None:
+        self._boom()
+
+    def succeeded(self, record: Succeeded[Any]) -> None:
+        self._boom()
+
+    def failed(self, record: Failed) -> None:
+        self._boom()
+
+    def snapshot(self, stats: conveyor.Stats) -> None:
+        self._boom()
+
+    def closed(self, report: conveyor.Report) -> None:
+        self._boom()
 
 
 async def test_an_observer_that_raises_loses_no_item_and_is_logged_once_per_event(
@@ -265,12 +284,13 @@ async def test_snapshots_come_every_snapshot_every_seconds(
             seen.append((trio.current_time(), stats.succeeded))
 
     async def fn(item: int) -> int:
-        await trio.sleep(item + 1)
+        await trio.sleep(item + 1.5)
         return item
 
     start = trio.current_time()
     await conveyor.run(fn, range(4), workers=4, observers=[Snap()])
-    assert [(t - start, n) for t, n in seen] == [(1.0, 0), (2.0, 1), (3.0, 2)]
+    # items settle at 1.5, 2.5, 3.5, 4.5; the pool ends at 4.5, and its snapshots with it
+    assert [(t - start, n) for t, n in seen] == [(1.0, 0), (2.0, 1), (3.0, 2), (4.0, 3)]
 
 
 async def test_attempt_tells_queue_wait_and_start(autojump_clock: trio.abc.Clock) -> None:

@@ -35,6 +35,7 @@ from ._offload import in_thread as in_thread
 # (the pool, continued)
 from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
+from ._pool_options import PoolOptions as PoolOptions  # run/map/open_pool's **options
 from ._progress import Progress as Progress
 
 # What became of each item.
@@ -62,6 +63,7 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "AttemptTimeout",
     "MapStream",
     "Pool",
+    "PoolOptions",
     "map",
     "open_pool",
     "run",

@@ -1,29 +1,29 @@
 """The three ways in: `run` (all at once), `map` (a stream of records), `open_pool` (by hand).
 
-All three share the same keyword-only options and check them at the call, before any work
-starts.
+All three share the same keyword-only options, typed once (:class:`PoolOptions`, with their
+defaults, in ``_pool_options.py``), and check them at the call, before any work starts.
 """
 
 from __future__ import annotations
 
 import contextvars
-import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sized
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from types import TracebackType
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar, Unpack, final
 
 import trio
 
 from ._engine import Engine
+from ._final import NoPublicConstructor
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
-from ._limits import Adaptive, PerKey, Rate, build_limits
+from ._limits import build_limits
 from ._options import check_fn, check_items, check_options
 from ._outbox import OrderedRecords, Records
 from ._pool import Pool, running
+from ._pool_options import PoolOptions, check_name, check_observers, resolve
 from ._progress import Progress
 from ._records import Record, Report
-from ._retry import Retry
 
 __all__ = ["MapStream", "map", "open_pool", "run"]
 
@@ -45,39 +45,38 @@ def default_buffer(workers: int) -> int:
 
 def _make_pool(
     fn: Callable[[Any], Awaitable[T]],
+    options: PoolOptions,
     *,
-    workers: int,
-    buffer: int | None,
-    retry: Retry | None,
-    timeout: float | None,
-    drain: float,
+    total: int | None = None,
     outbox_limit: int | None = None,
     ordered: bool = False,
-    limiter: trio.CapacityLimiter | int | None = None,
-    rate: Rate | None = None,
-    per_key: PerKey[Any] | None = None,
-    adaptive: Adaptive | None = None,
-    progress: bool | Progress = False,
-    total: int | None = None,
 ) -> Engine:
+    """The engine of ``fn`` with ``options`` (resolved: every option is there), checked."""
+    workers, buffer = options["workers"], options["buffer"]
     check_fn(fn)
-    check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
+    check_options(workers=workers, buffer=buffer, retry=options["retry"],
+                  timeout=options["timeout"], drain=options["drain"])
+    check_name(options["name"])
+    observers = check_observers(options["observers"])
     limits, per_key, adaptive = build_limits(
-        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive
+        limiter=options["limiter"], rate=options["rate"], per_key=options["per_key"],
+        adaptive=options["adaptive"],
     )
     return Engine(
         fn,
         workers=workers,
         buffer=default_buffer(workers) if buffer is None else buffer,
-        retry=retry,
-        timeout=timeout,
-        drain=drain,
+        retry=options["retry"],
+        timeout=options["timeout"],
+        drain=options["drain"],
         outbox_limit=outbox_limit,
         ordered=ordered,
         limits=limits,
         per_key=per_key,
         adaptive=adaptive,
-        progress=_progress(progress, total),
+        progress=_progress(options["progress"], total),
+        name=options["name"],
+        observers=observers,
     )
 
 
@@ -107,19 +106,7 @@ def _total(items: Items) -> int | None:
 async def run(
     fn: Callable[[Any], Awaitable[T]],
     items: Items,
-    *,
-    workers: int = 10,
-    buffer: int | None = None,
-    retry: Retry | None = None,
-    timeout: float | None = None,
-    drain: float = 0.0,
-    limiter: trio.CapacityLimiter | int | None = None,
-    rate: Rate | None = None,
-    per_key: PerKey[Any] | None = None,
-    adaptive: Adaptive | None = None,
-    progress: bool | Progress = False,
-    journal: str | os.PathLike[str] | None = None,
-    key: Callable[[Any], str | int | bytes] | None = None,
+    **options: Unpack[PoolOptions],
 ) -> Report:
     """Run ``await fn(item)`` for every item, ``workers`` at a time, and return the account.
 
@@ -128,46 +115,11 @@ async def run(
             function with :func:`conveyor.in_thread` or :func:`conveyor.in_process`.
         items: any iterable or async iterable, consumed lazily as the work channel makes
             room (a million items never sit in memory at once).
-        workers: how many attempts run at once (>= 1).
-        buffer: the work channel's size (>= 0; default: ``max(256, workers)``). The pool
-            holds at most ``buffer + workers`` items taken from ``items`` and not yet
-            settled, retries waiting for their backoff included; that bounds memory
-            whatever the number of items. Give it room (buffer > 0) if workers should
-            keep busy while retries wait.
-        retry: the retry policy (:class:`conveyor.Retry`); None makes one attempt.
-        timeout: seconds one attempt may take (None: no limit); a timed-out attempt
-            raises :class:`conveyor.AttemptTimeout`, retried like any error.
-        drain: the grace period, in seconds, for attempts already running when the run
-            is stopped from outside (see below). Default 0: cancel them at once.
-        limiter: at most this many attempts at once: an int (this pool's own limit) or a
-            :class:`trio.CapacityLimiter` (share it between pools, and the limit holds
-            across all of them: "at most 5 calls to this API in the whole program").
-        rate: a :class:`conveyor.Rate`: attempts start no faster than it allows. Share
-            one ``Rate`` between pools to hold it across them.
-        per_key: a :class:`conveyor.PerKey`: concurrency and rate per key of the item
-            (e.g. per host). A busy key's items are parked, not waited for by a worker,
-            so one slow key does not hold up the others.
-        adaptive: a :class:`conveyor.Adaptive` concurrency limit that finds what a
-            service can take (AIMD on the overload errors it names); its current value is
-            in ``stats.adaptive_limit``.
-        progress: True for a live progress line on stderr (redrawn on a terminal, a plain
-            line every 10 s otherwise), or a :class:`conveyor.Progress` to choose the
-            stream and interval. No effect on results.
-        journal: a file path: record each settled item by ``key`` in this SQLite file,
-            so that running again with the same journal skips the items it holds as
-            succeeded (they come back as ``Succeeded`` with the stored value and
-            attempts) and runs the others. Committed every 100 records or 0.2 s, and on
-            a stop before the exception propagates; values must be picklable. A file that
-            is not a journal, was written with another key function, is in use by another
-            run, or that another user owns or others can write, raises
-            :class:`conveyor.JournalError` at the call.
-        key: with ``journal``: ``item -> str | int | bytes``, distinct per item, cheap
-            and stable across runs (default: the item itself). Identified across runs by
-            its name and a hash of its code and the plain values it uses. An item whose
-            key raises, is of another type or repeats another's fails (attempts 0).
-
-    Limits are held around every attempt, retries included (a retry waiting for its
-    backoff holds none), in this order: ``per_key``, ``limiter``, ``adaptive``, ``rate``.
+        options: keyword only, each optional: ``workers``, ``buffer``,
+            ``retry``, ``timeout``, ``drain``, ``limiter``, ``rate``, ``per_key``,
+            ``adaptive``, ``progress``, ``journal``, ``key``, ``name``, ``observers``.
+            What each does and its default: :class:`conveyor.PoolOptions`. A name that
+            is not an option raises TypeError.
 
     Returns:
         A :class:`conveyor.Report` with every ``Succeeded``, ``Failed`` and (after a stop)
@@ -184,13 +136,10 @@ async def run(
     ``Failed``. An exception from ``items`` itself (the caller's own code) is raised as it
     is, not wrapped in an ExceptionGroup.
     """
+    resolved = resolve("run", options)
     check_items(items)
-    journal_spec = check_journal(journal, key)
-    pool = _make_pool(
-        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
-        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive,
-        progress=progress, total=_total(items),
-    )
+    journal_spec = check_journal(resolved["journal"], resolved["key"])
+    pool = _make_pool(fn, resolved, total=_total(items))
     if journal_spec is not None:
         return await run_journaled(pool, items, journal_spec)
     async with running(pool, items):
@@ -200,21 +149,10 @@ async def run(
 
 def open_pool(
     fn: Callable[[Any], Awaitable[T]],
-    *,
-    workers: int = 10,
-    buffer: int | None = None,
-    retry: Retry | None = None,
-    timeout: float | None = None,
-    drain: float = 0.0,
-    limiter: trio.CapacityLimiter | int | None = None,
-    rate: Rate | None = None,
-    per_key: PerKey[Any] | None = None,
-    adaptive: Adaptive | None = None,
-    progress: bool | Progress = False,
-    journal: str | os.PathLike[str] | None = None,
-    key: Callable[[Any], str | int | bytes] | None = None,
+    **options: Unpack[PoolOptions],
 ) -> AbstractAsyncContextManager[Pool[T]]:
-    """Open a pool and feed it by hand; the options are those of :func:`run`.
+    """Open a pool and feed it by hand; the options (:class:`conveyor.PoolOptions`) are
+    those of :func:`run`.
 
     ::
 
@@ -236,11 +174,9 @@ def open_pool(
     records every item as it settles (read or not), and is committed when the block ends,
     however it ends.
     """
-    journal_spec = check_journal(journal, key)
-    pool = _make_pool(
-        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
-        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive, progress=progress,
-    )
+    resolved = resolve("open_pool", options)
+    journal_spec = check_journal(resolved["journal"], resolved["key"])
+    pool = _make_pool(fn, resolved)
     return _OpenPool(pool, journal_spec)
 
 
@@ -280,20 +216,10 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     *,
     ordered: bool = False,
     window: int | None = None,
-    workers: int = 10,
-    buffer: int | None = None,
-    retry: Retry | None = None,
-    timeout: float | None = None,
-    drain: float = 0.0,
-    limiter: trio.CapacityLimiter | int | None = None,
-    rate: Rate | None = None,
-    per_key: PerKey[Any] | None = None,
-    adaptive: Adaptive | None = None,
-    progress: bool | Progress = False,
-    journal: str | os.PathLike[str] | None = None,
-    key: Callable[[Any], str | int | bytes] | None = None,
+    **options: Unpack[PoolOptions],
 ) -> MapStream[T]:
-    """Stream a record for every item as it settles; the options are those of :func:`run`.
+    """Stream a record for every item as it settles; the options
+    (:class:`conveyor.PoolOptions`) are those of :func:`run`, plus ``ordered`` and ``window``.
 
     ``ordered=False`` yields records as they complete. ``ordered=True`` yields them in
     input order through a reorder window of ``window`` items (default
@@ -323,8 +249,10 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     the journal records every item as it settles and is committed however the stream ends
     (the end, a ``break``, an error, a cancel, Ctrl-C).
     """
+    resolved = resolve("map", options)
+    workers, buffer = resolved["workers"], resolved["buffer"]
     check_items(items)
-    journal_spec = check_journal(journal, key)
+    journal_spec = check_journal(resolved["journal"], resolved["key"])
     if not isinstance(ordered, bool):
         raise TypeError(f"ordered must be True or False, got {ordered!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
@@ -334,12 +262,11 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     if window is not None and not ordered:
         raise ValueError("window only applies to ordered=True")
     check_fn(fn)
-    check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
+    check_options(workers=workers, buffer=buffer, retry=resolved["retry"],
+                  timeout=resolved["timeout"], drain=resolved["drain"])
     size = default_buffer(workers) if buffer is None else buffer
     pool = _make_pool(
-        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
-        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive,
-        progress=progress, total=_total(items),
+        fn, resolved, total=_total(items),
         # Unordered: workers wait when this many records are unread (bounded memory).
         # Ordered: the window bounds everything already.
         outbox_limit=None if ordered else workers + size,
@@ -347,11 +274,17 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     )
     if ordered and window is None:
         window = 2 * workers + size
-    return MapStream(pool, items, window if ordered else None, journal_spec)
+    return MapStream[T]._create(pool, items, window if ordered else None, journal_spec)
 
 
-class MapStream(Generic[T]):
-    """What :func:`conveyor.map` returns: iterate it, or enter it with ``async with``."""
+@final
+class MapStream(Generic[T], metaclass=NoPublicConstructor):
+    """What :func:`conveyor.map` returns: iterate it, or enter it with ``async with``.
+
+    Only :func:`conveyor.map` makes one (``MapStream(...)`` raises TypeError).
+    """
+
+    _factory: ClassVar[str] = "conveyor.map(fn, items, ...)"
 
     def __init__(
         self, pool: Engine, items: Items, window: int | None, journal: JournalSpec | None = None

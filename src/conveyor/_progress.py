@@ -231,6 +231,7 @@ class Progress:
 
     @property
     def stream(self) -> TextIO:
+        """Where the line is written (``sys.stderr`` at the time of writing by default)."""
         return self._stream if self._stream is not None else sys.stderr
 
     def write(self, stats: _Counts, final: bool = False) -> None:
