@@ -404,3 +404,65 @@ async def test_a_resumed_journal_run_shows_the_items_left_as_its_total(tmp_path:
 
 async def _quick(item: int) -> int:
     return item
+
+
+# --- the progress line is an observer of the pool --------------------------------------------
+
+
+def _info(total: int | None) -> conveyor.PoolInfo:
+    return conveyor.PoolInfo(name="pool", workers=4, retry_attempts=1, total=total,
+                             stats=conveyor.Stats)
+
+
+def _report(stats: conveyor.Stats) -> conveyor.Report:
+    return conveyor.Report(succeeded=[], failed=[], unfinished=[], stats=stats)
+
+
+def test_progress_is_an_observer_of_snapshots_and_the_end_never_of_items() -> None:
+    from conveyor._observe import overrides
+
+    progress = Progress(io.StringIO(), interval=3)
+    assert isinstance(progress, conveyor.Observer)
+    assert progress.snapshot_every == progress.interval == 3
+    assert Progress(io.StringIO()).snapshot_every == 10.0  # not a terminal
+    assert Progress(io.StringIO(), tty=True).snapshot_every == 0.2
+    per_item = ["attempt_started", "attempt_ended", "retry_scheduled", "succeeded", "failed",
+                "unfinished"]
+    assert [name for name in per_item if overrides(progress, name)] == []
+    assert all(overrides(progress, name) for name in ("opened", "snapshot", "closed"))
+
+
+def test_observer_events_write_the_line_with_the_pools_total_then_the_final_account() -> None:
+    out = io.StringIO()
+    progress = Progress(out, tty=False)
+    assert progress.opened(_info(total=8)) is progress
+    progress.snapshot(conveyor.Stats(submitted=8, succeeded=2, failed=1, elapsed=3.0))
+    progress.closed(_report(conveyor.Stats(submitted=8, succeeded=6, failed=2, elapsed=4.0)))
+    assert [line.split(" | ")[1] for line in out.getvalue().splitlines()] == [
+        "3/8 37.5%", "8/8 100.0%",
+    ]
+    assert out.getvalue().splitlines()[-1].endswith("| failed 2 | elapsed 4s")
+    progress.opened(_info(total=None))  # a pool whose count is unknown: not the last one's
+    progress.closed(_report(conveyor.Stats(submitted=3, succeeded=3)))
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "3 done of 3 accepted"
+
+
+def test_a_given_total_wins_over_the_pools_count() -> None:
+    out = io.StringIO()
+    progress = Progress(out, total=100, tty=False)
+    progress.opened(_info(total=8))
+    progress.closed(_report(conveyor.Stats(submitted=8, succeeded=8)))
+    assert out.getvalue().split(" | ")[1] == "8/100 8.0%"
+
+
+def test_closed_ends_the_redrawn_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    out = io.StringIO()
+    progress = Progress(out, tty=True)
+    progress.opened(_info(total=5000))
+    progress.snapshot(BUSY)
+    progress.closed(_report(conveyor.Stats(submitted=5000, succeeded=5000, elapsed=9.0)))
+    assert out.getvalue() == (
+        "\r1,237/5,000 24.7% | ETA 12s | failed 34 | unfinished 3\x1b[K"
+        "\r5,000/5,000 100.0% | 556/s | in flight 0 | failed 0\x1b[K\n"
+    )
