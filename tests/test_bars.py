@@ -435,3 +435,25 @@ def test_importing_conveyor_imports_neither() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_readme_shows_what_the_bars_show() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    info = conveyor.PoolInfo(name="pool", workers=4, retry_attempts=2, total=40,
+                             stats=conveyor.Stats)
+    final = conveyor.Report([], [], [], conveyor.Stats(submitted=40, succeeded=32, failed=8,
+                                                       retried=13))
+    out = io.StringIO()
+    with tqdm(desc="fetch", file=out) as bar:
+        conveyor.TqdmProgress(bar).opened(info).closed(final)
+        frame = last_frame(out.getvalue())
+    shown = re.sub(r"\[.*, ok=", "[00:04<00:00, 9.41it/s, ok=", frame)  # the rate: wall time
+    assert "\n" + shown + "\n" in readme
+    out = io.StringIO()
+    with RichDisplay(console=console(out)) as display:
+        conveyor.RichProgress(display, description="fetch").opened(info).closed(final)
+    line = out.getvalue().rstrip("\n")
+    assert line.startswith("fetch (ok 32, failed 8, retried 13) ━")
+    assert line.endswith(" 100% 0:00:00")
+    assert "\nfetch (ok 32, failed 8, retried 13) ━" in readme
+    assert "━ 100% 0:00:00\n" in readme
