@@ -234,6 +234,8 @@ async def test_your_bar_after_a_cancelled_pool_still_ends_full(
         ((), {"interval": 0}, ValueError,
          r"^TqdmProgress interval must be a finite number > 0, got 0$"),
         ((), {"interval": True}, TypeError, r"^TqdmProgress interval must be a finite number"),
+        ((), {"interval": None}, TypeError,
+         r"^TqdmProgress interval must be a finite number of seconds > 0, got None$"),
         ((), {"interval": float("nan")}, ValueError, r"^TqdmProgress interval must be"),
     ],
 )
@@ -380,7 +382,9 @@ async def test_rich_unknown_total_becomes_the_settled_count_at_the_end() -> None
         ((), {"interval": -1}, ValueError,
          r"^RichProgress interval must be a finite number > 0, got -1$"),
         ((), {"interval": "1"}, TypeError,
-         r"^RichProgress interval must be a finite number of seconds > 0 or None, got '1'$"),
+         r"^RichProgress interval must be a finite number of seconds > 0, got '1'$"),
+        ((), {"interval": None}, TypeError,
+         r"^RichProgress interval must be a finite number of seconds > 0, got None$"),
     ],
 )
 def test_rich_progress_refuses_bad_input_at_the_call(

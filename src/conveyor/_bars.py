@@ -105,7 +105,7 @@ class TqdmProgress(Observer):
                 f"TqdmProgress got unknown tqdm options {', '.join(map(repr, unknown))}; "
                 f"tqdm's options are {', '.join(sorted(known))}"
             )
-        check_interval("TqdmProgress", interval)
+        check_interval("TqdmProgress", interval, none=False)
         self.bar = bar
         self.snapshot_every = interval
         self._options = tqdm_kwargs
@@ -241,7 +241,7 @@ class RichProgress(Observer):
                     f"RichProgress console must be a rich.console.Console or None, "
                     f"got {console!r:.60}"
                 )
-        check_interval("RichProgress", interval)
+        check_interval("RichProgress", interval, none=False)
         self.progress = progress
         self.description = description
         self.snapshot_every = interval

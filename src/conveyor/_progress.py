@@ -150,14 +150,15 @@ def terminal_width(stream: object) -> int:
     return columns if columns > 0 else 80
 
 
-def check_interval(what: str, interval: object) -> None:
-    """``interval`` is a finite number of seconds > 0 (not a bool, NaN or inf), or None."""
-    if interval is None:
+def check_interval(what: str, interval: object, *, none: bool = True) -> None:
+    """``interval`` is a finite number of seconds > 0 (not a bool, NaN or inf), or None
+    (when ``none``: the default)."""
+    if interval is None and none:
         return
     if isinstance(interval, bool) or not isinstance(interval, int | float):
         raise TypeError(
-            f"{what} interval must be a finite number of seconds > 0 or None, "
-            f"got {interval!r:.60}"
+            f"{what} interval must be a finite number of seconds > 0"
+            f"{' or None' if none else ''}, got {interval!r:.60}"
         )
     try:
         finite = math.isfinite(interval)
