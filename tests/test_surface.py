@@ -295,6 +295,32 @@ async def progress_case(param: str, value: Any) -> None:
     await entry_run(Work(), progress=progress)
 
 
+async def run_observed(observer: conveyor.Observer) -> None:
+    """``conveyor.run(Work(), ITEMS, observers=[observer])``, built as ``run`` builds its
+    pool until ``run`` takes ``observers=``."""
+    pool = conveyor.Pool(Work(), workers=10, buffer=256, retry=RETRY, timeout=None, drain=0.0,
+                         observers=[observer])
+    async with pool._running(ITEMS):
+        pass
+    assert settled(pool.report()) == 3
+
+
+async def tqdm_progress_case(param: str, value: Any) -> None:
+    kwargs: dict[str, Any] = {param: value}
+    if param != "bar" or value is None:
+        kwargs["file"] = io.StringIO()
+    await run_observed(at_call(lambda: conveyor.TqdmProgress(**kwargs)))
+
+
+async def rich_progress_case(param: str, value: Any) -> None:
+    from rich.console import Console
+
+    kwargs: dict[str, Any] = {param: value}
+    if param != "progress" or value is None:
+        kwargs.setdefault("console", Console(file=io.StringIO()))
+    await run_observed(at_call(lambda: conveyor.RichProgress(**kwargs)))
+
+
 async def stop_case(param: str, value: Any) -> None:
     async def slow(item: Any) -> Any:
         await trio.sleep(10)
@@ -393,6 +419,8 @@ TARGETS = [
     Target("PerKey", conveyor.PerKey, per_key_case),
     Target("Adaptive", conveyor.Adaptive, adaptive_case),
     Target("Progress", conveyor.Progress, progress_case),
+    Target("TqdmProgress", conveyor.TqdmProgress, tqdm_progress_case),
+    Target("RichProgress", conveyor.RichProgress, rich_progress_case),
     Target("Pool.stop", conveyor.Pool.stop, stop_case),
     Target("Pool.wait_stats", conveyor.Pool.wait_stats, wait_stats_case),
     Target("in_thread", conveyor.in_thread, in_thread_case, real_clock=True),
