@@ -28,6 +28,23 @@ class FakeStats:
     throughput: float = 0.0
 
 
+@dataclass
+class Ended:
+    """What ``closed`` reads of a report: its stats."""
+
+    stats: FakeStats
+
+
+async def observe_for(progress: Progress, snapshot: Any, seconds: float) -> None:
+    """What a pool does with an observer that runs ``seconds``: ``snapshot()`` passed to
+    ``progress.snapshot`` every ``snapshot_every`` (trio's clock), then ``closed``."""
+    with trio.move_on_after(seconds):
+        while True:
+            await trio.sleep(progress.snapshot_every)
+            progress.snapshot(snapshot())
+    progress.closed(Ended(snapshot()))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(0, "0s"), (42.4, "42s"), (59.6, "1m00s"), (185, "3m05s"), (3720, "1h02m"),
@@ -72,9 +89,7 @@ async def test_plain_lines_every_interval_when_not_a_terminal(
         stats.throughput = 1.0
         return stats
 
-    with trio.move_on_after(35):
-        await progress.run(snapshot)
-    progress.finish(snapshot())
+    await observe_for(progress, snapshot, 35)
     lines = out.getvalue().splitlines()
     assert [line.split(" | ")[1] for line in lines] == [
         "10/100 10.0%", "20/100 20.0%", "30/100 30.0%", "35/100 35.0%",
@@ -89,9 +104,8 @@ async def test_redrawn_in_place_on_a_terminal_and_ended_with_a_newline(
     out = io.StringIO()
     progress = Progress(out, tty=True)
     assert progress.interval == 0.2
-    with trio.move_on_after(1.1):
-        await progress.run(lambda: FakeStats(succeeded=1))
-    progress.finish(FakeStats(succeeded=2))
+    stats = iter([FakeStats(succeeded=1)] * 5 + [FakeStats(succeeded=2)])
+    await observe_for(progress, lambda: next(stats), 1.1)
     text = out.getvalue()
     assert text.count("\r") == 6 and text.count("\x1b[K") == 6
     assert text.endswith("2 done of 0 accepted | 0.00/s | in flight 0 | retries 0 | failed 0"
@@ -103,14 +117,14 @@ def test_a_closed_stream_is_not_an_error() -> None:
     out = io.StringIO()
     progress = Progress(out)
     out.close()
-    progress.finish(FakeStats())
+    progress.closed(Ended(FakeStats()))  # type: ignore[arg-type]
     assert progress.lines == 0
 
 
 def test_default_stream_is_stderr_at_the_time_of_writing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    Progress(tty=False).finish(FakeStats(succeeded=1, submitted=1))
+    Progress(tty=False).closed(Ended(FakeStats(succeeded=1, submitted=1)))  # type: ignore[arg-type]
     assert capsys.readouterr().err.startswith("conveyor | 1 done of 1 accepted")
 
 
@@ -265,9 +279,7 @@ async def test_every_redraw_fits_the_columns(
         stats.throughput = 980.0
         return stats
 
-    with trio.move_on_after(4.9):
-        await progress.run(snapshot)
-    progress.finish(snapshot())
+    await observe_for(progress, snapshot, 4.9)
     text = out.getvalue()
     assert text.count("\n") == 1 and text.endswith("\x1b[K\n")
     redraws = text.removesuffix("\n").split("\r")[1:]
@@ -285,9 +297,7 @@ async def test_plain_lines_are_never_fitted(
     monkeypatch.setenv("COLUMNS", "40")
     out = io.StringIO()
     progress = Progress(out, total=5000, tty=False)
-    with trio.move_on_after(25):
-        await progress.run(lambda: BUSY)
-    progress.finish(BUSY)
+    await observe_for(progress, lambda: BUSY, 25)
     assert out.getvalue() == (FULL + "\n") * 3
 
 
@@ -404,6 +414,15 @@ async def test_a_resumed_journal_run_shows_the_items_left_as_its_total(tmp_path:
 
 async def _quick(item: int) -> int:
     return item
+
+
+async def test_a_journaled_run_shows_its_items_as_its_total(tmp_path: Any) -> None:
+    """The journal feeds the pool through a generator (it skips what is done): the total is
+    still the number of items."""
+    out = io.StringIO()
+    await conveyor.run(_quick, range(30), journal=tmp_path / "job.journal", key=str,
+                       progress=Progress(out, tty=False))
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "30/30 100.0%"
 
 
 # --- the progress line is an observer of the pool --------------------------------------------
