@@ -34,7 +34,7 @@ CONSTRUCTIBLE = {
     "Adaptive", "Attempt", "AttemptTimeout", "Backoff", "Failed", "ItemUnfinished", "LastReport",
     "ItemsFailed", "JournalError", "NotPicklableError", "Observer", "Percentiles", "PerKey",
     "PoolInfo", "PoolOptions", "Progress", "Rate", "RemoteError", "Report", "Retry",
-    "RetryAfter", "Stats", "Succeeded", "Unfinished", "WorkerDied",
+    "RetryAfter", "Stats", "Succeeded", "Unfinished", "WorkerDied", "TqdmProgress", "RichProgress",
 }
 
 # Type aliases (documented by the string after them in their module).

@@ -296,6 +296,28 @@ async def progress_case(param: str, value: Any) -> None:
     await entry_run(Work(), progress=progress)
 
 
+async def run_observed(observer: conveyor.Observer) -> None:
+    """``conveyor.run(Work(), ITEMS, observers=[observer])``."""
+    report = await conveyor.run(Work(), ITEMS, retry=RETRY, observers=[observer])
+    assert settled(report) == 3
+
+
+async def tqdm_progress_case(param: str, value: Any) -> None:
+    kwargs: dict[str, Any] = {param: value}
+    if param != "bar" or value is None:
+        kwargs["file"] = io.StringIO()
+    await run_observed(at_call(lambda: conveyor.TqdmProgress(**kwargs)))
+
+
+async def rich_progress_case(param: str, value: Any) -> None:
+    from rich.console import Console
+
+    kwargs: dict[str, Any] = {param: value}
+    if param != "progress" or value is None:
+        kwargs.setdefault("console", Console(file=io.StringIO()))
+    await run_observed(at_call(lambda: conveyor.RichProgress(**kwargs)))
+
+
 async def stop_case(param: str, value: Any) -> None:
     async def slow(item: Any) -> Any:
         await trio.sleep(10)
@@ -394,6 +416,8 @@ TARGETS = [
     Target("PerKey", conveyor.PerKey, per_key_case),
     Target("Adaptive", conveyor.Adaptive, adaptive_case),
     Target("Progress", conveyor.Progress, progress_case),
+    Target("TqdmProgress", conveyor.TqdmProgress, tqdm_progress_case),
+    Target("RichProgress", conveyor.RichProgress, rich_progress_case),
     Target("Pool.stop", conveyor.Pool.stop, stop_case),
     Target("Pool.wait_stats", conveyor.Pool.wait_stats, wait_stats_case),
     Target("in_thread", conveyor.in_thread, in_thread_case, real_clock=True),
@@ -413,7 +437,8 @@ def parameters(target: Target) -> list[str]:
     for name, param in inspect.signature(function).parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             hint = typing.get_type_hints(function)[name]
-            assert typing.get_origin(hint) is typing.Unpack, (target.name, hint)
+            if typing.get_origin(hint) is not typing.Unpack:
+                continue  # free-form (TqdmProgress's **tqdm_kwargs go to tqdm, which checks)
             (options,) = typing.get_args(hint)
             names += typing.get_type_hints(options)
         elif name != "self":

@@ -10,6 +10,10 @@ from ._api import map as map
 from ._api import open_pool as open_pool
 from ._api import run as run
 
+# Observers that feed a tqdm bar or a rich display (tqdm and rich are imported when used).
+from ._bars import RichProgress as RichProgress
+from ._bars import TqdmProgress as TqdmProgress
+
 # Resumable runs: run(..., journal=path, key=...).
 from ._journal import JournalError as JournalError
 
@@ -99,5 +103,7 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "PoolInfo",
     "Percentiles",
     "Progress",
+    "RichProgress",
     "Stats",
+    "TqdmProgress",
 ]

@@ -18,6 +18,7 @@ from ._engine import Engine
 from ._final import NoPublicConstructor
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
 from ._limits import build_limits
+from ._observe import Observer
 from ._options import check_fn, check_items, check_options
 from ._outbox import OrderedRecords, Records
 from ._pool import Pool, running
@@ -62,7 +63,7 @@ def _make_pool(
         limiter=options["limiter"], rate=options["rate"], per_key=options["per_key"],
         adaptive=options["adaptive"],
     )
-    return Engine(
+    engine = Engine(
         fn,
         workers=workers,
         buffer=default_buffer(workers) if buffer is None else buffer,
@@ -74,20 +75,21 @@ def _make_pool(
         limits=limits,
         per_key=per_key,
         adaptive=adaptive,
-        progress=_progress(options["progress"], total),
         name=options["name"],
-        observers=observers,
+        observers=_with_progress(observers, options["progress"]),
     )
+    engine.total = total  # PoolInfo.total: a gated or journaled feed has no len()
+    return engine
 
 
-def _progress(progress: object, total: int | None) -> Progress | None:
+def _with_progress(observers: tuple[Observer, ...], progress: object) -> tuple[Observer, ...]:
+    """The observers, and the progress line (``progress=``) as one more of them."""
     if progress is True:
         progress = Progress()
     if progress is False:
-        return None
+        return observers
     if isinstance(progress, Progress):
-        progress.begin(total)  # this run's count: a reused Progress forgets the last one's
-        return progress
+        return (progress, *observers)
     raise TypeError(
         f"progress must be True, False or a conveyor.Progress, got {progress!r}"
     )

@@ -50,7 +50,6 @@ from ._logs import LOG, logger
 from ._observe import Attempt, Observer, PoolInfo, overrides
 from ._options import check_drain, check_sync_callable
 from ._outbox import Outbox
-from ._progress import Progress
 from ._quantiles import Quantiles, Throughput
 from ._records import Failed, Record, Report, Succeeded, Unfinished
 from ._retry import Retry
@@ -128,7 +127,6 @@ class Engine:
         limits: tuple[Limit, ...] = (),
         per_key: PerKey[Any] | None = None,
         adaptive: Adaptive | None = None,
-        progress: Progress | None = None,
         name: str = "pool",
         observers: Sequence[Observer] = (),
     ) -> None:
@@ -189,7 +187,6 @@ class Engine:
         self.throughput = Throughput(window=10.0)
         self.stats_lot = ParkingLot()
         self.stats_waiting = False
-        self.progress = progress
         self.progress_scope = trio.CancelScope()
         self.periodic_scopes: list[trio.CancelScope] = []
         # The number of items when known up front, for observers (PoolInfo.total); the

@@ -858,9 +858,6 @@ async def journaled(
     try:
         done = await trio.to_thread.run_sync(db.load_succeeded)
         session = _Session(pool, spec, db, done)
-        progress = pool.progress
-        if progress is not None and done:
-            progress.total = session.count(items)
         if done:
             pool.total = session.count(items)  # the items that will run (PoolInfo.total)
         pool.observe_settled(session.observe)  # type: ignore[arg-type]

@@ -30,7 +30,6 @@ import trio
 
 from . import _linger
 from ._engine import AttemptTimeout, Engine
-from ._progress import Progress
 from ._records import Record, Report
 from ._stats import Stats
 
@@ -180,8 +179,6 @@ async def running(
                     nursery.start_soon(_run_tasks, engine, feed)
                 finally:
                     _linger.current.reset(token)
-                if engine.progress is not None:
-                    nursery.start_soon(_show_progress, engine, engine.progress)
                 try:
                     yield pool
                 except BaseException as exc:
@@ -197,8 +194,6 @@ async def running(
     finally:
         engine.caller_error = None
         engine.finalize()
-        if engine.progress is not None:
-            engine.progress.finish(engine.stats)
         engine.tell_closed()
     if engine.feed_error is not None and (error is None or isinstance(error, trio.Cancelled)):
         # An error from `items` is the caller's own: a cancel must not swallow it.
@@ -233,11 +228,6 @@ async def _run_tasks(engine: Engine, feed: Iterable[Any] | AsyncIterable[Any] | 
         engine.watch_scope.cancel()
         engine.end_periodic()
         engine.end_output()
-
-
-async def _show_progress(engine: Engine, progress: Progress) -> None:
-    with engine.progress_scope:
-        await progress.run(lambda: engine.stats)
 
 
 async def _watch(engine: Engine) -> None:
