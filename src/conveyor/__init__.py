@@ -36,6 +36,9 @@ from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
 from ._progress import Progress as Progress
 
+# Prometheus metrics of pools: an observer (conveyor[prometheus], imported when created).
+from ._prometheus import PrometheusMetrics as PrometheusMetrics
+
 # What became of each item.
 from ._records import Failed as Failed
 from ._records import ItemsFailed as ItemsFailed
@@ -95,5 +98,6 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "PoolInfo",
     "Percentiles",
     "Progress",
+    "PrometheusMetrics",
     "Stats",
 ]
