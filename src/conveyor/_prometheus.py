@@ -109,27 +109,25 @@ def _label_values(info: PoolInfo) -> tuple[str, ...]:
 
 
 def _check_buckets(buckets: object) -> tuple[float, ...]:
-    problem = None
-    if isinstance(buckets, str | bytes) or not isinstance(buckets, Iterable):
-        problem = "not a sequence"
-        bounds: tuple[Any, ...] = ()
-    else:
-        bounds = tuple(buckets)
-        if not bounds:
-            problem = "empty"
-        elif not all(
-            isinstance(b, int | float) and not isinstance(b, bool) for b in bounds
-        ):
-            problem = "not all numbers (a bool is not one)"
-        elif not all(math.isfinite(b) and b > 0 for b in bounds):
-            problem = "not all finite and > 0 (+Inf is always added)"
-        elif any(a >= b for a, b in pairwise(bounds)):
-            problem = "not strictly increasing"
-    if problem is not None:
-        raise (TypeError if problem.startswith(("not a", "not all numbers")) else ValueError)(
+    """The bucket bounds as floats, or a TypeError/ValueError naming what is wrong."""
+
+    def refuse(kind: type[Exception], problem: str) -> Exception:
+        return kind(
             f"buckets must be upper bounds in seconds, finite, > 0 and strictly increasing, "
             f"e.g. (0.01, 0.1, 1, 10); got {buckets!r:.80} ({problem})"
         )
+
+    if isinstance(buckets, str | bytes) or not isinstance(buckets, Iterable):
+        raise refuse(TypeError, "not a sequence")
+    bounds = tuple(buckets)
+    if not bounds:
+        raise refuse(ValueError, "empty")
+    if not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds):
+        raise refuse(TypeError, "not all numbers (a bool is not one)")
+    if not all(math.isfinite(b) and b > 0 for b in bounds):
+        raise refuse(ValueError, "not all finite and > 0; +Inf is always added")
+    if any(a >= b for a, b in pairwise(bounds)):
+        raise refuse(ValueError, "not strictly increasing")
     return tuple(float(b) for b in bounds)
 
 
