@@ -68,7 +68,8 @@ def test_the_demo_serves_metrics_while_it_runs_and_they_add_up_to_its_report(
             lines.put(line)
         lines.put("")  # the end
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
 
     def next_line(timeout: float = 120) -> str:
         line = lines.get(timeout=timeout)
@@ -127,3 +128,7 @@ def test_the_demo_serves_metrics_while_it_runs_and_they_add_up_to_its_report(
         if process.poll() is None:
             process.kill()
             process.wait()
+        reader.join(timeout=30)
+        assert process.stdout is not None and process.stdin is not None
+        process.stdout.close()
+        process.stdin.close()
