@@ -268,18 +268,23 @@ async def test_the_adaptive_limit_gauge_follows_the_pool_and_keeps_its_last_valu
     registry: CollectorRegistry, autojump_clock: Any
 ) -> None:
     metrics = conveyor.PrometheusMetrics(registry)
-    seen: list[float] = []
+    seen: list[tuple[float | None, int | None]] = []
 
     async def work(n: int) -> int:
-        seen.append(value(registry, "conveyor_adaptive_limit") or math.nan)
+        seen.append((value(registry, "conveyor_adaptive_limit"), pool.stats.adaptive_limit))
         await trio.sleep(0.1)
+        if n % 7 == 3:
+            raise OSError("overloaded")  # halves the limit
         return n
 
-    report = await conveyor.run(work, range(50), workers=8, observers=[metrics],
-                                adaptive=conveyor.Adaptive(overload_on=OSError, min=2, max=8))
-    assert seen[0] == report.stats.adaptive_limit or seen[0] >= 2
-    assert all(2 <= v <= 8 for v in seen), seen
-    assert value(registry, "conveyor_adaptive_limit") == report.stats.adaptive_limit
+    adaptive = conveyor.Adaptive(overload_on=OSError, min=2, max=8)
+    async with conveyor.open_pool(work, workers=8, adaptive=adaptive,
+                                  observers=[metrics]) as pool:
+        for n in range(60):
+            await pool.submit(n)
+    assert len(seen) == 60 and all(gauge == limit for gauge, limit in seen), seen
+    assert len({limit for _, limit in seen}) > 1  # it moved, and the gauge with it
+    assert value(registry, "conveyor_adaptive_limit") == pool.report().stats.adaptive_limit
 
 
 # ---------------------------------------------------------------------------------------------
