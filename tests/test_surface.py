@@ -309,6 +309,15 @@ async def tqdm_progress_case(param: str, value: Any) -> None:
     await run_observed(at_call(lambda: conveyor.TqdmProgress(**kwargs)))
 
 
+async def prometheus_case(param: str, value: Any) -> None:
+    from prometheus_client import CollectorRegistry
+
+    kwargs: dict[str, Any] = {param: value}
+    if param != "registry":
+        kwargs["registry"] = CollectorRegistry()
+    await run_observed(at_call(lambda: conveyor.PrometheusMetrics(**kwargs)))
+
+
 async def rich_progress_case(param: str, value: Any) -> None:
     from rich.console import Console
 
@@ -418,6 +427,7 @@ TARGETS = [
     Target("Progress", conveyor.Progress, progress_case),
     Target("TqdmProgress", conveyor.TqdmProgress, tqdm_progress_case),
     Target("RichProgress", conveyor.RichProgress, rich_progress_case),
+    Target("PrometheusMetrics", conveyor.PrometheusMetrics, prometheus_case),
     Target("Pool.stop", conveyor.Pool.stop, stop_case),
     Target("Pool.wait_stats", conveyor.Pool.wait_stats, wait_stats_case),
     Target("in_thread", conveyor.in_thread, in_thread_case, real_clock=True),

@@ -42,6 +42,9 @@ from ._pool import Pool as Pool
 from ._pool_options import PoolOptions as PoolOptions  # run/map/open_pool's **options
 from ._progress import Progress as Progress
 
+# Prometheus metrics of pools: an observer (conveyor[prometheus], imported when created).
+from ._prometheus import PrometheusMetrics as PrometheusMetrics
+
 # What became of each item.
 from ._records import Failed as Failed
 from ._records import ItemsFailed as ItemsFailed
@@ -104,6 +107,7 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "Percentiles",
     "Progress",
     "RichProgress",
+    "PrometheusMetrics",
     "Stats",
     "TqdmProgress",
 ]
