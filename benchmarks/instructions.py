@@ -13,12 +13,12 @@ event loop's set-up are the same in both runs and cancel out.
 The cases: seed 000's asyncio retry queue (`benchmarks/_asyncio_seed.py`, the reference) and
 `conveyor.run(fn, range(N), workers=20, retry=Retry(attempts=4))`, each with no-op items and
 with one checkpoint per item (`asyncio.sleep(0)` / `trio.lowlevel.checkpoint()`); and
-`conveyor.map` (same options) in the `async with` form and the bare `async for` form, no-op.
-And `conveyor.run` no-op with a `conveyor.OpenTelemetry` observer (the API with no SDK; the
-SDK with metrics only; the SDK with spans and metrics, nothing exported), also given against
-`conveyor.run` without one: what OpenTelemetry costs per item.
-Ratios are to the asyncio queue with the same work; the bare form is also given against the
-`async with` form.
+`conveyor.map` (same options) in the `async with` form and the bare `async for` form, no-op;
+and `conveyor.run` no-op with a `conveyor.PrometheusMetrics` observer, and with a
+`conveyor.OpenTelemetry` observer (the API with no SDK; the SDK with metrics only; the SDK
+with spans and metrics, nothing exported). Ratios are to the asyncio queue with the same
+work; the bare form is also given against the `async with` form, and the Prometheus and
+OpenTelemetry cases against `conveyor.run` without them.
 """
 
 from __future__ import annotations
@@ -77,6 +77,21 @@ async def main():
 trio.run(main)
 """
 
+# conveyor.run as above, with a PrometheusMetrics observer (on a registry of its own): what
+# the metrics cost per item (two histogram observations per attempt; counters and gauges
+# are read from the pool's stats when scraped, so they cost nothing per item).
+_CONVEYOR_RUN_PROMETHEUS = f"""
+import sys, trio, conveyor, prometheus_client
+N = int(sys.argv[1])
+{{work}}
+metrics = conveyor.PrometheusMetrics(prometheus_client.CollectorRegistry())
+async def main():
+    report = await conveyor.run(
+        work, range(N), workers={WORKERS}, retry=conveyor.Retry(attempts={ATTEMPTS}),
+        observers=[metrics])
+    assert len(report.succeeded) == N and not report.failed and not report.unfinished
+trio.run(main)
+"""
 # conveyor.run as above with a conveyor.OpenTelemetry observer: {otel} makes it.
 _CONVEYOR_OTEL = f"""
 import sys, trio, conveyor
@@ -135,6 +150,12 @@ CASES: tuple[InstrCase, ...] = (
         _CONVEYOR_MAP.format(work=NOOP, loop=BARE_LOOP),
         ASYNCIO_NOOP,
         also=MAP_WITH,
+    ),
+    InstrCase(
+        "conveyor.run, no-op, Prometheus",
+        _CONVEYOR_RUN_PROMETHEUS.format(work=NOOP),
+        ASYNCIO_NOOP,
+        also=RUN_NOOP,
     ),
     InstrCase(
         "conveyor.run, no-op, OpenTelemetry (API, no SDK)",

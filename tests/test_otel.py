@@ -4,7 +4,6 @@ MeterProvider), on trio's virtual clock."""
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 import tomllib
@@ -27,47 +26,6 @@ from opentelemetry.trace import StatusCode
 import conveyor
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-# run/open_pool with observers= and name=: through the public calls once they take them, else
-# the same Pool the public calls build (conveyor.Pool takes observers= and name= on main).
-PUBLIC = "observers" in inspect.signature(conveyor.run).parameters
-
-
-def _pool(
-    fn: Any,
-    *,
-    workers: int = 10,
-    buffer: int | None = None,
-    retry: Any = None,
-    name: str = "pool",
-    observers: Any = (),
-) -> conveyor.Pool[Any]:
-    return conveyor.Pool(
-        fn,
-        workers=workers,
-        buffer=max(256, workers) if buffer is None else buffer,
-        retry=retry,
-        timeout=None,
-        drain=0.0,
-        name=name,
-        observers=observers,
-    )
-
-
-async def run(fn: Any, items: Any, **options: Any) -> conveyor.Report:
-    if PUBLIC:
-        return await run(fn, items, **options)
-    pool = _pool(fn, **options)
-    async with pool._running(items):
-        pass
-    return pool.report()
-
-
-def open_pool(fn: Any, **options: Any) -> Any:
-    if PUBLIC:
-        return open_pool(fn, **options)
-    return _pool(fn, **options)._running()
 
 
 class Tracked(SpanProcessor):
@@ -167,7 +125,9 @@ async def test_attempt_spans_under_the_span_current_where_the_pool_was_opened(
 ) -> None:
     tracer = otel.tracer_provider.get_tracer("test")
     with tracer.start_as_current_span("request") as outer:
-        report = await run(flaky(), ITEMS, workers=3, retry=RETRY, observers=[otel.observer()])
+        report = await conveyor.run(
+            flaky(), ITEMS, workers=3, retry=RETRY, observers=[otel.observer()]
+        )
     assert len(report.succeeded) == 6 and len(report.failed) == 4
 
     attempts = otel.spans("conveyor.attempt")
@@ -229,7 +189,9 @@ async def test_attempt_spans_under_the_span_current_where_the_pool_was_opened(
 
 async def test_metrics_equal_the_report(otel: Otel, autojump_clock: trio.testing.MockClock) -> None:
     observer = otel.observer()
-    report = await run(flaky(), ITEMS, workers=3, retry=RETRY, observers=[observer], name="predict")
+    report = await conveyor.run(
+        flaky(), ITEMS, workers=3, retry=RETRY, observers=[observer], name="predict"
+    )
     stats = report.stats
     assert otel.sums("conveyor.items.settled", "conveyor.item.outcome") == {
         "succeeded": stats.succeeded,
@@ -258,7 +220,9 @@ async def test_metrics_equal_the_report(otel: Otel, autojump_clock: trio.testing
     assert all(p.value == 0 for p in otel.points("conveyor.item.count"))
 
     # A second pool of the same name adds to the same counters (they never go down).
-    again = await run(flaky(), ITEMS, workers=3, retry=RETRY, observers=[observer], name="predict")
+    again = await conveyor.run(
+        flaky(), ITEMS, workers=3, retry=RETRY, observers=[observer], name="predict"
+    )
     assert otel.sums("conveyor.items.settled", "conveyor.item.outcome") == {
         "succeeded": stats.succeeded + again.stats.succeeded,
         "failed": stats.failed + again.stats.failed,
@@ -274,7 +238,7 @@ async def test_item_spans_span_their_attempts(
 ) -> None:
     tracer = otel.tracer_provider.get_tracer("test")
     with tracer.start_as_current_span("request") as outer:
-        report = await run(
+        report = await conveyor.run(
             flaky(), ITEMS, workers=3, retry=RETRY, observers=[otel.observer(item_spans=True)]
         )
     items = otel.spans("conveyor.item")
@@ -316,7 +280,7 @@ async def test_a_cancelled_run_ends_every_span_it_started(
         return item
 
     with trio.move_on_after(15):
-        await run(
+        await conveyor.run(
             slow,
             range(100),
             workers=4,
@@ -351,7 +315,7 @@ async def test_spans_made_by_fn_are_children_of_its_attempt(
             await trio.sleep(1)
         return item
 
-    await run(work, range(5), workers=2, observers=[otel.observer()])
+    await conveyor.run(work, range(5), workers=2, observers=[otel.observer()])
     attempts = {s.context.span_id: s for s in otel.spans("conveyor.attempt")}
     inside = otel.spans("inside")
     assert len(inside) == 5
@@ -379,7 +343,7 @@ async def test_outstanding_items_by_state_read_while_the_pool_runs(
             if p.attributes["conveyor.pool.name"] == "waiting"
         }
 
-    async with open_pool(
+    async with conveyor.open_pool(
         wait, workers=3, buffer=10, observers=[otel.observer()], name="waiting"
     ) as pool:
         for i in range(8):
@@ -413,7 +377,7 @@ async def test_a_broken_span_processor_loses_no_item(
             raise RuntimeError("exporter down")
 
     otel.tracer_provider.add_span_processor(Broken())
-    report = await run(flaky(), ITEMS, workers=3, retry=RETRY, observers=[otel.observer()])
+    report = await conveyor.run(flaky(), ITEMS, workers=3, retry=RETRY, observers=[otel.observer()])
     assert report.stats.settled == len(ITEMS)
     assert len(report.succeeded) == 6 and len(report.failed) == 4
 
@@ -421,10 +385,10 @@ async def test_a_broken_span_processor_loses_no_item(
 async def test_metrics_only_and_traces_only(
     otel: Otel, autojump_clock: trio.testing.MockClock
 ) -> None:
-    await run(flaky(), ITEMS, retry=RETRY, observers=[otel.observer(traces=False)])
+    await conveyor.run(flaky(), ITEMS, retry=RETRY, observers=[otel.observer(traces=False)])
     assert otel.exporter.get_finished_spans() == ()
     assert sum(otel.sums("conveyor.items.settled", "conveyor.item.outcome").values()) == 10
-    await run(flaky(), ITEMS, retry=RETRY, observers=[otel.observer(metrics=False)])
+    await conveyor.run(flaky(), ITEMS, retry=RETRY, observers=[otel.observer(metrics=False)])
     assert len(otel.spans("conveyor.attempt")) == 16
     assert sum(otel.sums("conveyor.items.settled", "conveyor.item.outcome").values()) == 10
 
