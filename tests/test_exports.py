@@ -35,7 +35,7 @@ CONSTRUCTIBLE = {
     "ItemsFailed", "JournalError", "NotPicklableError", "Observer", "Percentiles", "PerKey",
     "PoolInfo", "PoolOptions", "Progress", "Rate", "RemoteError", "Report", "Retry",
     "RetryAfter", "Stats", "Succeeded", "Unfinished", "WorkerDied", "TqdmProgress", "RichProgress",
-    "PrometheusMetrics",
+    "PrometheusMetrics", "OpenTelemetry",
 }
 
 # Type aliases (documented by the string after them in their module).
