@@ -318,6 +318,10 @@ async def prometheus_case(param: str, value: Any) -> None:
     await run_observed(at_call(lambda: conveyor.PrometheusMetrics(**kwargs)))
 
 
+async def otel_case(param: str, value: Any) -> None:
+    await run_observed(at_call(lambda: conveyor.OpenTelemetry(**{param: value})))
+
+
 async def rich_progress_case(param: str, value: Any) -> None:
     from rich.console import Console
 
@@ -428,6 +432,7 @@ TARGETS = [
     Target("TqdmProgress", conveyor.TqdmProgress, tqdm_progress_case),
     Target("RichProgress", conveyor.RichProgress, rich_progress_case),
     Target("PrometheusMetrics", conveyor.PrometheusMetrics, prometheus_case),
+    Target("OpenTelemetry", conveyor.OpenTelemetry, otel_case),
     Target("Pool.stop", conveyor.Pool.stop, stop_case),
     Target("Pool.wait_stats", conveyor.Pool.wait_stats, wait_stats_case),
     Target("in_thread", conveyor.in_thread, in_thread_case, real_clock=True),
