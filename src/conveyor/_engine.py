@@ -24,7 +24,6 @@ for a success in the worker loop (the hot path: an extra call costs ~4% per no-o
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import inspect
 import math
@@ -51,7 +50,7 @@ from ._observe import Attempt, Observer, PoolInfo, overrides
 from ._options import check_drain, check_sync_callable
 from ._outbox import Outbox
 from ._quantiles import Quantiles, Throughput
-from ._records import Failed, Record, Report, Succeeded, Unfinished
+from ._records import Failed, Record, Report, Succeeded, Unfinished, with_index
 from ._retry import Retry
 from ._stats import Percentiles, Stats
 
@@ -90,7 +89,7 @@ class _Job:
     """
 
     __slots__ = (
-        "attempt", "attempts", "claim", "enqueued", "item", "last_error", "seq", "started",
+        "attempts", "claim", "enqueued", "item", "last_error", "seq", "started",
     )
 
     def __init__(self, item: Any, seq: int) -> None:
@@ -101,7 +100,6 @@ class _Job:
         self.claim: Claim | None = None
         self.enqueued = 0.0
         self.started = 0.0  # when its first attempt started (with a Retry budget only)
-        self.attempt: Attempt | None = None  # the failed attempt, for attempt observers
 
 
 
@@ -219,6 +217,8 @@ class Engine:
         self.on_closed: tuple[Callable[[Report], None], ...] = ()
         self.snapshots: list[Observer] = []
         self.attempt_observed = False
+        # A failed attempt whose end is told once its retry is decided (by sequence number).
+        self.failed_attempts: dict[int, Attempt] = {}
         # Items with a sequence number below this have the time they were queued stamped
         # (and the rest every 64th), for the queue-wait quantiles; every item when an
         # observer wants attempt events (Attempt.queued). The quantiles still sample.
@@ -448,7 +448,7 @@ class Engine:
         seq = self.next_seq
         self.next_seq = seq + 1
         if record.index != seq:
-            record = dataclasses.replace(record, index=seq)
+            record = with_index(record, seq)
         if type(record) is Failed:
             self.submitted += 1
             self.failed.append(record)
@@ -481,6 +481,8 @@ class Engine:
         keep_seq = box.keep_seq
         due = self.due
         coroutine_type = CoroutineType
+        make = tuple.__new__
+        succeeded_type = Succeeded
         # Limits and stats: with no limit configured, the only per-item additions are two
         # tests and, for sampled items, two clock reads and two histogram inserts.
         per_key = self.per_key
@@ -553,7 +555,8 @@ class Engine:
                     continue
                 del outstanding[seq]
                 self.succeeded += 1
-                record = Succeeded(job.item, value, job.attempts, seq)
+                # Succeeded(item, value, attempts, index), made in one C call
+                record = make(succeeded_type, (job.item, value, job.attempts, seq))
                 # The settle step of a success, inlined (give_up is the one of a failure).
                 outbox.append((seq, record) if keep_seq else record)
                 if box.waiting:
@@ -640,7 +643,8 @@ class Engine:
                     value = await self.timed(job)
             except Exception as exc:
                 error = exc
-                job.attempt = attempt  # its end is told by _attempt_failed, after the retry
+                if attempt is not None:  # its end is told by attempt_failed, after the retry
+                    self.failed_attempts[job.seq] = attempt
                 raise
             except BaseException as exc:
                 error = exc
@@ -727,7 +731,7 @@ class Engine:
         not give up; the pool did).
         """
         job.last_error = error
-        attempt, job.attempt = job.attempt, None
+        attempt = self.failed_attempts.pop(job.seq, None) if self.failed_attempts else None
         retry = self.retry
         if retry is not None and retry.should_retry(error, job.attempts):
             if self.stopping:
