@@ -10,6 +10,15 @@ from ._api import map as map
 from ._api import open_pool as open_pool
 from ._api import run as run
 
+# Pipelines: stages, each a pool, with one ledger.
+from ._pipeline import Batch as Batch
+from ._pipeline import Pipeline as Pipeline
+from ._pipeline import PipelineRun as PipelineRun
+from ._pipeline import PipelineStream as PipelineStream
+from ._pipeline import Stage as Stage
+from ._pipeline import pipeline as pipeline
+from ._pipeline import stage as stage
+
 # Resumable runs: run(..., journal=path, key=...).
 from ._journal import JournalError as JournalError
 
@@ -64,6 +73,14 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "map",
     "open_pool",
     "run",
+    # pipelines
+    "Batch",
+    "Pipeline",
+    "PipelineRun",
+    "PipelineStream",
+    "Stage",
+    "pipeline",
+    "stage",
     # resumable runs
     "JournalError",
     # records
