@@ -10,15 +10,6 @@ from ._api import map as map
 from ._api import open_pool as open_pool
 from ._api import run as run
 
-# Pipelines: stages, each a pool, with one ledger.
-from ._pipeline import Batch as Batch
-from ._pipeline import Pipeline as Pipeline
-from ._pipeline import PipelineRun as PipelineRun
-from ._pipeline import PipelineStream as PipelineStream
-from ._pipeline import Stage as Stage
-from ._pipeline import pipeline as pipeline
-from ._pipeline import stage as stage
-
 # Resumable runs: run(..., journal=path, key=...).
 from ._journal import JournalError as JournalError
 
@@ -39,6 +30,15 @@ from ._offload import WorkerDied as WorkerDied
 from ._offload import in_process as in_process
 from ._offload import in_process_batched as in_process_batched
 from ._offload import in_thread as in_thread
+
+# Pipelines: stages, each a pool, with one ledger.
+from ._pipeline import Batch as Batch
+from ._pipeline import Pipeline as Pipeline
+from ._pipeline import PipelineRun as PipelineRun
+from ._pipeline import PipelineStream as PipelineStream
+from ._pipeline import Stage as Stage
+from ._pipeline import pipeline as pipeline
+from ._pipeline import stage as stage
 
 # (the pool, continued)
 from ._pool import AttemptTimeout as AttemptTimeout

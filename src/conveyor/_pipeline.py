@@ -180,7 +180,7 @@ def stage(
     if not fanout:
         check_fn(fn)
     if name is None:
-        name = describe_callable(fn)
+        name = describe_callable(fn).rpartition(".")[2]  # "fetch", not "main.<locals>.fetch"
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r:.60}")
     check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=0.0)
@@ -510,6 +510,9 @@ class _StageRun:
                     break
                 try:
                     await self._submit(entries, [e.item for e in entries])
+                except _Stopped:
+                    self.unsent(entries)
+                    return
                 except BaseException:
                     self.unsent(entries)
                     raise
@@ -747,8 +750,9 @@ class _Run:
             record = origin.failure
             self.failed.append(record)
         elif origin.unfinished is not None:
-            record = origin.unfinished
-            self.unfinished.append(record)
+            # As with a pool: an Unfinished record is in the report, not in the stream.
+            self.unfinished.append(origin.unfinished)
+            return
         else:
             value = origin.outputs if self.fans_out else origin.outputs[0]
             record = Succeeded(origin.item, value, origin.attempts, index=origin.index)
