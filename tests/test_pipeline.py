@@ -618,3 +618,128 @@ async def _ledger(s: dict[str, Any]) -> None:
                 assert sorted(r.value) == sorted(leaves)
             else:
                 assert [r.value] == leaves
+
+
+# ------------------------------------------------------------------ resume (journal)
+
+
+async def test_journal_resume_skips_inputs_that_reached_the_end(tmp_path: Any) -> None:
+    journal = tmp_path / "pipe.journal"
+    calls: Counter[int] = Counter()
+    stuck = True  # the first run: inputs >= 4 never finish their first stage
+
+    async def split(x: int) -> Any:
+        calls[x] += 1
+        if stuck and x >= 4:
+            await trio.sleep_forever()
+        yield x * 10
+        yield x * 10 + 1
+
+    async def check(y: int) -> int:
+        if y == 31:
+            raise ValueError("bad")
+        return y
+
+    pipe = conveyor.pipeline(conveyor.stage(split, workers=3), check)
+    async with pipe.open(journal=journal) as p:
+        for x in range(8):
+            await p.submit(x)
+        settled = 0
+        async for _ in p.results():
+            settled += 1
+            if settled == 4:  # 0, 1, 2 succeeded, 3 failed
+                p.stop()
+    first = p.report()
+    assert len(first.unfinished) == 4
+    done_before = {0, 1, 2}
+    calls.clear()
+    stuck = False
+    report = await pipe.run(range(8), journal=journal)
+    # Every input exactly once, fan-out values back from the journal for the finished ones.
+    assert sorted(r.index for r in (*report.succeeded, *report.failed)) == list(range(8))
+    assert sorted((r.item, sorted(r.value)) for r in report.succeeded) == [
+        (x, [x * 10, x * 10 + 1]) for x in range(8) if x != 3
+    ]
+    assert [(r.item, r.stage, r.stage_item) for r in report.failed] == [(3, "check", 31)]
+    # Those that had reached the end were not run again; the others ran from the first stage.
+    assert done_before and not (done_before & set(calls))
+    assert set(calls) == set(range(8)) - done_before
+    # ordered map and open() read the same journal: nothing runs, everything comes back
+    calls.clear()
+    records = [r async for r in pipe.map(range(8), ordered=True, journal=journal)]
+    assert [r.index for r in records] == list(range(8)) and set(calls) == {3}
+    async with pipe.open(journal=journal) as p:
+        for x in range(8):
+            await p.submit(x)
+        p.close()
+        got = [r async for r in p.results()]
+    assert sorted(r.item for r in got) == list(range(8))
+
+
+_CHILD = """
+import sys, trio, conveyor
+journal, calls = sys.argv[1], sys.argv[2]
+async def split(x):
+    with open(calls, "a") as f:
+        f.write(f"{x}\\n")
+    await trio.sleep(0.008 * (x % 7 + 1))  # about 1.2 s for the whole run
+    yield x * 10
+    yield x * 10 + 1
+async def last(y):
+    await trio.sleep(0.002)
+    return y
+async def main():
+    print("started", flush=True)
+    await conveyor.pipeline(conveyor.stage(split, workers=8), last).run(
+        range(300), journal=journal)
+    print("done", flush=True)
+trio.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_killed_with_sigkill_and_run_again_every_input_once(tmp_path: Any) -> None:
+    import random
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random()
+    partial = 0
+    for trial in range(3):
+        journal = tmp_path / f"j{trial}.journal"
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(journal), str(tmp_path / f"calls{trial}")],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "started"
+        time.sleep(rng.uniform(0.3, 0.9))
+        child.kill()  # SIGKILL: no cleanup ran
+        child.communicate(timeout=30)
+        conn = sqlite3.connect(journal)
+        stored = {key for (key,) in conn.execute(
+            "SELECT key FROM conveyor_items WHERE status = 'succeeded'")}
+        conn.close()
+        partial += 0 < len(stored) < 300
+        calls: Counter[int] = Counter()
+        report = trio.run(_rerun, journal, calls)
+        assert sorted(r.item for r in report.succeeded) == list(range(300))
+        assert all(sorted(r.value) == [r.item * 10, r.item * 10 + 1] for r in report.succeeded)
+        assert not (set(calls) & stored)  # a journaled input is never run again
+        assert set(calls) | stored == set(range(300))
+    assert partial  # killed part-way at least once: the journal held some inputs, not all
+
+
+async def _rerun(journal: Any, calls: Counter[int]) -> conveyor.Report:
+    async def split(x: int) -> Any:
+        calls[x] += 1
+        yield x * 10
+        yield x * 10 + 1
+
+    async def last(y: int) -> int:
+        return y
+
+    pipe = conveyor.pipeline(conveyor.stage(split, workers=8), last)
+    return await pipe.run(range(300), journal=journal)

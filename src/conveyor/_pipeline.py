@@ -25,6 +25,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 import traceback
 from collections import deque
 from collections.abc import (
@@ -36,13 +37,14 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, NoReturn, TypeVar, final
+from typing import Any, NoReturn, TypeVar, cast, final
 
 import outcome
 import trio
 from trio.lowlevel import ParkingLot
 
 from ._batch import call_batch, collect
+from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._options import check_drain, check_fn, check_items, check_options, describe_callable
 from ._pool import Pool, sole_error
@@ -240,19 +242,34 @@ class Pipeline:
         """Whether any stage fans out (then a success's value is a list of outputs)."""
         return any(s.fanout for s in self.stages)
 
-    async def run(self, items: Items, *, drain: float = 0.0) -> Report:
+    async def run(
+        self,
+        items: Items,
+        *,
+        drain: float = 0.0,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], str | int | bytes] | None = None,
+    ) -> Report:
         """Run every input through every stage and return the account: one record per
         input (see :class:`Report`; ``report.stages`` has each stage's own stats).
 
         A cancel, Ctrl-C or an error from ``items`` stops every stage (running attempts
         get ``drain`` seconds) and propagates; use :meth:`open` to keep the account of a
         stopped run.
+
+        ``journal=PATH`` (and ``key=``, as for :func:`conveyor.run`) records each *input*
+        as its record settles, with its final value. Run again with the same journal: an
+        input held as succeeded is not run, its record comes back with the stored value;
+        every other input runs again from the first stage.
         """
         check_items(items)
         check_drain(drain)
+        spec = check_journal(journal, key)
         run = _Run(self, drain, keep_succeeded=True)
-        async with run.running(items):
-            pass
+        async with journaled(run.as_pool(), spec, items) as feed:
+            assert feed is not None
+            async with run.running(feed):
+                pass
         return run.report()
 
     def map(
@@ -262,16 +279,21 @@ class Pipeline:
         ordered: bool = False,
         window: int | None = None,
         drain: float = 0.0,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], str | int | bytes] | None = None,
     ) -> PipelineStream:
         """Stream one record per input as it settles (``async for``, or ``async with``).
 
         At most ``window`` inputs (default: twice the sum of the stages' capacities) are
         between intake and the caller, so memory is bounded. ``ordered=True`` yields in
         input order; later inputs keep flowing through every stage behind a slow one,
-        within the window. Leaving the loop early stops the pipeline.
+        within the window. Leaving the loop early stops the pipeline. ``journal`` and
+        ``key`` as for :meth:`run` (inputs from the journal are yielded too, in their place
+        when ordered).
         """
         check_items(items)
         check_drain(drain)
+        spec = check_journal(journal, key)
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, got {ordered!r:.60}")
         if window is not None:
@@ -281,9 +303,15 @@ class Pipeline:
                 raise ValueError(f"window must be an int >= 1, got {window!r}")
         else:
             window = 2 * sum(s.capacity for s in self.stages)
-        return PipelineStream(_Run(self, drain, window=window, ordered=ordered), items)
+        return PipelineStream(_Run(self, drain, window=window, ordered=ordered), items, spec)
 
-    def open(self, *, drain: float = 0.0) -> AbstractAsyncContextManager[PipelineRun]:
+    def open(
+        self,
+        *,
+        drain: float = 0.0,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], str | int | bytes] | None = None,
+    ) -> AbstractAsyncContextManager[PipelineRun]:
         """Open the pipeline and feed it by hand::
 
             async with pipe.open() as p:
@@ -292,9 +320,13 @@ class Pipeline:
                 async for record in p.results():
                     ...
             report = p.report()          # also after a cancel or an error
+
+        ``journal`` and ``key`` as for :meth:`run`: an input submitted that the journal
+        holds as succeeded is not run; its record comes at once, with the stored value.
         """
         check_drain(drain)
-        return _OpenRun(_Run(self, drain, keep_succeeded=True))
+        spec = check_journal(journal, key)
+        return _OpenRun(_Run(self, drain, keep_succeeded=True), spec)
 
 
 # ---------------------------------------------------------------------------- the ledger
@@ -705,6 +737,31 @@ class _Run:
         self.caller_error: BaseException | None = None
         self.t0 = 0.0
         self.t_end: float | None = None
+        # The journal's seam (see as_pool): told of each record as it settles.
+        self.observe: Callable[[Record], None] | None = None
+        self.gate: Callable[[Any], bool] | None = None
+        self.unwindowed: set[int] = set()  # records settled without a window slot
+
+    def as_pool(self) -> Pool[Any]:
+        """This run, as the journal (``_journal.journaled``) sees a pool."""
+        return cast("Pool[Any]", _JournalSeam(self))
+
+    def settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
+        """An input settled without running: its stored success from the journal (not this
+        run's work: not in the stats), or a ``Failed`` for a bad key (attempts 0)."""
+        if not self.started:
+            raise RuntimeError("submit() is only possible inside the pipeline's `async with` block")
+        index = self.next_input
+        self.next_input = index + 1
+        record = dataclasses.replace(record, index=index)
+        if type(record) is Failed:
+            self.taken += 1
+            self.failed.append(record)
+        if self.window is not None:
+            self.unwindowed.add(index)
+        self.outbox.append(record)
+        if self.reader_lot:
+            self.reader_lot.unpark_all()
 
     # -- ledger
 
@@ -757,6 +814,8 @@ class _Run:
             value = origin.outputs if self.fans_out else origin.outputs[0]
             record = Succeeded(origin.item, value, origin.attempts, index=origin.index)
             self.succeeded += 1
+        if self.observe is not None:
+            self.observe(record)
         self.outbox.append(record)
         if self.reader_lot:
             self.reader_lot.unpark_all()
@@ -768,6 +827,9 @@ class _Run:
             raise trio.ClosedResourceError(self._closed_message())
         if not self.started:
             raise RuntimeError("submit() is only possible inside the pipeline's `async with` block")
+        if self.gate is not None and not self.gate(item):
+            await trio.lowlevel.checkpoint()
+            return  # settled by the journal
         first = self.stages[0]
         try:
             await first.room.take()
@@ -1015,7 +1077,11 @@ class _Reader:
                 record = outbox.popleft()
             if record is not None:
                 if window is not None:
-                    window.release()
+                    unwindowed = run.unwindowed
+                    if unwindowed and record.index in unwindowed:
+                        unwindowed.discard(record.index)
+                    else:
+                        window.release()
                 self._streak += 1
                 if self._streak >= _STREAK:
                     self._streak = 0
@@ -1107,17 +1173,24 @@ class PipelineRun:
 class _OpenRun:
     """What :meth:`Pipeline.open` returns: enter it once with ``async with``."""
 
-    __slots__ = ("_cm", "_run")
+    __slots__ = ("_cm", "_journal", "_run")
 
-    def __init__(self, run: _Run) -> None:
+    def __init__(self, run: _Run, journal: JournalSpec | None) -> None:
         self._run = run
-        self._cm: AbstractAsyncContextManager[_Run] | None = None
+        self._journal = journal
+        self._cm: AbstractAsyncContextManager[PipelineRun] | None = None
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[PipelineRun]:
+        run = self._run
+        async with journaled(run.as_pool(), self._journal), run.running():
+            yield PipelineRun(run)
 
     async def __aenter__(self) -> PipelineRun:
-        cm = self._run.running()
-        await cm.__aenter__()
+        cm = self._open()
+        running = await cm.__aenter__()
         self._cm = cm
-        return PipelineRun(self._run)
+        return running
 
     async def __aexit__(
         self,
@@ -1134,9 +1207,10 @@ class _OpenRun:
 class PipelineStream:
     """What :meth:`Pipeline.map` returns: iterate it, or enter it with ``async with``."""
 
-    def __init__(self, run: _Run, items: Items) -> None:
+    def __init__(self, run: _Run, items: Items, journal: JournalSpec | None = None) -> None:
         self._run = run
         self._items = items
+        self._journal = journal
         self._used = False
         self._cm: AbstractAsyncContextManager[_Reader] | None = None
 
@@ -1151,7 +1225,10 @@ class PipelineStream:
         run = self._run
         reader = _Reader(run, run.ordered)
         try:
-            async with run.running(self._items):
+            async with (
+                journaled(run.as_pool(), self._journal, self._items) as fed,
+                run.running(fed),
+            ):
                 yield reader
                 if not run.tasks_done:
                     run.stop()  # the caller left before the end: take and start nothing more
@@ -1173,7 +1250,7 @@ class PipelineStream:
 
     def __aiter__(self) -> AsyncIterator[Record]:
         self._use()
-        host = _Host(self._run, self._items)
+        host = _Host(self._run, self._items, self._journal)
         reader = _BareReader(self._run, self._run.ordered)
         reader._host = host
         host.start()
@@ -1188,10 +1265,11 @@ class _Host:
     """The run of a bare ``async for record in pipe.map(...)`` loop, in a system task (a
     nursery must not stay open across the caller's loop; see ``conveyor.map``)."""
 
-    __slots__ = ("done", "failure", "items", "run", "scope", "token")
+    __slots__ = ("done", "failure", "items", "journal", "run", "scope", "token")
 
-    def __init__(self, run: _Run, items: Items) -> None:
+    def __init__(self, run: _Run, items: Items, journal: JournalSpec | None) -> None:
         self.run = run
+        self.journal = journal
         self.items: Items | None = items
         self.scope = trio.CancelScope()
         self.done = trio.Event()
@@ -1208,7 +1286,11 @@ class _Host:
             items, self.items = self.items, None
             assert items is not None
             with self.scope:
-                async with self.run.running(items):
+                run = self.run
+                async with (
+                    journaled(run.as_pool(), self.journal, items) as fed,
+                    run.running(fed),
+                ):
                     pass
         except BaseException as exc:  # a system task must not raise: hand it over
             self.failure = exc
@@ -1262,3 +1344,35 @@ class _BareReader(_Reader):
         host = getattr(self, "_host", None)
         if host is not None and not host.done.is_set():
             host.left(self)
+
+
+class _JournalSeam:
+    """What ``_journal.journaled`` needs of a pool, for a pipeline run: it filters intake
+    (``_gate``, ``_settle_unrun``), is told of each record (``_observe_settled``), reads the
+    unfinished ones from ``report()`` at the end, and stops the run if it cannot write."""
+
+    __slots__ = ("_run",)
+    _progress = None
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+
+    def _observe_settled(self, observe: Callable[[Record], None]) -> None:
+        self._run.observe = observe
+
+    @property
+    def _gate(self) -> Callable[[Any], bool] | None:
+        return self._run.gate
+
+    @_gate.setter
+    def _gate(self, gate: Callable[[Any], bool] | None) -> None:
+        self._run.gate = gate
+
+    def _settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
+        self._run.settle_unrun(record)
+
+    def report(self) -> Report:
+        return self._run.report()
+
+    def stop(self, drain: float | None = None) -> None:
+        self._run.stop(drain)
