@@ -468,6 +468,11 @@ class _StageRun:
         self.entries: dict[int, Any] = {}  # pool index -> _Entry, or list[_Entry] (batch)
         self.next_index = 0
         self.pool: Pool[Any] | None = None
+        # submit_nowait is sure to find room in the work channel while the stage holds at
+        # most this many items (its `buffer`); a batching stage always waits (see _submit).
+        buffer = spec.options["buffer"]
+        workers = spec.options["workers"]
+        self.nowait_below = -1 if spec.batch else max(256, workers) if buffer is None else buffer
         # Item counts (a batching stage counts items, not batches).
         self.submitted = 0
         self.succeeded = 0
@@ -514,6 +519,18 @@ class _StageRun:
         index = self.next_index
         self.next_index = index + 1  # consumed even if refused, as the pool's own is
         self.entries[index] = entries
+        if self.room.used <= self.nowait_below:
+            # The work channel (size `buffer`) holds fewer items than this stage does, so it
+            # has room: no wait, and no task switch per item. The pool gives the item the
+            # next index, as it would in submit().
+            try:
+                pool.submit_nowait(item)
+            except BaseException as exc:
+                del self.entries[index]
+                if isinstance(exc, trio.ClosedResourceError):
+                    raise _Stopped from None
+                raise
+            return
         try:
             await pool.submit(item)
         except BaseException as exc:
@@ -571,7 +588,37 @@ class _StageRun:
         """Read this stage's records as they settle and send each output on."""
         pool = self.pool
         assert pool is not None
+        # The common case inlined (a plain stage's success): the entry goes on as it is,
+        # carrying the new value (measured: a third less per item and stage).
+        simple = self.batch is None and not self.spec.fanout
+        entries = self.entries
+        room = self.room
+        run = self.run
+        nxt = None if self.last else run.stages[self.k + 1]
         async for record in pool.results():
+            if simple and type(record) is Succeeded:
+                entry = entries.pop(record.index, None)
+                if entry is not None:
+                    if entry.item is not record.item:  # pragma: no cover - a bug
+                        entries[record.index] = entry
+                        self.account(record)  # raises, naming it
+                    room.give()
+                    self.succeeded += 1
+                    origin = entry.origin
+                    origin.attempts += record.attempts
+                    if nxt is None:
+                        origin.outputs.append(record.value)
+                        run.branch_done(origin)
+                        continue
+                    entry.item = record.value
+                    try:
+                        await nxt.put(entry)
+                    except _Stopped:
+                        nxt.refused(origin, entry.item)
+                    except BaseException:
+                        nxt.refused(origin, entry.item)
+                        raise
+                continue
             passes = self.account(record)
             for i, (origin, outputs) in enumerate(passes):
                 try:
@@ -589,6 +636,11 @@ class _StageRun:
         if entries is None:
             return []  # already settled (a failure is in both results() and the report)
         group: list[_Entry] = entries if self.batch is not None else [entries]
+        if self.batch is None and entries.item is not record.item:  # pragma: no cover
+            raise AssertionError(
+                f"pipeline stage {self.name!r}: the record of index {record.index} is not the "
+                f"item submitted with it (a bug in conveyor: please report it)"
+            )
         self.room.give(len(group))
         run = self.run
         passes: list[tuple[_Input, list[Any]]] = []
