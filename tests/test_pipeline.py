@@ -436,8 +436,36 @@ def test_bad_input_is_refused_at_the_call() -> None:
         pipe.map([1], window=0)
     with pytest.raises(ValueError, match="drain must be"):
         pipe.open(drain=-1)
-    # the suggested fix works: distinct names
+    with pytest.raises(ValueError, match="cannot be a batching stage"):
+        conveyor.stage(_fan, batch=Batch(2))
+    # the suggested fixes work: distinct names; the per-key limit on a stage of its own
     conveyor.pipeline(double, conveyor.stage(double, name="double again"))
+    conveyor.pipeline(conveyor.stage(double, per_key=conveyor.PerKey(str, limit=1)),
+                      conveyor.stage(_answer, batch=Batch(2)))
+
+
+async def _fan(x: int) -> Any:
+    yield x
+
+
+async def _answer(batch: list[int]) -> list[int]:
+    return batch
+
+
+async def test_a_batch_answer_of_the_wrong_length_fails_every_item_once() -> None:
+    calls = 0
+
+    async def short(batch: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        return batch[:-1]
+
+    report = await conveyor.pipeline(
+        conveyor.stage(short, batch=Batch(3, max_wait=5), retry=Retry(attempts=3))
+    ).run([1, 2, 3])
+    assert calls == 1  # a bug in the batch function: not retried
+    assert sorted(r.item for r in report.failed) == [1, 2, 3]
+    assert all("returned 2 values for a batch of 3" in str(r.error) for r in report.failed)
 
 
 # ------------------------------------------------------------------ the property
