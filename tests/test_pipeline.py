@@ -168,7 +168,7 @@ async def test_batches_by_size_or_time_exactly(autojump_clock: trio.testing.Mock
     assert (stats.submitted, stats.succeeded, stats.attempts) == (5, 5, 3)
 
 
-async def test_split_isolates_the_poison_rows() -> None:
+async def test_split_isolates_the_poison_rows(autojump_clock: trio.testing.MockClock) -> None:
     calls = 0
 
     class BadRow(ValueError):
@@ -182,7 +182,7 @@ async def test_split_isolates_the_poison_rows() -> None:
         return [x + 1000 for x in batch]
 
     pipe = conveyor.pipeline(
-        conveyor.stage(score, batch=Batch(50, max_wait=0.01, split=True),
+        conveyor.stage(score, batch=Batch(50, max_wait=5, split=True),
                        retry=Retry(attempts=3, retry_on=ConnectionError, backoff=None))
     )
     report = await pipe.run(range(50))
@@ -192,7 +192,9 @@ async def test_split_isolates_the_poison_rows() -> None:
     assert calls <= 1 + 2 * 2 * 6  # _batch's bound: 1 + 2 p ceil(log2 n)
 
 
-async def test_whole_batch_failure_is_retried_by_the_policy_then_fails_every_item() -> None:
+async def test_whole_batch_failure_is_retried_by_the_policy_then_fails_every_item(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     calls = 0
 
     async def flaky(batch: list[int]) -> list[int]:
@@ -204,7 +206,7 @@ async def test_whole_batch_failure_is_retried_by_the_policy_then_fails_every_ite
 
     retry = Retry(attempts=3, backoff=None)
     report = await conveyor.pipeline(
-        conveyor.stage(flaky, batch=Batch(10, max_wait=0.01, split=True), retry=retry)
+        conveyor.stage(flaky, batch=Batch(10, max_wait=5, split=True), retry=retry)
     ).run(range(10))
     assert calls == 3 and len(report.succeeded) == 10  # retried whole, never split
 
@@ -388,7 +390,7 @@ async def test_bare_map_break_stops_and_async_with_map_break_stops(
         async for record in records:  # noqa: B007 - the record is checked below
             break
     report = stream.report()
-    assert calls < 10
+    assert calls <= 10  # as above: what started at t=2, nothing after
     _check_ledger([record, *report.succeeded, *report.failed, *report.unfinished],
                   report.stats.submitted, report)
 

@@ -174,7 +174,8 @@ def stage(
             included (with ``batch``: that many batches, plus one being filled).
         batch: a :class:`conveyor.Batch`: a batching stage. One batch is one item of the
             stage's pool, so ``workers``, ``retry``, ``timeout`` and the limits apply to
-            batch calls. ``per_key`` is refused with ``batch``.
+            batch calls, and ``buffer`` counts batches (default: ``workers``). ``per_key``
+            is refused with ``batch``.
 
     Bad values raise ``TypeError``/``ValueError`` here, naming the parameter.
     """
@@ -200,6 +201,8 @@ def stage(
                 "per_key cannot be used with batch: a batch holds items of many keys; "
                 "put the per-key limit on a stage of its own"
             )
+    if batch is not None and buffer is None:
+        buffer = workers  # batches waiting for a worker: enough to keep every worker busy
     options = dict(
         workers=workers, buffer=buffer, retry=retry, timeout=timeout, limiter=limiter,
         rate=rate, per_key=per_key, adaptive=adaptive,
