@@ -923,7 +923,10 @@ class _Run:
             try:
                 while True:
                     if window is not None:
-                        await window.acquire()
+                        try:
+                            window.acquire_nowait()  # no task switch per input
+                        except trio.WouldBlock:
+                            await window.acquire()
                     try:
                         await first.room.take()
                     except BaseException:
