@@ -13,9 +13,10 @@ event loop's set-up are the same in both runs and cancel out.
 The cases: seed 000's asyncio retry queue (`benchmarks/_asyncio_seed.py`, the reference) and
 `conveyor.run(fn, range(N), workers=20, retry=Retry(attempts=4))`, each with no-op items and
 with one checkpoint per item (`asyncio.sleep(0)` / `trio.lowlevel.checkpoint()`); and
-`conveyor.map` (same options) in the `async with` form and the bare `async for` form, no-op.
-Ratios are to the asyncio queue with the same work; the bare form is also given against the
-`async with` form.
+`conveyor.map` (same options) in the `async with` form and the bare `async for` form, no-op;
+and `conveyor.run` no-op with a `conveyor.PrometheusMetrics` observer. Ratios are to the
+asyncio queue with the same work; the bare form is also given against the `async with` form,
+and the Prometheus case against `conveyor.run` without it.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ async def main():
 trio.run(main)
 """
 
+# conveyor.run as above, with a PrometheusMetrics observer (on a registry of its own): what
+# the metrics cost per item (two histogram observations per attempt; counters and gauges
+# are read from the pool's stats when scraped, so they cost nothing per item).
+_CONVEYOR_RUN_PROMETHEUS = f"""
+import sys, trio, conveyor, prometheus_client
+N = int(sys.argv[1])
+{{work}}
+metrics = conveyor.PrometheusMetrics(prometheus_client.CollectorRegistry())
+async def main():
+    report = await conveyor.run(
+        work, range(N), workers={WORKERS}, retry=conveyor.Retry(attempts={ATTEMPTS}),
+        observers=[metrics])
+    assert len(report.succeeded) == N and not report.failed and not report.unfinished
+trio.run(main)
+"""
+
 NOOP = "async def work(x):\n    return x + 1"
 ASYNCIO_CHECKPOINT = "async def work(x):\n    await asyncio.sleep(0)\n    return x + 1"
 TRIO_CHECKPOINT = "async def work(x):\n    await trio.lowlevel.checkpoint()\n    return x + 1"
@@ -94,10 +111,11 @@ class InstrCase:
 ASYNCIO_NOOP = "asyncio (seed 000), no-op"
 ASYNCIO_CP = "asyncio (seed 000), 1 checkpoint"
 MAP_WITH = "conveyor.map, async with, no-op"
+RUN_NOOP = "conveyor.run, no-op"
 
 CASES: tuple[InstrCase, ...] = (
     InstrCase(ASYNCIO_NOOP, _ASYNCIO.format(work=NOOP)),
-    InstrCase("conveyor.run, no-op", _CONVEYOR_RUN.format(work=NOOP), ASYNCIO_NOOP),
+    InstrCase(RUN_NOOP, _CONVEYOR_RUN.format(work=NOOP), ASYNCIO_NOOP),
     InstrCase(ASYNCIO_CP, _ASYNCIO.format(work=ASYNCIO_CHECKPOINT)),
     InstrCase("conveyor.run, 1 checkpoint", _CONVEYOR_RUN.format(work=TRIO_CHECKPOINT), ASYNCIO_CP),
     InstrCase(MAP_WITH, _CONVEYOR_MAP.format(work=NOOP, loop=WITH_LOOP), ASYNCIO_NOOP),
@@ -106,6 +124,12 @@ CASES: tuple[InstrCase, ...] = (
         _CONVEYOR_MAP.format(work=NOOP, loop=BARE_LOOP),
         ASYNCIO_NOOP,
         also=MAP_WITH,
+    ),
+    InstrCase(
+        "conveyor.run, no-op, Prometheus",
+        _CONVEYOR_RUN_PROMETHEUS.format(work=NOOP),
+        ASYNCIO_NOOP,
+        also=RUN_NOOP,
     ),
 )
 

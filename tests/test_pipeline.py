@@ -773,3 +773,20 @@ async def _rerun(journal: Any, calls: Counter[int]) -> conveyor.Report:
 
     pipe = conveyor.pipeline(conveyor.stage(split, workers=8), last)
     return await pipe.run(range(300), journal=journal)
+
+
+def test_stage_fields_of_records_pickle_compare_and_show_only_when_set() -> None:
+    import pickle
+
+    error = ValueError("x")
+    failed = Failed(1, error, 2, "tb", index=3, stage="parse", stage_item=10)
+    assert (failed.stage, failed.stage_item, failed.index, failed.attempts) == ("parse", 10, 3, 2)
+    again = pickle.loads(pickle.dumps(Failed(1, "e", 2, "tb", 3, "parse", 10)))  # type: ignore[arg-type]
+    assert (again.stage, again.stage_item, again.index) == ("parse", 10, 3)
+    unfinished = Unfinished(1, 0, None, index=4, stage="store", stage_item=[1])
+    back = pickle.loads(pickle.dumps(unfinished))
+    assert back == unfinished and (back.stage, back.stage_item, back.index) == ("store", [1], 4)
+    assert "stage='store'" in repr(unfinished)
+    assert "stage" not in repr(Unfinished(1, 0, None))
+    assert "stage" not in repr(Failed(1, error, 1, ""))
+    assert Unfinished(1, 0, None, index=1) == Unfinished(1, 0, None, index=2)  # index apart

@@ -28,6 +28,23 @@ class FakeStats:
     throughput: float = 0.0
 
 
+@dataclass
+class Ended:
+    """What ``closed`` reads of a report: its stats."""
+
+    stats: FakeStats
+
+
+async def observe_for(progress: Progress, snapshot: Any, seconds: float) -> None:
+    """What a pool does with an observer that runs ``seconds``: ``snapshot()`` passed to
+    ``progress.snapshot`` every ``snapshot_every`` (trio's clock), then ``closed``."""
+    with trio.move_on_after(seconds):
+        while True:
+            await trio.sleep(progress.snapshot_every)
+            progress.snapshot(snapshot())
+    progress.closed(Ended(snapshot()))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(0, "0s"), (42.4, "42s"), (59.6, "1m00s"), (185, "3m05s"), (3720, "1h02m"),
@@ -72,9 +89,7 @@ async def test_plain_lines_every_interval_when_not_a_terminal(
         stats.throughput = 1.0
         return stats
 
-    with trio.move_on_after(35):
-        await progress.run(snapshot)
-    progress.finish(snapshot())
+    await observe_for(progress, snapshot, 35)
     lines = out.getvalue().splitlines()
     assert [line.split(" | ")[1] for line in lines] == [
         "10/100 10.0%", "20/100 20.0%", "30/100 30.0%", "35/100 35.0%",
@@ -89,9 +104,8 @@ async def test_redrawn_in_place_on_a_terminal_and_ended_with_a_newline(
     out = io.StringIO()
     progress = Progress(out, tty=True)
     assert progress.interval == 0.2
-    with trio.move_on_after(1.1):
-        await progress.run(lambda: FakeStats(succeeded=1))
-    progress.finish(FakeStats(succeeded=2))
+    stats = iter([FakeStats(succeeded=1)] * 5 + [FakeStats(succeeded=2)])
+    await observe_for(progress, lambda: next(stats), 1.1)
     text = out.getvalue()
     assert text.count("\r") == 6 and text.count("\x1b[K") == 6
     assert text.endswith("2 done of 0 accepted | 0.00/s | in flight 0 | retries 0 | failed 0"
@@ -103,14 +117,14 @@ def test_a_closed_stream_is_not_an_error() -> None:
     out = io.StringIO()
     progress = Progress(out)
     out.close()
-    progress.finish(FakeStats())
+    progress.closed(Ended(FakeStats()))  # type: ignore[arg-type]
     assert progress.lines == 0
 
 
 def test_default_stream_is_stderr_at_the_time_of_writing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    Progress(tty=False).finish(FakeStats(succeeded=1, submitted=1))
+    Progress(tty=False).closed(Ended(FakeStats(succeeded=1, submitted=1)))  # type: ignore[arg-type]
     assert capsys.readouterr().err.startswith("conveyor | 1 done of 1 accepted")
 
 
@@ -265,9 +279,7 @@ async def test_every_redraw_fits_the_columns(
         stats.throughput = 980.0
         return stats
 
-    with trio.move_on_after(4.9):
-        await progress.run(snapshot)
-    progress.finish(snapshot())
+    await observe_for(progress, snapshot, 4.9)
     text = out.getvalue()
     assert text.count("\n") == 1 and text.endswith("\x1b[K\n")
     redraws = text.removesuffix("\n").split("\r")[1:]
@@ -285,9 +297,7 @@ async def test_plain_lines_are_never_fitted(
     monkeypatch.setenv("COLUMNS", "40")
     out = io.StringIO()
     progress = Progress(out, total=5000, tty=False)
-    with trio.move_on_after(25):
-        await progress.run(lambda: BUSY)
-    progress.finish(BUSY)
+    await observe_for(progress, lambda: BUSY, 25)
     assert out.getvalue() == (FULL + "\n") * 3
 
 
@@ -404,3 +414,125 @@ async def test_a_resumed_journal_run_shows_the_items_left_as_its_total(tmp_path:
 
 async def _quick(item: int) -> int:
     return item
+
+
+async def test_a_journaled_run_shows_its_items_as_its_total(tmp_path: Any) -> None:
+    """The journal feeds the pool through a generator (it skips what is done): the total is
+    still the number of items."""
+    out = io.StringIO()
+    await conveyor.run(_quick, range(30), journal=tmp_path / "job.journal", key=str,
+                       progress=Progress(out, tty=False))
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "30/30 100.0%"
+
+
+# --- the progress line is an observer of the pool --------------------------------------------
+
+
+def _info(total: int | None) -> conveyor.PoolInfo:
+    return conveyor.PoolInfo(name="pool", workers=4, retry_attempts=1, total=total,
+                             stats=conveyor.Stats)
+
+
+def _report(stats: conveyor.Stats) -> conveyor.Report:
+    return conveyor.Report(succeeded=[], failed=[], unfinished=[], stats=stats)
+
+
+def test_progress_is_an_observer_of_snapshots_and_the_end_never_of_items() -> None:
+    from conveyor._observe import overrides
+
+    progress = Progress(io.StringIO(), interval=3)
+    assert isinstance(progress, conveyor.Observer)
+    assert progress.snapshot_every == progress.interval == 3
+    assert Progress(io.StringIO()).snapshot_every == 10.0  # not a terminal
+    assert Progress(io.StringIO(), tty=True).snapshot_every == 0.2
+    per_item = ["attempt_started", "attempt_ended", "retry_scheduled", "succeeded", "failed",
+                "unfinished"]
+    assert [name for name in per_item if overrides(progress, name)] == []
+    assert all(overrides(progress, name) for name in ("opened", "snapshot", "closed"))
+
+
+def test_observer_events_write_the_line_with_the_pools_total_then_the_final_account() -> None:
+    out = io.StringIO()
+    progress = Progress(out, tty=False)
+    assert progress.opened(_info(total=8)) is progress
+    progress.snapshot(conveyor.Stats(submitted=8, succeeded=2, failed=1, elapsed=3.0))
+    progress.closed(_report(conveyor.Stats(submitted=8, succeeded=6, failed=2, elapsed=4.0)))
+    assert [line.split(" | ")[1] for line in out.getvalue().splitlines()] == [
+        "3/8 37.5%", "8/8 100.0%",
+    ]
+    assert out.getvalue().splitlines()[-1].endswith("| failed 2 | elapsed 4s")
+    progress.opened(_info(total=None))  # a pool whose count is unknown: not the last one's
+    progress.closed(_report(conveyor.Stats(submitted=3, succeeded=3)))
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "3 done of 3 accepted"
+
+
+def test_a_given_total_wins_over_the_pools_count() -> None:
+    out = io.StringIO()
+    progress = Progress(out, total=100, tty=False)
+    progress.opened(_info(total=8))
+    progress.closed(_report(conveyor.Stats(submitted=8, succeeded=8)))
+    assert out.getvalue().split(" | ")[1] == "8/100 8.0%"
+
+
+def test_closed_ends_the_redrawn_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    out = io.StringIO()
+    progress = Progress(out, tty=True)
+    progress.opened(_info(total=5000))
+    progress.snapshot(BUSY)
+    progress.closed(_report(conveyor.Stats(submitted=5000, succeeded=5000, elapsed=9.0)))
+    assert out.getvalue() == (
+        "\r1,237/5,000 24.7% | ETA 12s | failed 34 | unfinished 3\x1b[K"
+        "\r5,000/5,000 100.0% | 556/s | in flight 0 | failed 0\x1b[K\n"
+    )
+
+
+async def _observed_run(fn: Any, items: Any, progress: Progress, workers: int = 10) -> None:
+    """``conveyor.run(fn, items, observers=[progress])``."""
+    await conveyor.run(fn, items, workers=workers, observers=[progress])
+
+
+async def _slow(item: int) -> int:
+    await trio.sleep(3.5)
+    return item
+
+
+async def test_as_an_observer_of_a_pool_a_line_every_interval_and_the_final_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    out = io.StringIO()
+    await _observed_run(_slow, range(10), Progress(out, tty=False), workers=1)
+    # Items end at 3.5, 7, 10.5...; lines at 10, 20, 30 s, and the final one at 35 s.
+    assert [line.split(" | ")[1] for line in out.getvalue().splitlines()] == [
+        "2/10 20.0%", "5/10 50.0%", "8/10 80.0%", "10/10 100.0%",
+    ]
+
+
+async def test_as_an_observer_the_final_line_comes_after_a_cancel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    out = io.StringIO()
+    with trio.move_on_after(12):
+        await _observed_run(_slow, range(10), Progress(out, tty=False), workers=1)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" | ")[1] for line in lines] == ["2/10 20.0%", "10/10 100.0%"]
+    assert "| failed 0 | unfinished 7 |" in lines[-1]  # 3 done, the 7 others unfinished
+
+
+async def test_a_progress_reused_after_a_resumed_run_shows_the_next_runs_count(
+    tmp_path: Any,
+) -> None:
+    journal = tmp_path / "job.journal"
+
+    async def fails_past_60(item: int) -> int:
+        if item >= 60:
+            raise ValueError(item)
+        return item
+
+    await conveyor.run(fails_past_60, range(100), journal=journal, key=str)
+    out = io.StringIO()
+    progress = Progress(out, tty=False)
+    await conveyor.run(_quick, range(100), journal=journal, key=str, progress=progress)
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "40/40 100.0%"
+    await conveyor.run(_quick, range(10), progress=progress)
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "10/10 100.0%"  # not 10/40

@@ -29,6 +29,7 @@ import io
 import math
 import re
 import tempfile
+import typing
 import warnings
 from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass
@@ -295,6 +296,37 @@ async def progress_case(param: str, value: Any) -> None:
     await entry_run(Work(), progress=progress)
 
 
+async def run_observed(observer: conveyor.Observer) -> None:
+    """``conveyor.run(Work(), ITEMS, observers=[observer])``."""
+    report = await conveyor.run(Work(), ITEMS, retry=RETRY, observers=[observer])
+    assert settled(report) == 3
+
+
+async def tqdm_progress_case(param: str, value: Any) -> None:
+    kwargs: dict[str, Any] = {param: value}
+    if param != "bar" or value is None:
+        kwargs["file"] = io.StringIO()
+    await run_observed(at_call(lambda: conveyor.TqdmProgress(**kwargs)))
+
+
+async def prometheus_case(param: str, value: Any) -> None:
+    from prometheus_client import CollectorRegistry
+
+    kwargs: dict[str, Any] = {param: value}
+    if param != "registry":
+        kwargs["registry"] = CollectorRegistry()
+    await run_observed(at_call(lambda: conveyor.PrometheusMetrics(**kwargs)))
+
+
+async def rich_progress_case(param: str, value: Any) -> None:
+    from rich.console import Console
+
+    kwargs: dict[str, Any] = {param: value}
+    if param != "progress" or value is None:
+        kwargs.setdefault("console", Console(file=io.StringIO()))
+    await run_observed(at_call(lambda: conveyor.RichProgress(**kwargs)))
+
+
 async def stop_case(param: str, value: Any) -> None:
     async def slow(item: Any) -> Any:
         await trio.sleep(10)
@@ -469,6 +501,9 @@ TARGETS = [
     Target("PerKey", conveyor.PerKey, per_key_case),
     Target("Adaptive", conveyor.Adaptive, adaptive_case),
     Target("Progress", conveyor.Progress, progress_case),
+    Target("TqdmProgress", conveyor.TqdmProgress, tqdm_progress_case),
+    Target("RichProgress", conveyor.RichProgress, rich_progress_case),
+    Target("PrometheusMetrics", conveyor.PrometheusMetrics, prometheus_case),
     Target("Pool.stop", conveyor.Pool.stop, stop_case),
     Target("Pool.wait_stats", conveyor.Pool.wait_stats, wait_stats_case),
     Target("in_thread", conveyor.in_thread, in_thread_case, real_clock=True),
@@ -488,10 +523,22 @@ TARGETS = [
 
 
 def parameters(target: Target) -> list[str]:
+    """The target's parameters, from its signature; ``**options: Unpack[SomeTypedDict]``
+    stands for each key of the TypedDict (run, map, open_pool: every pool option)."""
     function = inspect.unwrap(target.function)
     if isinstance(function, type):
         function = function.__init__
-    return [name for name in inspect.signature(function).parameters if name != "self"]
+    names: list[str] = []
+    for name, param in inspect.signature(function).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            hint = typing.get_type_hints(function)[name]
+            if typing.get_origin(hint) is not typing.Unpack:
+                continue  # free-form (TqdmProgress's **tqdm_kwargs go to tqdm, which checks)
+            (options,) = typing.get_args(hint)
+            names += typing.get_type_hints(options)
+        elif name != "self":
+            names.append(name)
+    return names
 
 
 CASES = [(target, param) for target in TARGETS for param in parameters(target)]
@@ -565,6 +612,7 @@ def test_the_property_covers_every_public_callable() -> None:
         "AttemptTimeout", "Failed", "ItemUnfinished", "ItemsFailed", "JournalError",
         "MapStream", "NotPicklableError", "Percentiles", "Record", "RemoteError", "Report",
         "Stats", "Succeeded", "Unfinished", "WorkerDied", "Pool",
+        "PoolOptions",  # the options of run, map and open_pool: covered through them
         # the observer seam: a base class and what it is told; LastReport takes no parameter
         "Attempt", "Observer", "PoolInfo", "LastReport",
         # a pipeline's parts, made by conveyor.pipeline and stage (their methods are TARGETS)
@@ -600,3 +648,11 @@ def test_cases_found_by_the_property_stay_fixed(
 ) -> None:
     (found,) = [t for t in TARGETS if t.name == target]
     check(found, param, label, value)
+
+
+def test_every_pool_option_is_a_case_of_each_entry_point() -> None:
+    """The options come from conveyor.PoolOptions, name= and observers= included."""
+    options = set(typing.get_type_hints(conveyor.PoolOptions))
+    assert {"workers", "journal", "name", "observers"} <= options
+    for entry in ("run", "map", "open_pool"):
+        assert options <= {param for target, param in CASES if target.name == entry}

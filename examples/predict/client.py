@@ -52,6 +52,8 @@ BATCH_SIZE = 500
 PER_SERVER = 4
 ATTEMPTS = 8
 TIMEOUT = 30.0
+POOL_NAME = "predict"  # the pool's name= (the `pool` label of its metrics)
+COUNTED = ("submitted", "succeeded", "failed", "unfinished", "attempts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +338,9 @@ class Outcome:
     retries: Counter[str] = field(default_factory=Counter)  # reason -> failed attempts retried
     latencies: list[tuple[float, bool]] = field(default_factory=list)
     slots: int = 0
+    # Summed over this job's runs (report.stats): submitted, succeeded, failed, unfinished,
+    # attempts: what the Prometheus counters of pool "predict" say once they have ended.
+    counts: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0  # the whole job: reading, sending, writing
     sending: float = 0.0  # inside conveyor.run
 
@@ -349,8 +354,12 @@ async def score_file(
     per_server: int = PER_SERVER,
     attempts: int = ATTEMPTS,
     progress: bool = True,
+    observers: Sequence[conveyor.Observer] = (),
 ) -> Outcome:
-    """Score every row of ``input_path`` on the servers at ``urls``; write the outputs."""
+    """Score every row of ``input_path`` on the servers at ``urls``; write the outputs.
+
+    ``observers`` watch each run (pool name ``"predict"``), e.g. a
+    ``conveyor.PrometheusMetrics``."""
     started = time.perf_counter()
     batches, rows = await trio.to_thread.run_sync(read_batches, input_path, batch_size)
     outcome = Outcome(rows=rows, batches=len(batches), slots=len(urls) * per_server)
@@ -372,11 +381,14 @@ async def score_file(
                 fleet.predict, pending,
                 workers=outcome.slots, retry=retry, timeout=TIMEOUT,
                 journal=journal, key=batch_key, progress=progress,
+                name=POOL_NAME, observers=list(observers),
             )
             outcome.sending += time.perf_counter() - sending
             outcome.from_journal += len(report.succeeded) - report.stats.succeeded
             outcome.sent_batches += report.stats.submitted
             outcome.requests += report.stats.attempts
+            for counter in COUNTED:
+                outcome.counts[counter] += getattr(report.stats, counter)
             for success in report.succeeded:
                 scored[success.item.key] = (success.item, success.value)
             pending = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import trio
 
+import conveyor
+
 from . import client
+from .metrics import linger, serve_metrics
 from .model import predict_row
 
 # Per server: its fault flags.
@@ -106,7 +110,15 @@ def check(outcome: client.Outcome, sample: Path) -> str:
             f"{len(bad)} bad rows reported; none lost, none twice")
 
 
-async def run_demo(rows: int, workdir: Path) -> int:
+async def run_demo(rows: int, workdir: Path, metrics_port: int | None = None,
+                   metrics_linger: float = 0.0) -> int:
+    async with serve_metrics(metrics_port) as observers:
+        code = await _run_demo(rows, workdir, observers)
+        await linger(metrics_linger)
+    return code
+
+
+async def _run_demo(rows: int, workdir: Path, observers: list[conveyor.Observer]) -> int:
     started = time.perf_counter()
     sample = workdir / "sample.csv"
     output = workdir / "predictions.csv"
@@ -117,14 +129,20 @@ async def run_demo(rows: int, workdir: Path) -> int:
     async with servers(FLEET) as (urls, counters):
         print(f"servers: {', '.join(urls)} (10% 503, 5% dropped; the last one 429s above 2 "
               f"at once)", flush=True)
-        outcome = await client.score_file(sample, output, urls)
+        outcome = await client.score_file(sample, output, urls, observers=observers)
         print(client.format_report(outcome, output, len(urls)), flush=True)
         print(f"  checked   {check(outcome, sample)}", flush=True)
-        again = await client.score_file(sample, output, urls, progress=False)
+        again = await client.score_file(sample, output, urls, progress=False,
+                                        observers=observers)
         print(f"run again (same output, so the same journal): {again.from_journal} batches "
               f"taken from the journal, {again.sent_batches} sent "
               f"(the rejected ones, checked again), {again.elapsed:.1f} s; "
               f"output unchanged: {again.predictions == outcome.predictions}", flush=True)
+        if observers:
+            counts = outcome.counts + again.counts
+            print(f"metrics (pool \"{client.POOL_NAME}\", both runs): "
+                  + ", ".join(f"{name} {counts[name]}" for name in client.COUNTED),
+                  flush=True)
     for i, line in enumerate(counters, start=1):
         seen = json.loads(line.removeprefix("stopped: ")) if line.startswith("stopped: ") else line
         print(f"server {i} saw: {seen}")
@@ -136,9 +154,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="rows in the sample")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the sample and outputs go (default: a new temp dir)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics while "
+                             "the demo runs (0: any free port)")
+    parser.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                        help="with --metrics-port: keep serving the final values this long "
+                             "after the report, or until stdin closes")
 
 
 def main(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="conveyor-predict-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    return trio.run(run_demo, args.rows, workdir)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise SystemExit(f"demo: --metrics-port must be 0-65535, got {args.metrics_port}")
+    if not (math.isfinite(args.metrics_linger) and args.metrics_linger >= 0):
+        raise SystemExit(f"demo: --metrics-linger must be seconds >= 0, got "
+                         f"{args.metrics_linger}")
+    return trio.run(run_demo, args.rows, workdir, args.metrics_port, args.metrics_linger)

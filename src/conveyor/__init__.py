@@ -10,6 +10,10 @@ from ._api import map as map
 from ._api import open_pool as open_pool
 from ._api import run as run
 
+# Observers that feed a tqdm bar or a rich display (tqdm and rich are imported when used).
+from ._bars import RichProgress as RichProgress
+from ._bars import TqdmProgress as TqdmProgress
+
 # Resumable runs: run(..., journal=path, key=...).
 from ._journal import JournalError as JournalError
 
@@ -44,7 +48,11 @@ from ._pipeline import stage as stage
 # (the pool, continued)
 from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
+from ._pool_options import PoolOptions as PoolOptions  # run/map/open_pool's **options
 from ._progress import Progress as Progress
+
+# Prometheus metrics of pools: an observer (conveyor[prometheus], imported when created).
+from ._prometheus import PrometheusMetrics as PrometheusMetrics
 
 # What became of each item.
 from ._records import Failed as Failed
@@ -71,6 +79,7 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "AttemptTimeout",
     "MapStream",
     "Pool",
+    "PoolOptions",
     "map",
     "open_pool",
     "run",
@@ -114,5 +123,8 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "PoolInfo",
     "Percentiles",
     "Progress",
+    "RichProgress",
+    "PrometheusMetrics",
     "Stats",
+    "TqdmProgress",
 ]

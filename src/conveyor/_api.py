@@ -1,27 +1,30 @@
 """The three ways in: `run` (all at once), `map` (a stream of records), `open_pool` (by hand).
 
-All three share the same keyword-only options and check them at the call, before any work
-starts.
+All three share the same keyword-only options, typed once (:class:`PoolOptions`, with their
+defaults, in ``_pool_options.py``), and check them at the call, before any work starts.
 """
 
 from __future__ import annotations
 
 import contextvars
-import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sized
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from types import TracebackType
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar, Unpack, final
 
 import trio
 
+from ._engine import Engine
+from ._final import NoPublicConstructor
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
-from ._limits import Adaptive, PerKey, Rate, build_limits
+from ._limits import build_limits
+from ._observe import Observer
 from ._options import check_fn, check_items, check_options
-from ._pool import Pool, _OrderedRecords, _Records, give_back
+from ._outbox import OrderedRecords, Records
+from ._pool import Pool, running
+from ._pool_options import PoolOptions, check_name, check_observers, resolve
 from ._progress import Progress
 from ._records import Record, Report
-from ._retry import Retry
 
 __all__ = ["MapStream", "map", "open_pool", "run"]
 
@@ -43,50 +46,50 @@ def default_buffer(workers: int) -> int:
 
 def _make_pool(
     fn: Callable[[Any], Awaitable[T]],
+    options: PoolOptions,
     *,
-    workers: int,
-    buffer: int | None,
-    retry: Retry | None,
-    timeout: float | None,
-    drain: float,
+    total: int | None = None,
     outbox_limit: int | None = None,
     ordered: bool = False,
-    limiter: trio.CapacityLimiter | int | None = None,
-    rate: Rate | None = None,
-    per_key: PerKey[Any] | None = None,
-    adaptive: Adaptive | None = None,
-    progress: bool | Progress = False,
-    total: int | None = None,
-) -> Pool[T]:
+) -> Engine:
+    """The engine of ``fn`` with ``options`` (resolved: every option is there), checked."""
+    workers, buffer = options["workers"], options["buffer"]
     check_fn(fn)
-    check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
+    check_options(workers=workers, buffer=buffer, retry=options["retry"],
+                  timeout=options["timeout"], drain=options["drain"])
+    check_name(options["name"])
+    observers = check_observers(options["observers"])
     limits, per_key, adaptive = build_limits(
-        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive
+        limiter=options["limiter"], rate=options["rate"], per_key=options["per_key"],
+        adaptive=options["adaptive"],
     )
-    return Pool(
+    engine = Engine(
         fn,
         workers=workers,
         buffer=default_buffer(workers) if buffer is None else buffer,
-        retry=retry,
-        timeout=timeout,
-        drain=drain,
+        retry=options["retry"],
+        timeout=options["timeout"],
+        drain=options["drain"],
         outbox_limit=outbox_limit,
         ordered=ordered,
         limits=limits,
         per_key=per_key,
         adaptive=adaptive,
-        progress=_progress(progress, total),
+        name=options["name"],
+        observers=_with_progress(observers, options["progress"]),
     )
+    engine.total = total  # PoolInfo.total: a gated or journaled feed has no len()
+    return engine
 
 
-def _progress(progress: object, total: int | None) -> Progress | None:
+def _with_progress(observers: tuple[Observer, ...], progress: object) -> tuple[Observer, ...]:
+    """The observers, and the progress line (``progress=``) as one more of them."""
     if progress is True:
         progress = Progress()
     if progress is False:
-        return None
+        return observers
     if isinstance(progress, Progress):
-        progress.begin(total)  # this run's count: a reused Progress forgets the last one's
-        return progress
+        return (progress, *observers)
     raise TypeError(
         f"progress must be True, False or a conveyor.Progress, got {progress!r}"
     )
@@ -105,19 +108,7 @@ def _total(items: Items) -> int | None:
 async def run(
     fn: Callable[[Any], Awaitable[T]],
     items: Items,
-    *,
-    workers: int = 10,
-    buffer: int | None = None,
-    retry: Retry | None = None,
-    timeout: float | None = None,
-    drain: float = 0.0,
-    limiter: trio.CapacityLimiter | int | None = None,
-    rate: Rate | None = None,
-    per_key: PerKey[Any] | None = None,
-    adaptive: Adaptive | None = None,
-    progress: bool | Progress = False,
-    journal: str | os.PathLike[str] | None = None,
-    key: Callable[[Any], str | int | bytes] | None = None,
+    **options: Unpack[PoolOptions],
 ) -> Report:
     """Run ``await fn(item)`` for every item, ``workers`` at a time, and return the account.
 
@@ -126,46 +117,11 @@ async def run(
             function with :func:`conveyor.in_thread` or :func:`conveyor.in_process`.
         items: any iterable or async iterable, consumed lazily as the work channel makes
             room (a million items never sit in memory at once).
-        workers: how many attempts run at once (>= 1).
-        buffer: the work channel's size (>= 0; default: ``max(256, workers)``). The pool
-            holds at most ``buffer + workers`` items taken from ``items`` and not yet
-            settled, retries waiting for their backoff included; that bounds memory
-            whatever the number of items. Give it room (buffer > 0) if workers should
-            keep busy while retries wait.
-        retry: the retry policy (:class:`conveyor.Retry`); None makes one attempt.
-        timeout: seconds one attempt may take (None: no limit); a timed-out attempt
-            raises :class:`conveyor.AttemptTimeout`, retried like any error.
-        drain: the grace period, in seconds, for attempts already running when the run
-            is stopped from outside (see below). Default 0: cancel them at once.
-        limiter: at most this many attempts at once: an int (this pool's own limit) or a
-            :class:`trio.CapacityLimiter` (share it between pools, and the limit holds
-            across all of them: "at most 5 calls to this API in the whole program").
-        rate: a :class:`conveyor.Rate`: attempts start no faster than it allows. Share
-            one ``Rate`` between pools to hold it across them.
-        per_key: a :class:`conveyor.PerKey`: concurrency and rate per key of the item
-            (e.g. per host). A busy key's items are parked, not waited for by a worker,
-            so one slow key does not hold up the others.
-        adaptive: a :class:`conveyor.Adaptive` concurrency limit that finds what a
-            service can take (AIMD on the overload errors it names); its current value is
-            in ``stats.adaptive_limit``.
-        progress: True for a live progress line on stderr (redrawn on a terminal, a plain
-            line every 10 s otherwise), or a :class:`conveyor.Progress` to choose the
-            stream and interval. No effect on results.
-        journal: a file path: record each settled item by ``key`` in this SQLite file,
-            so that running again with the same journal skips the items it holds as
-            succeeded (they come back as ``Succeeded`` with the stored value and
-            attempts) and runs the others. Committed every 100 records or 0.2 s, and on
-            a stop before the exception propagates; values must be picklable. A file that
-            is not a journal, was written with another key function, is in use by another
-            run, or that another user owns or others can write, raises
-            :class:`conveyor.JournalError` at the call.
-        key: with ``journal``: ``item -> str | int | bytes``, distinct per item, cheap
-            and stable across runs (default: the item itself). Identified across runs by
-            its name and a hash of its code and the plain values it uses. An item whose
-            key raises, is of another type or repeats another's fails (attempts 0).
-
-    Limits are held around every attempt, retries included (a retry waiting for its
-    backoff holds none), in this order: ``per_key``, ``limiter``, ``adaptive``, ``rate``.
+        options: keyword only, each optional: ``workers``, ``buffer``,
+            ``retry``, ``timeout``, ``drain``, ``limiter``, ``rate``, ``per_key``,
+            ``adaptive``, ``progress``, ``journal``, ``key``, ``name``, ``observers``.
+            What each does and its default: :class:`conveyor.PoolOptions`. A name that
+            is not an option raises TypeError.
 
     Returns:
         A :class:`conveyor.Report` with every ``Succeeded``, ``Failed`` and (after a stop)
@@ -182,37 +138,23 @@ async def run(
     ``Failed``. An exception from ``items`` itself (the caller's own code) is raised as it
     is, not wrapped in an ExceptionGroup.
     """
+    resolved = resolve("run", options)
     check_items(items)
-    journal_spec = check_journal(journal, key)
-    pool = _make_pool(
-        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
-        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive,
-        progress=progress, total=_total(items),
-    )
+    journal_spec = check_journal(resolved["journal"], resolved["key"])
+    pool = _make_pool(fn, resolved, total=_total(items))
     if journal_spec is not None:
         return await run_journaled(pool, items, journal_spec)
-    async with pool._running(items):
+    async with running(pool, items):
         pass
     return pool.report()
 
 
 def open_pool(
     fn: Callable[[Any], Awaitable[T]],
-    *,
-    workers: int = 10,
-    buffer: int | None = None,
-    retry: Retry | None = None,
-    timeout: float | None = None,
-    drain: float = 0.0,
-    limiter: trio.CapacityLimiter | int | None = None,
-    rate: Rate | None = None,
-    per_key: PerKey[Any] | None = None,
-    adaptive: Adaptive | None = None,
-    progress: bool | Progress = False,
-    journal: str | os.PathLike[str] | None = None,
-    key: Callable[[Any], str | int | bytes] | None = None,
+    **options: Unpack[PoolOptions],
 ) -> AbstractAsyncContextManager[Pool[T]]:
-    """Open a pool and feed it by hand; the options are those of :func:`run`.
+    """Open a pool and feed it by hand; the options (:class:`conveyor.PoolOptions`) are
+    those of :func:`run`.
 
     ::
 
@@ -234,11 +176,9 @@ def open_pool(
     records every item as it settles (read or not), and is committed when the block ends,
     however it ends.
     """
-    journal_spec = check_journal(journal, key)
-    pool = _make_pool(
-        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
-        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive, progress=progress,
-    )
+    resolved = resolve("open_pool", options)
+    journal_spec = check_journal(resolved["journal"], resolved["key"])
+    pool = _make_pool(fn, resolved)
     return _OpenPool(pool, journal_spec)
 
 
@@ -247,19 +187,19 @@ class _OpenPool(Generic[T]):
 
     __slots__ = ("_cm", "_journal", "_pool")
 
-    def __init__(self, pool: Pool[T], journal: JournalSpec | None) -> None:
+    def __init__(self, pool: Engine, journal: JournalSpec | None) -> None:
         self._pool = pool
         self._journal = journal
         self._cm: AbstractAsyncContextManager[Pool[T]] | None = None
 
     async def __aenter__(self) -> Pool[T]:
         pool = self._pool
-        if pool._started:
+        if pool.started:
             raise RuntimeError("a pool runs once: call conveyor.open_pool(...) again for a new one")
-        cm = pool._running() if self._journal is None else open_journaled_pool(pool, self._journal)
-        running = await cm.__aenter__()
+        cm = running(pool) if self._journal is None else open_journaled_pool(pool, self._journal)
+        facade = await cm.__aenter__()
         self._cm = cm
-        return running
+        return facade
 
     async def __aexit__(
         self,
@@ -278,20 +218,10 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     *,
     ordered: bool = False,
     window: int | None = None,
-    workers: int = 10,
-    buffer: int | None = None,
-    retry: Retry | None = None,
-    timeout: float | None = None,
-    drain: float = 0.0,
-    limiter: trio.CapacityLimiter | int | None = None,
-    rate: Rate | None = None,
-    per_key: PerKey[Any] | None = None,
-    adaptive: Adaptive | None = None,
-    progress: bool | Progress = False,
-    journal: str | os.PathLike[str] | None = None,
-    key: Callable[[Any], str | int | bytes] | None = None,
+    **options: Unpack[PoolOptions],
 ) -> MapStream[T]:
-    """Stream a record for every item as it settles; the options are those of :func:`run`.
+    """Stream a record for every item as it settles; the options
+    (:class:`conveyor.PoolOptions`) are those of :func:`run`, plus ``ordered`` and ``window``.
 
     ``ordered=False`` yields records as they complete. ``ordered=True`` yields them in
     input order through a reorder window of ``window`` items (default
@@ -321,8 +251,10 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     the journal records every item as it settles and is committed however the stream ends
     (the end, a ``break``, an error, a cancel, Ctrl-C).
     """
+    resolved = resolve("map", options)
+    workers, buffer = resolved["workers"], resolved["buffer"]
     check_items(items)
-    journal_spec = check_journal(journal, key)
+    journal_spec = check_journal(resolved["journal"], resolved["key"])
     if not isinstance(ordered, bool):
         raise TypeError(f"ordered must be True or False, got {ordered!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
@@ -332,12 +264,11 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     if window is not None and not ordered:
         raise ValueError("window only applies to ordered=True")
     check_fn(fn)
-    check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
+    check_options(workers=workers, buffer=buffer, retry=resolved["retry"],
+                  timeout=resolved["timeout"], drain=resolved["drain"])
     size = default_buffer(workers) if buffer is None else buffer
     pool = _make_pool(
-        fn, workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain,
-        limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive,
-        progress=progress, total=_total(items),
+        fn, resolved, total=_total(items),
         # Unordered: workers wait when this many records are unread (bounded memory).
         # Ordered: the window bounds everything already.
         outbox_limit=None if ordered else workers + size,
@@ -345,14 +276,20 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     )
     if ordered and window is None:
         window = 2 * workers + size
-    return MapStream(pool, items, window if ordered else None, journal_spec)
+    return MapStream[T]._create(pool, items, window if ordered else None, journal_spec)
 
 
-class MapStream(Generic[T]):
-    """What :func:`conveyor.map` returns: iterate it, or enter it with ``async with``."""
+@final
+class MapStream(Generic[T], metaclass=NoPublicConstructor):
+    """What :func:`conveyor.map` returns: iterate it, or enter it with ``async with``.
+
+    Only :func:`conveyor.map` makes one (``MapStream(...)`` raises TypeError).
+    """
+
+    _factory: ClassVar[str] = "conveyor.map(fn, items, ...)"
 
     def __init__(
-        self, pool: Pool[T], items: Items, window: int | None, journal: JournalSpec | None = None
+        self, pool: Engine, items: Items, window: int | None, journal: JournalSpec | None = None
     ) -> None:
         self._pool = pool
         self._journal = journal
@@ -361,15 +298,15 @@ class MapStream(Generic[T]):
         self._cm: AbstractAsyncContextManager[AsyncIterator[Record]] | None = None
         self._used = False
 
-    def _feed_and_records(self) -> tuple[Items, _Records]:
+    def _feed_and_records(self) -> tuple[Items, Records]:
         if self._used:
             raise RuntimeError("a conveyor.map stream can be iterated once")
         self._used = True
         pool = self._pool
         if self._window is None:
-            return self._items, _Records(pool)
+            return self._items, pool.box.reader()
         window = trio.Semaphore(self._window)
-        return _gated(self._items, window), pool._results_in_order(window)
+        return _gated(self._items, window), pool.box.ordered_reader(window)
 
     @asynccontextmanager
     async def _open(self) -> AsyncIterator[AsyncIterator[Record]]:
@@ -377,11 +314,11 @@ class MapStream(Generic[T]):
         pool = self._pool
         async with (
             journaled(pool, self._journal, feed) as fed,
-            pool._running(fed),
+            running(pool, fed),
             aclosing(records),
         ):
             yield records
-            if not pool._tasks_done:
+            if not pool.tasks_done:
                 pool.stop()  # the caller left before the end: take and start nothing more
 
     async def __aenter__(self) -> AsyncIterator[Record]:
@@ -400,11 +337,11 @@ class MapStream(Generic[T]):
     def __aiter__(self) -> AsyncIterator[Record]:
         feed, records = self._feed_and_records()
         host = _Host(self._pool, feed, self._journal)
-        reader: _Records
-        if isinstance(records, _OrderedRecords):
-            reader = _BareOrdered(self._pool, records._window)
+        reader: Records
+        if isinstance(records, OrderedRecords):
+            reader = _BareOrdered(self._pool.box, records.window)
         else:
-            reader = _BareUnordered(self._pool)
+            reader = _BareUnordered(self._pool.box)
         reader._host = host
         host.start()
         return reader
@@ -426,7 +363,7 @@ class _Host:
 
     __slots__ = ("_feed", "_journal", "done", "failure", "pool", "scope", "token")
 
-    def __init__(self, pool: Pool[Any], feed: Items, journal: JournalSpec | None) -> None:
+    def __init__(self, pool: Engine, feed: Items, journal: JournalSpec | None) -> None:
         self.pool = pool
         self._journal = journal
         self._feed: Items | None = feed
@@ -446,7 +383,7 @@ class _Host:
             with self.scope:
                 async with (
                     journaled(self.pool, self._journal, feed) as fed,
-                    self.pool._running(fed),
+                    running(self.pool, fed),
                 ):
                     pass
         except BaseException as exc:  # a system task must not raise: hand it over
@@ -455,8 +392,7 @@ class _Host:
             self.done.set()
             # The reader waits for the pool's end; if the pool never ran (the journal was
             # refused), that end is now.
-            self.pool._tasks_done = True
-            self.pool._wake_reader()
+            self.pool.end_output()
 
     def left(self, pending: dict[int, Record] | None) -> None:
         """The caller left its loop: no new attempt from now on, then stop the pool.
@@ -466,7 +402,7 @@ class _Host:
         records an ordered reader held back, which go back to the pool's report.
         """
         if not self.done.is_set():
-            self.pool._stopping = True  # read by every worker before it starts an attempt
+            self.pool.stopping = True  # read by every worker before it starts an attempt
         try:
             self.token.run_sync_soon(self._stop, pending)
         except trio.RunFinishedError:
@@ -474,7 +410,7 @@ class _Host:
 
     def _stop(self, pending: dict[int, Record] | None) -> None:
         if pending:
-            give_back(self.pool, pending)
+            self.pool.box.give_back(pending)
         self.scope.cancel()
 
     async def end(self) -> NoReturn:
@@ -491,7 +427,7 @@ class _Host:
         An error of the pool's own (from ``items``) is raised rather than the cancel: a
         cancel must not swallow it.
         """
-        self.pool._stopping = True
+        self.pool.stopping = True
         self.scope.cancel()
         with trio.CancelScope(shield=True):
             await self.done.wait()
@@ -516,7 +452,7 @@ class _Bare:
     def _cancelled(self) -> None:
         # The pool runs outside the caller's cancel scopes: this reader is what the
         # caller's cancel reaches, so it stops the pool's attempts at that very instant.
-        self._host.pool._stopping = True
+        self._host.pool.stopping = True
 
     def __del__(self) -> None:
         host = getattr(self, "_host", None)
@@ -524,11 +460,11 @@ class _Bare:
             host.left(getattr(self, "_pending", None))
 
 
-class _BareUnordered(_Bare, _Records):
+class _BareUnordered(_Bare, Records):
     __slots__ = ("_host",)
 
 
-class _BareOrdered(_Bare, _OrderedRecords):
+class _BareOrdered(_Bare, OrderedRecords):
     __slots__ = ("_host",)
 
 

@@ -72,10 +72,11 @@ except ImportError:  # pragma: no cover - Windows
     _fcntl = None  # type: ignore[assignment]
 
 from ._options import is_async_callable
+from ._pool import Pool, running
 from ._records import Failed, Report, Succeeded, Unfinished
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._engine import Engine
 
 __all__ = [
     "JournalError", "JournalSpec", "check_journal", "journaled", "open_journaled_pool",
@@ -660,7 +661,7 @@ class _Session:
     way out.
     """
 
-    def __init__(self, pool: Pool[Any], spec: JournalSpec, db: _Db,
+    def __init__(self, pool: Engine, spec: JournalSpec, db: _Db,
                  done: dict[Key, tuple[int, bytes]]) -> None:
         self.pool = pool
         self.spec = spec
@@ -718,14 +719,14 @@ class _Session:
                 "running the item again", self.spec.path, key, type(error).__name__, error,
             )
             return True
-        self.pool._settle_unrun(Succeeded(item, value, attempts))
+        self.pool.settle_unrun(Succeeded(item, value, attempts))
         return False
 
     def _refuse(self, item: Any, error: Exception) -> None:
         logger.warning("item %r not run: %s: %s", item, type(error).__name__, error)
         record = Failed(item, error, 0, "".join(traceback.format_exception(error)))
         self.refused.add(id(record))
-        self.pool._settle_unrun(record)
+        self.pool.settle_unrun(record)
 
     def count(self, items: Items | None) -> int | None:
         """How many items will run, when ``items`` is a sized collection."""
@@ -845,7 +846,7 @@ class _Session:
 
 @asynccontextmanager
 async def journaled(
-    pool: Pool[Any], spec: JournalSpec | None, items: Items | None = None
+    pool: Engine, spec: JournalSpec | None, items: Items | None = None
 ) -> AsyncIterator[Items | None]:
     """Around a pool's run: open the journal (refused at once if it cannot be used), yield
     ``items`` filtered by it (and gate ``pool.submit``), and commit it on every way out.
@@ -857,11 +858,10 @@ async def journaled(
     try:
         done = await trio.to_thread.run_sync(db.load_succeeded)
         session = _Session(pool, spec, db, done)
-        progress = pool._progress
-        if progress is not None and done:
-            progress.total = session.count(items)
-        pool._observe_settled(session.observe)  # type: ignore[arg-type]
-        pool._gate = session.runs
+        if done:
+            pool.total = session.count(items)  # the items that will run (PoolInfo.total)
+        pool.observe_settled(session.observe)  # type: ignore[arg-type]
+        pool.gate = session.runs
         trio.lowlevel.spawn_system_task(session.flusher, name="conveyor journal flusher")
         try:
             yield None if items is None else session.feed(items)
@@ -884,18 +884,18 @@ async def journaled(
 
 
 @asynccontextmanager
-async def open_journaled_pool(pool: Pool[T], spec: JournalSpec) -> AsyncIterator[Pool[T]]:
+async def open_journaled_pool(pool: Engine, spec: JournalSpec) -> AsyncIterator[Pool[Any]]:
     """``open_pool(..., journal=...)``: the pool's block inside the journal's."""
-    async with journaled(pool, spec), pool._running() as running:
-        yield running
+    async with journaled(pool, spec), running(pool) as facade:
+        yield facade
 
 
-async def run_journaled(pool: Pool[Any], items: Items, spec: JournalSpec) -> Report:
+async def run_journaled(pool: Engine, items: Items, spec: JournalSpec) -> Report:
     """``run(..., journal=...)``: the report holds the successes taken from the journal
     too (in input order with the others, as they settle)."""
     async with journaled(pool, spec, items) as feed:
         assert feed is not None
-        async with pool._running(feed):
+        async with running(pool, feed):
             pass
     return pool.report()
 

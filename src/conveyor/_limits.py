@@ -683,6 +683,7 @@ class Adaptive:
         return self._running
 
     async def acquire(self, item: Any = None) -> _AdaptiveToken:
+        """Wait until the current limit has room for one more attempt; return its token."""
         token = _AdaptiveToken()
         if self._running < self._limit and not self._waiters:
             # A free slot at once: no scheduling round (as CapacityLimit.acquire).
@@ -706,6 +707,8 @@ class Adaptive:
         return token
 
     def release(self, token: object, error: BaseException | None) -> None:
+        """The attempt holding ``token`` ended (``error`` None: it succeeded): an overload
+        lowers the limit (once per episode), a success raises it, a cancel leaves it."""
         assert isinstance(token, _AdaptiveToken)
         # The signal first, the slot after: a slot freed by an overloaded attempt must not
         # go to a waiter under the limit that was just found too high.

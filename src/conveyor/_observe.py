@@ -54,7 +54,7 @@ class PoolInfo:
     stats: Callable[[], Stats]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Attempt:
     """One attempt at one item, as seen by :meth:`Observer.attempt_started` and the events
     that follow it.
@@ -62,7 +62,12 @@ class Attempt:
     ``index``: the item's position in the input (0-based, in submission order). ``number``:
     1 for the first attempt. ``queued``: seconds the item waited in the pool's queue before
     this attempt started (for a retry: since its backoff ended). ``started``: the trio clock
-    (``trio.current_time()``) when the attempt started.
+    (``trio.current_time()``) when the attempt started. ``queued`` and ``started`` are NaN in
+    a :meth:`Observer.retry_scheduled` call to a pool where no observer wants attempt events
+    (the pool did not measure them).
+
+    Read-only by convention (one is made per attempt, only when an observer wants attempt
+    events: a plain slotted class, cheaper to make than a frozen dataclass).
     """
 
     index: int

@@ -37,7 +37,7 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, NoReturn, cast, final
+from typing import TYPE_CHECKING, Any, NoReturn, cast, final
 
 import outcome
 import trio
@@ -49,7 +49,10 @@ from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._options import check_drain, check_fn, check_items, check_options, describe_callable
 from ._pool import Pool, sole_error
-from ._records import Failed, Record, Report, Succeeded, Unfinished
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+from ._records import Failed, Record, Report, Succeeded, Unfinished, with_index
 from ._retry import Retry
 from ._stats import Stats
 
@@ -807,9 +810,9 @@ class _Run:
         self.gate: Callable[[Any], bool] | None = None
         self.unwindowed: set[int] = set()  # records settled without a window slot
 
-    def as_pool(self) -> Pool[Any]:
-        """This run, as the journal (``_journal.journaled``) sees a pool."""
-        return cast("Pool[Any]", _JournalSeam(self))
+    def as_pool(self) -> Engine:
+        """This run, as the journal (``_journal.journaled``) sees a pool's engine."""
+        return cast("Engine", _JournalSeam(self))
 
     def settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
         """An input settled without running: its stored success from the journal (not this
@@ -818,7 +821,7 @@ class _Run:
             raise RuntimeError("submit() is only possible inside the pipeline's `async with` block")
         index = self.next_input
         self.next_input = index + 1
-        record = dataclasses.replace(record, index=index)
+        record = with_index(record, index)
         if type(record) is Failed:
             self.taken += 1
             self.failed.append(record)
@@ -1413,28 +1416,29 @@ class _BareReader(_Reader):
 
 
 class _JournalSeam:
-    """What ``_journal.journaled`` needs of a pool, for a pipeline run: it filters intake
-    (``_gate``, ``_settle_unrun``), is told of each record (``_observe_settled``), reads the
-    unfinished ones from ``report()`` at the end, and stops the run if it cannot write."""
+    """What ``_journal.journaled`` needs of a pool's engine, for a pipeline run: it filters
+    intake (``gate``, ``settle_unrun``), is told of each record (``observe_settled``), reads
+    the unfinished ones from ``report()`` at the end, and stops the run if it cannot write.
+    ``total`` (the number of items that will run, for a progress display) is kept, unused."""
 
-    __slots__ = ("_run",)
-    _progress = None
+    __slots__ = ("_run", "total")
 
     def __init__(self, run: _Run) -> None:
         self._run = run
+        self.total: int | None = None
 
-    def _observe_settled(self, observe: Callable[[Record], None]) -> None:
+    def observe_settled(self, observe: Callable[[Record], None]) -> None:
         self._run.observe = observe
 
     @property
-    def _gate(self) -> Callable[[Any], bool] | None:
+    def gate(self) -> Callable[[Any], bool] | None:
         return self._run.gate
 
-    @_gate.setter
-    def _gate(self, gate: Callable[[Any], bool] | None) -> None:
+    @gate.setter
+    def gate(self, gate: Callable[[Any], bool] | None) -> None:
         self._run.gate = gate
 
-    def _settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
+    def settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
         self._run.settle_unrun(record)
 
     def report(self) -> Report:

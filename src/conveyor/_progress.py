@@ -1,16 +1,17 @@
-"""The live progress line of ``run(..., progress=True)``.
+"""The live progress line of ``run(..., progress=True)``: an observer of the pool.
 
 On a terminal, one line on stderr redrawn in place every ``interval`` (carriage return and
 "erase to end of line"), fitted to the terminal's width (:func:`terminal_width`, fields
 dropped in the order of :data:`DROP_ORDER`) so it never wraps; anywhere else (a log file, CI,
 a pipe), a plain, full line every ``interval`` (10 s by default), so logs stay readable.
-The final state is always written once more when the pool ends (:meth:`Progress.finish`),
+The final state is always written once more when the pool ends (:meth:`Progress.closed`),
 also after a cancel. It only reads the pool's stats: no effect on results.
 
-The standard library is enough here: one line of text, rewritten in place. tqdm and rich both
-serve this well, but they expect to be told each step (``update(n)``) or run their own refresh
-thread; a pool already has its counters, and a trio task that reads them on trio's clock is
-simpler, testable under ``autojump_clock``, and costs no dependency.
+:class:`Progress` is an :class:`~conveyor.Observer` that only overrides ``opened``,
+``snapshot`` and ``closed``: the pool calls ``snapshot`` every ``interval`` on trio's clock
+(testable under ``autojump_clock``), and nothing per item. The standard library is enough for
+one line of text; users who already show a tqdm or rich display feed that instead
+(:class:`conveyor.TqdmProgress`, :class:`conveyor.RichProgress`, in ``conveyor._bars``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import io
 import math
 import os
 import sys
-from collections.abc import Callable
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
-import trio
+from ._observe import Observer, PoolInfo
+
+if TYPE_CHECKING:
+    from ._records import Report
 
 __all__ = ["DROP_ORDER", "Progress", "format_duration", "format_line", "terminal_width"]
 
@@ -144,13 +147,36 @@ def terminal_width(stream: object) -> int:
     return columns if columns > 0 else 80
 
 
-class Progress:
-    """Writes the progress line of a pool until cancelled, then its final state.
+def check_interval(what: str, interval: object, *, none: bool = True) -> None:
+    """``interval`` is a finite number of seconds > 0 (not a bool, NaN or inf), or None
+    (when ``none``: the default)."""
+    if interval is None and none:
+        return
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        raise TypeError(
+            f"{what} interval must be a finite number of seconds > 0"
+            f"{' or None' if none else ''}, got {interval!r:.60}"
+        )
+    try:
+        finite = math.isfinite(interval)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not (finite and interval > 0):
+        raise ValueError(f"{what} interval must be a finite number > 0, got {interval!r:.60}")
+
+
+class Progress(Observer):
+    """The live progress line: an observer that writes a pool's counters as one line.
+
+    ``progress=True`` on ``run``, ``map`` and ``open_pool`` is ``progress=Progress()``; a
+    ``Progress`` is also an :class:`~conveyor.Observer` like any other: ``opened`` takes the
+    pool's item count as the total, ``snapshot`` (every ``interval``) writes the line,
+    ``closed`` writes the final line, the pool's final account, also after a cancel.
 
     Args:
         stream: where to write, an object with a ``write(str)`` method (default
             ``sys.stderr`` at the time of writing).
-        total: the number of items (an int >= 0), when known. Without it, each run shows
+        total: the number of items (an int >= 0), when known. Without it, each pool shows
             the number of its own items when it knows it (``len(items)``), so a
             ``Progress`` used for several runs shows each run's count, never the last one's.
         interval: seconds between lines (a finite number > 0); default 0.2 s on a terminal,
@@ -160,6 +186,8 @@ class Progress:
 
     Every argument is checked here, at the call.
     """
+
+    snapshot_every: float
 
     def __init__(
         self,
@@ -184,25 +212,12 @@ class Progress:
                 raise TypeError(f"progress total must be an int >= 0 or None, got {total!r:.60}")
             if total < 0:
                 raise ValueError(f"progress total must be >= 0, got {total!r}")
-        if interval is not None:
-            if isinstance(interval, bool) or not isinstance(interval, int | float):
-                raise TypeError(
-                    f"progress interval must be a finite number of seconds > 0 or None, "
-                    f"got {interval!r:.60}"
-                )
-            try:
-                finite = math.isfinite(interval)
-            except OverflowError:  # an int too large for a float
-                finite = False
-            if not (finite and interval > 0):
-                raise ValueError(
-                    f"progress interval must be a finite number > 0, got {interval!r:.60}"
-                )
+        check_interval("progress", interval)
         if tty is not None and not isinstance(tty, bool):
             raise TypeError(f"progress tty must be True, False or None, got {tty!r:.60}")
         self._stream = stream
         self._total = total
-        self._run_total = total  # this run's: total, else the count of its items if known
+        self._run_total = total  # this pool's: total, else the count of its items if known
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
             try:
@@ -210,8 +225,28 @@ class Progress:
             except ValueError:  # a closed stream
                 tty = False
         self.tty = tty
-        self.interval = interval if interval is not None else (0.2 if tty else 10.0)
+        self.snapshot_every = interval if interval is not None else (0.2 if tty else 10.0)
         self.lines = 0  # how many times it wrote (tests)
+
+    @property
+    def interval(self) -> float:
+        """Seconds between lines (the observer's :attr:`snapshot_every`)."""
+        return self.snapshot_every
+
+    def opened(self, info: PoolInfo) -> Progress:
+        """A pool starts: show its item count (``info.total``) as the total, unless
+        ``total`` was given."""
+        self.begin(info.total)
+        return self
+
+    def snapshot(self, stats: _Counts) -> None:
+        """Write the line (every :attr:`interval` while the pool runs)."""
+        self.write(stats)
+
+    def closed(self, report: Report) -> None:
+        """Write the final line, the pool's final account (and end the redrawn line on a
+        terminal)."""
+        self.write(report.stats, final=True)
 
     def begin(self, items: int | None) -> None:
         """A run starts: show ``items`` as its total, unless ``total`` was given."""
@@ -231,6 +266,7 @@ class Progress:
 
     @property
     def stream(self) -> TextIO:
+        """Where the line goes (``sys.stderr`` at the time of writing by default)."""
         return self._stream if self._stream is not None else sys.stderr
 
     def write(self, stats: _Counts, final: bool = False) -> None:
@@ -246,16 +282,4 @@ class Progress:
             return  # stderr closed or gone: progress is best effort, never an error
         self.lines += 1
 
-    async def run(self, snapshot: Callable[[], _Counts]) -> None:
-        """Write ``snapshot()`` every ``interval`` until cancelled.
 
-        The owner calls :meth:`finish` with the final stats once every item has settled
-        (after a cancel too), so the last line is the final account, not a moment before it.
-        """
-        while True:
-            await trio.sleep(self.interval)
-            self.write(snapshot())
-
-    def finish(self, stats: _Counts) -> None:
-        """Write the final line (and end the redrawn line on a terminal)."""
-        self.write(stats, final=True)
