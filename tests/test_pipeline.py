@@ -790,3 +790,29 @@ def test_stage_fields_of_records_pickle_compare_and_show_only_when_set() -> None
     assert "stage" not in repr(Unfinished(1, 0, None))
     assert "stage" not in repr(Failed(1, error, 1, ""))
     assert Unfinished(1, 0, None, index=1) == Unfinished(1, 0, None, index=2)  # index apart
+
+
+async def test_observers_see_each_stage_as_a_pool_named_after_it() -> None:
+    seen: list[tuple[str, str]] = []
+
+    class Names(conveyor.Observer):
+        def opened(self, info: conveyor.PoolInfo) -> conveyor.Observer:
+            name = info.name
+
+            class Per(conveyor.Observer):
+                def failed(self, record: Failed) -> None:
+                    seen.append((name, "failed"))
+
+                def closed(self, report: conveyor.Report) -> None:
+                    seen.append((name, "closed"))
+
+            return Per()
+
+    async def bad(x: int) -> int:
+        raise ValueError(x)
+
+    report = await conveyor.pipeline(double, bad).run([1], observers=[Names()])
+    assert report.failed[0].stage == "bad"
+    assert sorted(seen) == [("bad", "closed"), ("bad", "failed"), ("double", "closed")]
+    with pytest.raises(TypeError, match="observers must be a list or tuple"):
+        conveyor.pipeline(double).map([1], observers=Names())  # type: ignore[arg-type]

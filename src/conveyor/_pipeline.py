@@ -34,6 +34,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Sequence,
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
@@ -47,8 +48,10 @@ from ._api import open_pool
 from ._batch import call_batch, collect
 from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
+from ._observe import Observer
 from ._options import check_drain, check_fn, check_items, check_options, describe_callable
 from ._pool import Pool, sole_error
+from ._pool_options import check_observers
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -267,6 +270,7 @@ class Pipeline:
         drain: float = 0.0,
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
+        observers: Sequence[Observer] = (),
     ) -> Report:
         """Run every input through every stage and return the account: one record per
         input (see :class:`Report`; ``report.stages`` has each stage's own stats).
@@ -279,11 +283,14 @@ class Pipeline:
         as its record settles, with its final value. Run again with the same journal: an
         input held as succeeded is not run, its record comes back with the stored value;
         every other input runs again from the first stage.
+
+        ``observers``: given to every stage's pool, which is named after its stage
+        (``PoolInfo.name``).
         """
         check_items(items)
         check_drain(drain)
         spec = check_journal(journal, key)
-        run = _Run(self, drain)
+        run = _Run(self, drain, observers=check_observers(observers))
         async with journaled(run.as_pool(), spec, items) as feed:
             assert feed is not None
             async with run.running(feed):
@@ -299,6 +306,7 @@ class Pipeline:
         drain: float = 0.0,
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
+        observers: Sequence[Observer] = (),
     ) -> PipelineStream:
         """Stream one record per input as it settles (``async for``, or ``async with``).
 
@@ -312,6 +320,7 @@ class Pipeline:
         check_items(items)
         check_drain(drain)
         spec = check_journal(journal, key)
+        checked = check_observers(observers)
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, got {ordered!r:.60}")
         if window is not None:
@@ -321,7 +330,8 @@ class Pipeline:
                 raise ValueError(f"window must be an int >= 1, got {window!r}")
         else:
             window = 2 * sum(s.capacity for s in self.stages)
-        return PipelineStream(_Run(self, drain, window=window, ordered=ordered), items, spec)
+        run = _Run(self, drain, window=window, ordered=ordered, observers=checked)
+        return PipelineStream(run, items, spec)
 
     def open(
         self,
@@ -329,6 +339,7 @@ class Pipeline:
         drain: float = 0.0,
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
+        observers: Sequence[Observer] = (),
     ) -> AbstractAsyncContextManager[PipelineRun]:
         """Open the pipeline and feed it by hand::
 
@@ -344,7 +355,7 @@ class Pipeline:
         """
         check_drain(drain)
         spec = check_journal(journal, key)
-        return _OpenRun(_Run(self, drain), spec)
+        return _OpenRun(_Run(self, drain, observers=check_observers(observers)), spec)
 
 
 # ---------------------------------------------------------------------------- the ledger
@@ -778,8 +789,10 @@ class _Run:
         *,
         window: int | None = None,
         ordered: bool = False,
+        observers: tuple[Observer, ...] = (),
     ) -> None:
         self.pipe = pipe
+        self.observers = observers
         self.drain = drain
         self.fans_out = pipe.fans_out
         self.stages = [_StageRun(self, k, s) for k, s in enumerate(pipe.stages)]
@@ -1016,7 +1029,8 @@ class _Run:
                     for st in self.stages:
                         opts = dict(st.spec.options)
                         st.pool = await stack.enter_async_context(
-                            open_pool(st.make_fn(), drain=self.drain, **opts)
+                            open_pool(st.make_fn(), drain=self.drain, name=st.name,
+                                      observers=self.observers, **opts)
                         )
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.tasks, feed)
