@@ -46,6 +46,7 @@ from trio.lowlevel import ParkingLot
 
 from ._api import open_pool
 from ._batch import call_batch, collect
+from ._final import NoPublicConstructor
 from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._observe import Observer
@@ -106,8 +107,10 @@ class Batch:
 
 
 @final
-class Stage:
+class Stage(metaclass=NoPublicConstructor):
     """One stage of a pipeline, as made by :func:`conveyor.stage` (read-only)."""
+
+    _factory = "conveyor.stage(fn, ...)"
 
     __slots__ = ("batch", "fanout", "fn", "name", "options")
 
@@ -213,7 +216,7 @@ def stage(
         workers=workers, buffer=buffer, retry=retry, timeout=timeout, limiter=limiter,
         rate=rate, per_key=per_key, adaptive=adaptive,
     )
-    return Stage(fn, name, options, batch, fanout)
+    return Stage._create(fn, name, options, batch, fanout)
 
 
 def pipeline(*stages: Stage | Callable[..., Any]) -> Pipeline:
@@ -231,7 +234,7 @@ def pipeline(*stages: Stage | Callable[..., Any]) -> Pipeline:
                 f"(stage(fn, name=...))"
             )
         seen.add(s.name)
-    return Pipeline(made)
+    return Pipeline._create(made)
 
 
 def _as_stage(fn: object) -> Stage:
@@ -247,8 +250,10 @@ def _as_stage(fn: object) -> Stage:
 
 
 @final
-class Pipeline:
+class Pipeline(metaclass=NoPublicConstructor):
     """A sequence of stages, as made by :func:`conveyor.pipeline`."""
+
+    _factory = "conveyor.pipeline(stage, ...)"
 
     __slots__ = ("stages",)
 
@@ -331,7 +336,7 @@ class Pipeline:
         else:
             window = 2 * sum(s.capacity for s in self.stages)
         run = _Run(self, drain, window=window, ordered=ordered, observers=checked)
-        return PipelineStream(run, items, spec)
+        return PipelineStream._create(run, items, spec)
 
     def open(
         self,
@@ -1201,7 +1206,7 @@ class _Reader:
 
 
 @final
-class PipelineRun:
+class PipelineRun(metaclass=NoPublicConstructor):
     """A running pipeline, as given by :meth:`Pipeline.open` (do not create it directly).
 
     Feed it with :meth:`submit`, end intake with :meth:`close` (or leave the block), read
@@ -1209,6 +1214,7 @@ class PipelineRun:
     """
 
     __slots__ = ("_run",)
+    _factory = "pipe.open() (async with), which gives one"
 
     def __init__(self, run: _Run) -> None:
         self._run = run
@@ -1267,7 +1273,7 @@ class _OpenRun:
     async def _open(self) -> AsyncIterator[PipelineRun]:
         run = self._run
         async with journaled(run.as_pool(), self._journal), run.running():
-            yield PipelineRun(run)
+            yield PipelineRun._create(run)
 
     async def __aenter__(self) -> PipelineRun:
         cm = self._open()
@@ -1287,8 +1293,10 @@ class _OpenRun:
 
 
 @final
-class PipelineStream:
+class PipelineStream(metaclass=NoPublicConstructor):
     """What :meth:`Pipeline.map` returns: iterate it, or enter it with ``async with``."""
+
+    _factory = "pipe.map(items, ...)"
 
     def __init__(self, run: _Run, items: Items, journal: JournalSpec | None = None) -> None:
         self._run = run
