@@ -40,6 +40,7 @@ SCENARIOS = {
     "offload": "benchmarks.offload",
     "responsiveness": "benchmarks.responsiveness",
     "memory": "benchmarks.memory",
+    "pipeline": "benchmarks.pipeline",
 }
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -26,6 +26,10 @@ CONTRACT = {
 FACTORY_MADE = {
     "MapStream": "conveyor.map(",
     "Pool": "conveyor.open_pool(",
+    "Pipeline": "conveyor.pipeline(",
+    "PipelineRun": "pipe.open(",
+    "PipelineStream": "pipe.map(",
+    "Stage": "conveyor.stage(",
 }
 
 # Every other public class: the caller constructs it (options, records in tests, errors), or
@@ -35,7 +39,7 @@ CONSTRUCTIBLE = {
     "ItemsFailed", "JournalError", "NotPicklableError", "Observer", "Percentiles", "PerKey",
     "PoolInfo", "PoolOptions", "Progress", "Rate", "RemoteError", "Report", "Retry",
     "RetryAfter", "Stats", "Succeeded", "Unfinished", "WorkerDied", "TqdmProgress", "RichProgress",
-    "PrometheusMetrics", "OpenTelemetry",
+    "PrometheusMetrics", "OpenTelemetry", "Batch",
 }
 
 # Type aliases (documented by the string after them in their module).
@@ -50,7 +54,12 @@ POSITIONAL = {
     "in_thread": ("f",),
     "in_process": ("f",),
     "in_process_batched": ("f",),
+    "stage": ("fn",),
+    "pipeline": (),
 }
+
+# Positional arguments in any number that are the thing itself, not knobs.
+VARIADIC = {"pipeline": "stages"}  # the stages, in order
 
 
 def public(name: str) -> Any:
@@ -189,7 +198,8 @@ def test_knobs_are_keyword_only(name: str) -> None:
     positional = tuple(p.name for p in params if p.kind in (
         inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
     assert positional == POSITIONAL[name]
-    assert not [p for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL]
+    assert not [p for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL
+                and p.name != VARIADIC.get(name)]
 
 
 @pytest.mark.parametrize("name", ["in_thread", "in_process"])

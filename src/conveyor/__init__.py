@@ -39,6 +39,15 @@ from ._offload import in_thread as in_thread
 # Spans and metrics through the OpenTelemetry API (needs conveyor[otel], imported on use).
 from ._otel import OpenTelemetry as OpenTelemetry
 
+# Pipelines: stages, each a pool, with one ledger.
+from ._pipeline import Batch as Batch
+from ._pipeline import Pipeline as Pipeline
+from ._pipeline import PipelineRun as PipelineRun
+from ._pipeline import PipelineStream as PipelineStream
+from ._pipeline import Stage as Stage
+from ._pipeline import pipeline as pipeline
+from ._pipeline import stage as stage
+
 # (the pool, continued)
 from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
@@ -77,6 +86,14 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "map",
     "open_pool",
     "run",
+    # pipelines
+    "Batch",
+    "Pipeline",
+    "PipelineRun",
+    "PipelineStream",
+    "Stage",
+    "pipeline",
+    "stage",
     # resumable runs
     "JournalError",
     # records

@@ -13,7 +13,7 @@ leave ``index`` out and tell the three kinds apart; ``repr`` names the fields.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -34,6 +34,12 @@ _INDEX_DOC = (
     "the same when the same thing happened to the same item."
 )
 
+_STAGE_DOC = "In a pipeline, the name of the stage where it ended; None for a single pool."
+_STAGE_ITEM_DOC = (
+    "In a pipeline, the item as it entered that stage (``item`` is the pipeline's input); "
+    "None for a single pool."
+)
+
 
 class _Record(tuple):  # type: ignore[type-arg]
     """The shared behaviour of the three records: fields by name, equality without
@@ -42,6 +48,7 @@ class _Record(tuple):  # type: ignore[type-arg]
     __slots__ = ()
     _fields: ClassVar[tuple[str, ...]]
     _hidden: ClassVar[frozenset[str]] = frozenset()
+    _optional: ClassVar[frozenset[str]] = frozenset()  # shown only when not None
 
     def __eq__(self, other: object) -> bool:
         # False, not NotImplemented, for anything else: a plain tuple with the same fields
@@ -60,7 +67,7 @@ class _Record(tuple):  # type: ignore[type-arg]
         shown = ", ".join(
             f"{name}={value!r}"
             for name, value in zip(self._fields, self, strict=True)
-            if name not in self._hidden
+            if name not in self._hidden and (value is not None or name not in self._optional)
         )
         return f"{type(self).__name__}({shown})"
 
@@ -117,14 +124,20 @@ class Failed(_Record):
     """
 
     __slots__ = ()
-    _fields = ("item", "error", "attempts", "traceback", "index")
+    _fields = ("item", "error", "attempts", "traceback", "stage", "stage_item", "index")
     _hidden = frozenset({"traceback"})
+    _optional = frozenset({"stage", "stage_item"})
     __match_args__ = ("item", "error", "attempts")
 
     def __new__(
-        cls, item: Any, error: BaseException, attempts: int, traceback: str, index: int = -1
+        cls, item: Any, error: BaseException, attempts: int, traceback: str, index: int = -1,
+        stage: str | None = None, stage_item: Any = None,
     ) -> Failed:
-        return tuple.__new__(cls, (item, error, attempts, traceback, index))
+        return tuple.__new__(cls, (item, error, attempts, traceback, stage, stage_item, index))
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        item, error, attempts, traceback, stage, stage_item, index = self
+        return (item, error, attempts, traceback, index, stage, stage_item)
 
     if TYPE_CHECKING:
 
@@ -137,13 +150,19 @@ class Failed(_Record):
         @property
         def traceback(self) -> str: ...
         @property
+        def stage(self) -> str | None: ...
+        @property
+        def stage_item(self) -> Any: ...
+        @property
         def index(self) -> int: ...  # type: ignore[override]
     else:
         item = property(itemgetter(0), doc="The item, as it was taken from the input.")
         error = property(itemgetter(1), doc="The exception of the last attempt.")
         attempts = property(itemgetter(2), doc="Attempts made (0: refused before one).")
         traceback = property(itemgetter(3), doc="The formatted text of ``error``.")
-        index = property(itemgetter(4), doc=_INDEX_DOC)
+        stage = property(itemgetter(4), doc=_STAGE_DOC)
+        stage_item = property(itemgetter(5), doc=_STAGE_ITEM_DOC)
+        index = property(itemgetter(6), doc=_INDEX_DOC)
 
     @property
     def outcome(self) -> outcome.Error:
@@ -163,13 +182,19 @@ class Unfinished(_Record):
     """
 
     __slots__ = ()
-    _fields = ("item", "attempts", "last_error", "index")
+    _fields = ("item", "attempts", "last_error", "stage", "stage_item", "index")
+    _optional = frozenset({"stage", "stage_item"})
     __match_args__ = ("item", "attempts", "last_error")
 
     def __new__(
-        cls, item: Any, attempts: int, last_error: BaseException | None, index: int = -1
+        cls, item: Any, attempts: int, last_error: BaseException | None, index: int = -1,
+        stage: str | None = None, stage_item: Any = None,
     ) -> Unfinished:
-        return tuple.__new__(cls, (item, attempts, last_error, index))
+        return tuple.__new__(cls, (item, attempts, last_error, stage, stage_item, index))
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        item, attempts, last_error, stage, stage_item, index = self
+        return (item, attempts, last_error, index, stage, stage_item)
 
     if TYPE_CHECKING:
 
@@ -180,12 +205,18 @@ class Unfinished(_Record):
         @property
         def last_error(self) -> BaseException | None: ...
         @property
+        def stage(self) -> str | None: ...
+        @property
+        def stage_item(self) -> Any: ...
+        @property
         def index(self) -> int: ...  # type: ignore[override]
     else:
         item = property(itemgetter(0), doc="The item, as it was taken from the input.")
         attempts = property(itemgetter(1), doc="Attempts that started.")
         last_error = property(itemgetter(2), doc="The last finished attempt's error, or None.")
-        index = property(itemgetter(3), doc=_INDEX_DOC)
+        stage = property(itemgetter(3), doc=_STAGE_DOC)
+        stage_item = property(itemgetter(4), doc=_STAGE_ITEM_DOC)
+        index = property(itemgetter(5), doc=_INDEX_DOC)
 
     @property
     def outcome(self) -> None:
@@ -248,6 +279,8 @@ class Report:
     failed: list[Failed]
     unfinished: list[Unfinished]
     stats: Stats
+    #: A pipeline's report: each stage's own stats, by stage name (empty for a pool).
+    stages: dict[str, Stats] = field(default_factory=dict, compare=False)
 
     @property
     def ok(self) -> bool:
