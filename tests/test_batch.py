@@ -21,7 +21,13 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conveyor._batch import BatchAnswerError, _split_calls_bound, call_batch, collect
+from conveyor._batch import (
+    BatchAnswerError,
+    _split_calls_bound,
+    call_batch,
+    call_batch_flat,
+    collect,
+)
 
 
 def channel(size: float = math.inf) -> tuple[trio.MemorySendChannel[Any],
@@ -496,3 +502,44 @@ async def test_split_gives_each_call_its_own_list_and_leaves_items_alone() -> No
     await call_batch(mutating, items, split=True)
     assert items == [1, 2, 3, 4]
     assert seen == [[1, 2, 3, 4], [1, 2], [1], [2], [3, 4], [3], [4]]
+
+
+# ---------------------------------------------------------------------------------------------
+# call_batch_flat: the same answers, one entry per item (a value or an Exception instance)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(0, 64),
+    poison=st.sets(st.integers(0, 63), max_size=5),
+    marked=st.sets(st.integers(0, 63), max_size=5),
+    split=st.booleans(),
+)
+def test_flat_entries_are_the_outcomes_unwrapped(
+    n: int, poison: set[int], marked: set[int], split: bool
+) -> None:
+    def service(items: list[int]) -> list[Any]:
+        if poison & set(items):
+            raise Poisoned(sorted(poison & set(items)))
+        return [ValueError(x) if x in marked else -x for x in items]
+
+    async def main() -> tuple[list[Any], list[outcome.Outcome[Any]]]:
+        items = list(range(n))
+        flat = await call_batch_flat(service, items, split=split)
+        return flat, await call_batch(service, items, split=split)
+
+    flat, outcomes = trio.run(main)
+    assert len(flat) == len(outcomes) == n
+    for entry, o in zip(flat, outcomes, strict=True):
+        if isinstance(o, outcome.Error):
+            assert type(entry) is type(o.error) and entry.args == o.error.args
+        else:
+            assert isinstance(o, outcome.Value) and entry == o.value
+
+
+async def test_flat_hands_on_the_batch_functions_own_list() -> None:
+    answer = [1, 2, 3]
+    assert await call_batch_flat(lambda xs: answer, [0, 0, 0], split=False) is answer
+    assert await call_batch_flat(lambda xs: (7, 8), [0, 0], split=False) == [7, 8]
+    with pytest.raises(TypeError, match="split must be True or False"):
+        await call_batch_flat(doubled, [1], split=None)  # type: ignore[arg-type]

@@ -9,10 +9,12 @@ Two building blocks, used by the pipeline's batching stage (and usable on their 
 - :func:`call_batch` calls ``batch_fn(items)`` once and turns its answer into one
   :class:`outcome.Outcome` per item. With ``split=True`` a call that raises is split in halves,
   recursively, so that only the items that make the batch fail get the error (the poison row
-  that makes a prediction server answer 400 for a whole batch).
+  that makes a prediction server answer 400 for a whole batch). :func:`call_batch_flat` does
+  the same and answers with one entry per item, the value or an ``Exception`` instance, so
+  that a batch that succeeds whole costs no object per item.
 
 Neither adds a task, a lock or a per-item await: collecting takes the items already waiting
-without a checkpoint each, and answering is one list comprehension.
+without a checkpoint each.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-__all__ = ["BatchAnswerError", "call_batch", "collect"]
+__all__ = ["BatchAnswerError", "call_batch", "call_batch_flat", "collect"]
 
 T = TypeVar("T")
 
@@ -167,6 +169,27 @@ async def call_batch(
         ``len(items)`` outcomes, in the order of ``items`` (``[]`` for no items, without
         calling ``batch_fn``).
     """
+    entries = await call_batch_flat(batch_fn, items, split=split, split_on=split_on)
+    error_type, Value, Error = Exception, outcome.Value, outcome.Error
+    return [Error(e) if isinstance(e, error_type) else Value(e) for e in entries]
+
+
+async def call_batch_flat(
+    batch_fn: Callable[[list[Any]], Any],
+    items: list[Any],
+    *,
+    split: bool,
+    split_on: Callable[[Exception], bool] | None = None,
+) -> list[Any]:
+    """:func:`call_batch` without the outcome objects: one entry per item, in order, which
+    is the item's value, or an ``Exception`` instance when the item failed.
+
+    The same calls, splitting and errors as :func:`call_batch`; only the shape of the answer
+    differs. It exists for speed: a batch that succeeds whole costs no object per item (the
+    batch function's own list is returned), where an ``outcome.Value`` costs about ten
+    times a tuple. Use it where items are counted by the million; :func:`call_batch` where
+    an ``Outcome`` per item reads better.
+    """
     if not callable(batch_fn):
         raise TypeError(f"batch_fn must be callable, got {batch_fn!r}")
     if not isinstance(split, bool):
@@ -175,7 +198,7 @@ async def call_batch(
         raise TypeError(f"split_on must be a callable taking the error, or None, got {split_on!r}")
     if not items:
         return []
-    return await _call(batch_fn, list(items), split, split_on)
+    return await _call(batch_fn, items, split, split_on)
 
 
 async def _call(
@@ -183,10 +206,10 @@ async def _call(
     items: list[Any],
     split: bool,
     split_on: Callable[[Exception], bool] | None,
-) -> list[outcome.Outcome[Any]]:
+) -> list[Any]:
     n = len(items)
     try:
-        answer = batch_fn(list(items) if split and n > 1 else items)
+        answer = batch_fn(list(items))  # its own list: items stay as they are, for a split
         if inspect.isawaitable(answer):
             answer = await answer
         else:  # a sync batch function: still a checkpoint, as every trio async call is
@@ -198,11 +221,9 @@ async def _call(
             return first + await _call(batch_fn, items[half:], split, split_on)
         return _fail_all(error, n)
     try:
-        values = _as_list(answer, n)
+        return _as_list(answer, n)
     except BatchAnswerError as error:
         return _fail_all(error, n)
-    error_type, Value, Error = Exception, outcome.Value, outcome.Error
-    return [Error(v) if isinstance(v, error_type) else Value(v) for v in values]
 
 
 def _should_split(split_on: Callable[[Exception], bool] | None, error: Exception) -> bool:
@@ -212,7 +233,7 @@ def _should_split(split_on: Callable[[Exception], bool] | None, error: Exception
 
 
 def _as_list(answer: object, n: int) -> list[Any]:
-    if type(answer) is list:
+    if type(answer) is list:  # the batch function's own list, handed on as it is
         values: list[Any] = answer
     elif (
         isinstance(answer, str | bytes | bytearray | Mapping)
@@ -233,12 +254,12 @@ def _as_list(answer: object, n: int) -> list[Any]:
     return values
 
 
-def _fail_all(error: Exception, n: int) -> list[outcome.Outcome[Any]]:
+def _fail_all(error: Exception, n: int) -> list[Any]:
     # Each item gets its own copy: one exception object raised from many tasks would collect
     # all their frames in one traceback.
-    failures: list[outcome.Outcome[Any]] = [outcome.Error(error)]
+    failures: list[Any] = [error]
     for _ in range(n - 1):
-        failures.append(outcome.Error(_copy_error(error)))
+        failures.append(_copy_error(error))
     return failures
 
 

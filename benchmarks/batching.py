@@ -1,0 +1,142 @@
+"""Scenario 6, batching: tiny jobs grouped into batches of 256 and sent to 2 worker processes.
+
+The question (issue 12): does micro-batching pay off per item? The same tiny jobs (`x + 1`)
+go to worker processes, 256 a round trip, and the figure is µs per job, pools started
+beforehand:
+
+- reference: asyncio, by hand: the items cut into chunks of 256, each chunk one
+  `loop.run_in_executor(ProcessPoolExecutor(2), tiny_chunk, chunk)`, all gathered (the same
+  row as in the offload scenario);
+- `conveyor.in_process_batched(tiny, batch_size=256)` under `conveyor.run`: one call per
+  item, batched behind the caller's back (what conveyor offered before batching stages);
+- the batching machinery (`conveyor._batch`): the items go into a trio channel; 4 batcher
+  tasks each take a batch with `collect(receive, 256, max_wait=0.05)` (size or time,
+  whichever first) and send it with `call_batch(in_process(tiny_chunk), batch)` (one round
+  trip per batch, one outcome per item); and the same with `call_batch_flat` (one entry per
+  item, no outcome object);
+- when the installed conveyor has pipelines: a one-stage pipeline whose stage is a batching
+  stage (`batch=conveyor.Batch(256, max_wait=0.05)`) calling `in_process(tiny_chunk)`.
+
+Goal: the batching stage's cost per item at most 2x the hand-chunked asyncio one.
+
+The functions are module-level so worker processes import them by name.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from time import perf_counter
+from typing import Any
+
+from benchmarks._harness import Case, Config, Sample, System, conveyor_has
+from benchmarks.offload import POOL, _warm_conveyor, many_asyncio, many_conveyor, tiny_chunk
+
+NAME = "batching"
+BATCH = 256
+MAX_WAIT = 0.05
+BATCHERS = 2 * POOL  # batches in flight or forming at once: a worker never waits for one
+
+
+def machinery(n: int, flat: bool) -> Sample:
+    """`collect` + `call_batch` (or `call_batch_flat`) + `in_process(tiny_chunk)`, by 4
+    batcher tasks."""
+    import outcome
+    import trio
+
+    import conveyor
+    from conveyor._batch import call_batch, call_batch_flat, collect
+
+    call = call_batch_flat if flat else call_batch
+
+    async def main() -> float:
+        await _warm_conveyor()
+        fn = conveyor.in_process(tiny_chunk)
+        results: list[list[Any]] = []
+        t0 = perf_counter()
+        send, receive = trio.open_memory_channel[int](BATCH * BATCHERS)
+
+        async def feed() -> None:
+            async with send:
+                for x in range(n):
+                    try:
+                        send.send_nowait(x)
+                    except trio.WouldBlock:
+                        await send.send(x)
+
+        async def batcher() -> None:
+            while batch := await collect(receive, BATCH, MAX_WAIT):
+                results.append(await call(fn, batch, split=False))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            for _ in range(BATCHERS):
+                nursery.start_soon(batcher)
+        dt = perf_counter() - t0
+        done = [o for part in results for o in part]
+        assert len(done) == n, len(done)
+        assert not any(isinstance(o, Exception | outcome.Error) for o in done)
+        return dt
+
+    return Sample(trio.run(main) / n * 1e6)
+
+
+def stage(n: int) -> Sample:
+    """A one-stage pipeline, the stage a batching stage over `in_process(tiny_chunk)`."""
+    import trio
+
+    import conveyor
+
+    async def main() -> float:
+        await _warm_conveyor()
+        pipe = conveyor.pipeline(  # type: ignore[attr-defined]
+            conveyor.stage(  # type: ignore[attr-defined]
+                conveyor.in_process(tiny_chunk),
+                workers=BATCHERS,
+                batch=conveyor.Batch(BATCH, max_wait=MAX_WAIT),  # type: ignore[attr-defined]
+            )
+        )
+        t0 = perf_counter()
+        report = await pipe.run(range(n))
+        dt = perf_counter() - t0
+        assert len(report.succeeded) == n, report.stats
+        return dt
+
+    return Sample(trio.run(main) / n * 1e6)
+
+
+def cases(cfg: Config) -> list[Case]:
+    many = cfg.pick(quick=50_000, full=200_000, smoke=600)
+    has_pipeline = conveyor_has("pipeline", "stage", "Batch")
+    return [
+        Case(
+            NAME,
+            f"batching tiny jobs: {many} in batches of {BATCH}, {POOL} worker processes",
+            "µs/job",
+            [
+                System(
+                    f"asyncio run_in_executor, chunks of {BATCH} by hand",
+                    partial(many_asyncio, many, BATCH),
+                    reference=True,
+                ),
+                System(
+                    f"conveyor in_process_batched({BATCH})",
+                    partial(many_conveyor, many, BATCH)
+                    if conveyor_has("run", "in_process_batched")
+                    else None,
+                ),
+                System(
+                    f"conveyor collect+call_batch({BATCH}), in_process(chunk)",
+                    partial(machinery, many, False) if conveyor_has("in_process") else None,
+                ),
+                System(
+                    f"conveyor collect+call_batch_flat({BATCH}), in_process(chunk)",
+                    partial(machinery, many, True) if conveyor_has("in_process") else None,
+                ),
+                System(
+                    f"conveyor batching stage Batch({BATCH}), in_process(chunk)",
+                    partial(stage, many) if has_pipeline else None,
+                ),
+            ],
+            comment="goal: the batching stage at most 2x the hand-chunked asyncio cost",
+        )
+    ]
