@@ -21,6 +21,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import conveyor
+from conveyor import Backoff, Retry
 from conveyor._batch import (
     BatchAnswerError,
     _split_calls_bound,
@@ -543,3 +545,131 @@ async def test_flat_hands_on_the_batch_functions_own_list() -> None:
     assert await call_batch_flat(lambda xs: (7, 8), [0, 0], split=False) == [7, 8]
     with pytest.raises(TypeError, match="split must be True or False"):
         await call_batch_flat(doubled, [1], split=None)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# retry: the parts of a split batch are retried per the policy, so a 503 on a half does not
+# give up its good items
+
+
+class Busy(Exception):
+    """A transient refusal (a 503): a retry heals it."""
+
+
+def flaky_service(poison: set[int], busy_per_call: list[int], calls: list[list[int]]
+                  ) -> Callable[[list[int]], list[int]]:
+    """Like poisoned_service, but the k-th *distinct* part called is refused as Busy the
+    first busy_per_call[k % len] times it is called."""
+    seen: dict[tuple[int, ...], int] = {}
+    order: dict[tuple[int, ...], int] = {}
+
+    async def service(items: list[int]) -> list[int]:
+        await trio.sleep(0.001)
+        calls.append(list(items))
+        key = tuple(items)
+        k = order.setdefault(key, len(order))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= busy_per_call[k % len(busy_per_call)]:
+            raise Busy(f"busy {key[:3]}")
+        bad = [x for x in items if x in poison]
+        if bad:
+            raise Poisoned(f"bad items {bad}")
+        return [x * x for x in items]
+
+    return service
+
+
+def is_poisoned(error: Exception) -> bool:
+    return isinstance(error, Poisoned)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    n=st.integers(1, 100),
+    busy=st.lists(st.integers(0, 2), min_size=1, max_size=7),
+)
+def test_split_with_retry_fails_exactly_the_poison_items_despite_transient_errors(
+    data: st.DataObject, n: int, busy: list[int]
+) -> None:
+    poison = data.draw(st.sets(st.integers(0, n - 1), max_size=min(n, 6)), label="poison")
+    calls: list[list[int]] = []
+    retry = Retry(attempts=3, backoff=None, retry_on=Busy)
+
+    async def main() -> list[outcome.Outcome[Any]]:
+        return await call_batch(flaky_service(poison, busy, calls), list(range(n)), split=True,
+                                split_on=is_poisoned, retry=retry)
+
+    outcomes = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    for x, o in enumerate(outcomes):
+        if x in poison:
+            assert isinstance(o, outcome.Error) and str(o.error) == f"bad items [{x}]"
+        else:
+            assert isinstance(o, outcome.Value) and o.value == x * x
+    distinct = {tuple(c) for c in calls}
+    assert len(distinct) <= _split_calls_bound(n, len(poison))  # retries aside, the same parts
+
+
+async def test_without_retry_a_busy_half_fails_its_good_items_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[list[int]] = []
+    # The first part (the whole batch) is refused for its poison item; the second part
+    # (0-3, all good) meets a 503 once.
+    service = flaky_service({5}, [0, 1, 0, 0, 0, 0, 0, 0], calls)
+    outcomes = await call_batch(service, list(range(8)), split=True, split_on=is_poisoned)
+    errors = [type(o.error) for o in outcomes if isinstance(o, outcome.Error)]
+    assert errors == [Busy] * 4 + [Poisoned]  # four good items given up with the 503
+    calls.clear()
+    service = flaky_service({5}, [0, 1, 0, 0, 0, 0, 0, 0], calls)
+    outcomes = await call_batch(service, list(range(8)), split=True, split_on=is_poisoned,
+                                retry=Retry(attempts=2, backoff=None, retry_on=Busy))
+    errors = [type(o.error) for o in outcomes if isinstance(o, outcome.Error)]
+    assert errors == [Poisoned]
+    assert calls[:3] == [list(range(8)), [0, 1, 2, 3], [0, 1, 2, 3]]  # the retry, at once
+
+
+async def test_retry_waits_the_policys_delay_and_the_errors_hint(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    starts: list[float] = []
+
+    async def busy_twice(items: list[int]) -> list[int]:
+        starts.append(trio.current_time())
+        if len(starts) == 1:
+            raise Busy("first")
+        if len(starts) == 2:
+            raise conveyor.RetryAfter(2.5, "second: Retry-After 2.5")
+        return items
+
+    retry = Retry(attempts=3, backoff=Backoff(initial=0.25, jitter=None))
+    outcomes = await call_batch(busy_twice, [1, 2], split=False, retry=retry)
+    assert values(outcomes) == [1, 2]
+    assert starts == [0.0, 0.25, 2.75]
+
+
+async def test_retries_run_out_then_the_items_fail_with_the_last_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[list[int]] = []
+
+    def always_busy(items: list[int]) -> list[int]:
+        calls.append(items)
+        raise Busy(len(calls))
+
+    outcomes = await call_batch(always_busy, [1, 2, 3, 4], split=True, split_on=is_poisoned,
+                                retry=Retry(attempts=3, backoff=None))
+    assert len(calls) == 3  # attempts of the whole batch; Busy does not split
+    assert [str(o.error) for o in outcomes if isinstance(o, outcome.Error)] == ["3"] * 4
+    # Not retryable (retryable = False) or rejected by retry_on: no second attempt.
+    calls.clear()
+    outcomes = await call_batch(always_busy, [1], split=False,
+                                retry=Retry(attempts=3, retry_on=KeyError))
+    assert len(calls) == 1
+
+
+async def test_retry_must_be_a_retry_policy() -> None:
+    with pytest.raises(TypeError, match=r"retry must be a conveyor.Retry or None, got 3"):
+        await call_batch(doubled, [1], split=False, retry=3)  # type: ignore[arg-type]
+    # The fix the message names.
+    assert values(await call_batch(doubled, [1], split=False, retry=Retry())) == [2]

@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from ._retry import Retry
+
 __all__ = ["BatchAnswerError", "call_batch", "call_batch_flat", "collect"]
 
 T = TypeVar("T")
@@ -128,6 +130,7 @@ async def call_batch(
     *,
     split: bool,
     split_on: Callable[[Exception], bool] | None = None,
+    retry: Retry | None = None,
 ) -> list[outcome.Outcome[Any]]:
     """Call ``batch_fn(items)`` and give each item its own outcome, in order.
 
@@ -153,7 +156,16 @@ async def call_batch(
       predicate on the error) limits splitting to the errors it accepts, e.g. a 400 naming
       a bad row but not a 503 that a retry heals; by default every ``Exception`` splits.
     - an answer that is not one value per item fails every item of that call with
-      :class:`BatchAnswerError`, naming both lengths; it is never split.
+      :class:`BatchAnswerError`, naming both lengths; it is never split nor retried.
+    - with ``retry`` (a :class:`conveyor.Retry`), a call that raises an error the policy
+      retries (``retry.should_retry(error, attempts)``, attempts counted per call: the whole
+      batch, or one part of it) is made again after ``retry.delay(error, attempts)``
+      seconds, before any split. This is for the parts of a split batch: while a poison row
+      is being isolated, a half that meets a 503 is retried rather than failed, so the good
+      rows in it are not given up. An error the policy does not retry, or one that is still
+      there when the attempts run out, then splits (``split_on`` permitting) or fails the
+      items. The policy's ``budget`` is not applied here (the caller's pool applies it to
+      the whole call).
 
     ``BaseException`` that is not an ``Exception`` (``trio.Cancelled``, ``KeyboardInterrupt``)
     propagates: a cancel during a call leaves the outcomes of the parts already called
@@ -164,12 +176,15 @@ async def call_batch(
         items: the batch (not modified; each call gets a list of its own).
         split: split a failing batch in halves to isolate the items that make it fail.
         split_on: which errors split a batch (with ``split=True``); None: every error.
+        retry: retry each call (each part of a split batch) per this policy; None: never.
 
     Returns:
         ``len(items)`` outcomes, in the order of ``items`` (``[]`` for no items, without
         calling ``batch_fn``).
     """
-    entries = await call_batch_flat(batch_fn, items, split=split, split_on=split_on)
+    entries = await call_batch_flat(
+        batch_fn, items, split=split, split_on=split_on, retry=retry
+    )
     error_type, Value, Error = Exception, outcome.Value, outcome.Error
     return [Error(e) if isinstance(e, error_type) else Value(e) for e in entries]
 
@@ -180,6 +195,7 @@ async def call_batch_flat(
     *,
     split: bool,
     split_on: Callable[[Exception], bool] | None = None,
+    retry: Retry | None = None,
 ) -> list[Any]:
     """:func:`call_batch` without the outcome objects: one entry per item, in order, which
     is the item's value, or an ``Exception`` instance when the item failed.
@@ -196,9 +212,11 @@ async def call_batch_flat(
         raise TypeError(f"split must be True or False, got {split!r}")
     if split_on is not None and not callable(split_on):
         raise TypeError(f"split_on must be a callable taking the error, or None, got {split_on!r}")
+    if retry is not None and not isinstance(retry, Retry):
+        raise TypeError(f"retry must be a conveyor.Retry or None, got {retry!r}")
     if not items:
         return []
-    return await _call(batch_fn, items, split, split_on)
+    return await _call(batch_fn, items, split, split_on, retry)
 
 
 async def _call(
@@ -206,20 +224,28 @@ async def _call(
     items: list[Any],
     split: bool,
     split_on: Callable[[Exception], bool] | None,
+    retry: Retry | None,
 ) -> list[Any]:
     n = len(items)
-    try:
-        answer = batch_fn(list(items))  # its own list: items stay as they are, for a split
-        if inspect.isawaitable(answer):
-            answer = await answer
-        else:  # a sync batch function: still a checkpoint, as every trio async call is
-            await trio.lowlevel.checkpoint()
-    except Exception as error:
-        if split and n > 1 and _should_split(split_on, error):
-            half = n // 2
-            first = await _call(batch_fn, items[:half], split, split_on)
-            return first + await _call(batch_fn, items[half:], split, split_on)
-        return _fail_all(error, n)
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            answer = batch_fn(list(items))  # its own list: items stay as they are
+            if inspect.isawaitable(answer):
+                answer = await answer
+            else:  # a sync batch function: still a checkpoint, as every trio async call is
+                await trio.lowlevel.checkpoint()
+            break
+        except Exception as error:
+            if retry is not None and retry.should_retry(error, attempts):
+                await trio.sleep(retry.delay(error, attempts))
+                continue
+            if split and n > 1 and _should_split(split_on, error):
+                half = n // 2
+                first = await _call(batch_fn, items[:half], split, split_on, retry)
+                return first + await _call(batch_fn, items[half:], split, split_on, retry)
+            return _fail_all(error, n)
     try:
         return _as_list(answer, n)
     except BatchAnswerError as error:
