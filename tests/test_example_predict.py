@@ -2,7 +2,9 @@
 
 End-to-end layer: every good row is scored exactly once and equals the model computed here;
 every bad row is reported with the server's reason; nothing is lost or duplicated with about
-20% of requests failing (10% 503, 10% dropped connections). The client killed half-way
+20% of requests failing (10% 503, 10% dropped connections). On servers whose 400 does not say
+which row is bad, split-on-failure gives up the bad rows alone, where the client without it
+gives up their whole batches. The client killed half-way
 (SIGINT, then SIGKILL) and run again: the output is complete, each row once, and the second
 run sent only what the journal did not hold. The server answers a hypothesis-fuzzed set of
 bad bodies with a 4xx each and stays up. Contract layer: the model's checks name the row.
@@ -82,6 +84,12 @@ def flaky_fleet() -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="module")
+def terse_fleet() -> Iterator[list[str]]:
+    """Two servers failing about 20% of requests whose 400 does not say which row is bad."""
+    yield from start_servers(*[["--fail-rate", "0.1", "--drop-rate", "0.1", "--terse-400"]] * 2)
+
+
+@pytest.fixture(scope="module")
 def slow_fleet() -> Iterator[list[str]]:
     """One server taking 0.1 s a request: a client can be killed half-way through."""
     yield from start_servers(["--delay", "0.1"])
@@ -107,7 +115,8 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, st
 # What a correct output is
 
 
-def check_output(sample_path: Path, output: Path, planted: dict[int, str]) -> None:
+def check_output(sample_path: Path, output: Path, planted: dict[int, str],
+                 terse: bool = False) -> None:
     """Each row once, in order; a good row's prediction equals the model computed here; a bad
     row has none and is in the failures file with the server's reason; nothing given up."""
     inputs = list(client.iter_csv(sample_path))[1:]
@@ -125,7 +134,8 @@ def check_output(sample_path: Path, output: Path, planted: dict[int, str]) -> No
     reported = {int(rows): why for _, rows, _, why in failures[1:]}
     assert set(reported) == set(planted)
     for position, kind in planted.items():
-        assert REASONS[kind] in reported[position], (position, kind, reported[position])
+        why = "rejected: 400: bad input" if terse else REASONS[kind]
+        assert why in reported[position], (position, kind, reported[position])
 
 
 def succeeded_in_journal(journal: Path) -> int:
@@ -155,13 +165,44 @@ async def test_every_good_row_is_scored_once_and_every_bad_row_reported_at_20pct
     check_output(sample_path, output, planted)
     assert outcome.scored == ROWS - BAD
     assert outcome.from_journal == 0
+    assert outcome.rows_given_up == BAD and not outcome.given_up and not outcome.given_up_rows
     # The faults really happened, and only retryable ones were retried.
     failed_attempts = sum(1 for _, ok in outcome.latencies if not ok)
     assert failed_attempts >= 0.1 * len(outcome.latencies)
     assert set(outcome.retries) <= {"503 unavailable", "connection dropped"}
     assert outcome.retries["503 unavailable"] > 0 and outcome.retries["connection dropped"] > 0
-    # A 400 was never retried: each rejected batch was sent once.
+    # The 400s named their rows: nothing was split.
+    assert outcome.split_batches == 0
     assert outcome.requests == len(outcome.latencies)
+
+
+@pytest.mark.slow
+async def test_split_on_failure_gives_up_only_the_bad_rows_a_terse_400_refused(
+    terse_fleet: list[str], sample: tuple[Path, dict[int, str]], tmp_path: Path
+) -> None:
+    sample_path, planted = sample
+    batches_with_bad = {position // client.BATCH_SIZE for position in planted}
+    # Without splitting (the client before batching), each batch holding a bad row is given
+    # up whole: 500 rows for the sake of one.
+    whole = await client.score_file(sample_path, tmp_path / "whole.csv", terse_fleet,
+                                    progress=False, split=False)
+    assert {batch.positions[0] // client.BATCH_SIZE for batch, _, _ in whole.given_up} == (
+        batches_with_bad)
+    assert whole.rows_given_up == client.BATCH_SIZE * len(batches_with_bad)
+    assert whole.scored == ROWS - whole.rows_given_up
+    # With it, the same faults give up the bad rows alone; every good row is scored once.
+    output = tmp_path / "out.csv"
+    outcome = await client.score_file(sample_path, output, terse_fleet, progress=False)
+    check_output(sample_path, output, planted, terse=True)
+    assert outcome.rows_given_up == BAD and not outcome.given_up and not outcome.given_up_rows
+    assert outcome.split_batches == len(batches_with_bad)
+    # O(p log n) requests to isolate them, retries aside: at most 2 ceil(log2 500) = 18 per
+    # bad row, beyond one request per batch.
+    failed = sum(1 for _, ok in outcome.latencies if not ok) - outcome.split_batches
+    assert len(outcome.latencies) - failed <= ROWS // client.BATCH_SIZE + 18 * BAD
+    report = client.format_report(outcome, output, len(terse_fleet))
+    assert f"given up  {BAD} rows: {BAD} bad rows" in report, report
+    assert f"{len(batches_with_bad)} split in halves" in report, report
 
 
 async def run_client_and_kill(
@@ -217,7 +258,7 @@ async def test_a_client_killed_half_way_resumes_and_scores_each_row_once(
     # Exactly what the journal held was skipped; the rest was sent once each (first pass).
     batches = ROWS // client.BATCH_SIZE
     assert outcome.from_journal == done
-    assert outcome.sent_batches - outcome.repair_batches == batches - done
+    assert outcome.sent_batches == batches - done
 
 
 @pytest.mark.slow
@@ -230,6 +271,7 @@ def test_the_demo_scores_a_small_sample_and_resumes_from_its_journal(tmp_path: P
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "3,999 predictions equal the model computed locally; 1 bad rows reported" in out, out
+    assert "given up  1 rows: 1 bad rows" in out, out
     assert "taken from the journal" in out and "output unchanged: True" in out, out
     assert out.count("saw: {") == 4, out
 
@@ -329,10 +371,6 @@ def test_batch_keys_follow_the_rows_and_their_text() -> None:
     assert batch.key == client.Batch.of([10, 11, 12, 13], texts).key
     assert batch.key != client.Batch.of([10, 11, 12, 13], [*texts[:3], ["9"] * WIDTH]).key
     assert batch.key.startswith("rows 10-13 (4) ")
-    rest = batch.without({1, 2})
-    assert rest is not None and rest.positions == (10, 13)
-    assert rest.rows == (batch.rows[0], batch.rows[3])
-    assert batch.without({0, 1, 2, 3}) is None
 
 
 def test_retry_after_is_read_leniently() -> None:

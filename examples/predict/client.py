@@ -10,9 +10,14 @@ prediction servers over HTTP, concurrently, through ``conveyor.run``:
 - **Retries**: 503 and 429 are retried after their ``Retry-After`` (raised as
   ``conveyor.RetryAfter``), dropped connections and other transport errors after the
   backoff; a 400 (a bad row) or 413 gives up at once.
-- **Bad rows**: a 400 names the bad rows of its batch; once a pass is over, the other rows
-  of such batches are sent again as a smaller batch, until every good row is scored and
-  every bad row is reported with the server's reason.
+- **Bad rows, isolated**: one bad row makes a server answer 400 for its whole batch. If the
+  400 names the bad rows, they are set aside with the server's reason and the other rows
+  are sent again at once, in the same attempt. If it does not (a terse server, or a 413
+  for a body too big), the batch is split in halves, recursively, with conveyor's batching
+  (``call_batch_flat(split=True)``), until the rows that make it fail are alone: only they
+  are given up, every good row is scored. The parts of a split batch are retried on 503,
+  429 and dropped connections like whole batches, so a 503 met while isolating a bad row
+  does not give up the good rows of that part.
 - **Resuming**: ``journal=OUTPUT.journal, key=batch_key``: a run that was stopped (Ctrl-C,
   a crash, SIGKILL) and started again with the same output path sends only the batches
   the journal does not hold as succeeded. A batch's key is its rows' positions and a hash
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -45,6 +51,7 @@ import httpx
 import trio
 
 import conveyor
+from conveyor._batch import call_batch_flat
 
 from .model import WIDTH
 
@@ -79,20 +86,6 @@ class Batch:
         key = f"rows {first}-{last} ({len(positions)}) {digest.hexdigest()}"
         return cls(key, tuple(positions), tuple(tuple(_cell(c) for c in t) for t in texts))
 
-    def without(self, bad: set[int]) -> Batch | None:
-        """The same batch without the rows at ``bad`` indexes (None if nothing is left)."""
-        keep = [i for i in range(len(self.positions)) if i not in bad]
-        if not keep:
-            return None
-        return Batch.of(
-            [self.positions[i] for i in keep],
-            [[_text(v) for v in self.rows[i]] for i in keep],
-        )
-
-    def body(self) -> bytes:
-        # NaN travels as the JSON extension token NaN, which the server reads and refuses.
-        return json.dumps({"rows": self.rows}).encode()
-
 
 def batch_key(batch: Batch) -> str:
     """The journal key of a batch."""
@@ -106,10 +99,6 @@ def _cell(text: str) -> Any:
         return float(text)
     except ValueError:
         return text
-
-
-def _text(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
 
 
 def read_batches(path: Path, batch_size: int) -> tuple[list[Batch], int]:
@@ -193,6 +182,23 @@ class Rejected(Exception):
 RETRYABLE = (ServerBusy, ServerError, httpx.TransportError, conveyor.AttemptTimeout)
 
 
+class RowFailed(Exception):
+    """In a batch's answer, in the place of a row that was not scored: ``kind`` is
+    ``"bad row"`` (the server refused the row itself) or ``"given up"`` (its part of the
+    batch kept failing: retries ran out); ``why`` is the reason. Plain args, so it pickles
+    into the journal."""
+
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(kind, why)
+        self.kind = kind
+        self.why = why
+
+
+def is_rejected(error: Exception) -> bool:
+    """The errors that split a batch: the server refused the batch for its content."""
+    return isinstance(error, Rejected)
+
+
 def reason(error: BaseException) -> str:
     """A short name for why an attempt failed (the report groups by it)."""
     if isinstance(error, ServerBusy):
@@ -256,15 +262,20 @@ class Fleet:
 
     async def predict(self, batch: Batch) -> list[float]:
         """One attempt: send ``batch`` to a server; its predictions, or an error."""
+        return await self.predict_rows(batch.key, batch.rows)
+
+    async def predict_rows(self, key: str, rows: Sequence[tuple[Any, ...]]) -> list[float]:
+        """One request: send ``rows`` (of the batch ``key``) to a server; one prediction
+        per row, or an error."""
         server = await self._take()
         start = trio.current_time()
         ok = False
         try:
-            predictions = await self._post(server, batch)
+            predictions = await self._post(server, rows)
             ok = True
             return predictions
         except Exception as error:
-            self.failures[batch.key][reason(error)] += 1
+            self.failures[key][reason(error)] += 1
             if isinstance(error, RETRYABLE):
                 # Prefer the other servers for a while.
                 delay = error.retry_after if isinstance(error, ServerBusy) else 0.5
@@ -274,9 +285,9 @@ class Fleet:
             self.latencies.append((trio.current_time() - start, ok))
             self._give_back(server)
 
-    async def _post(self, server: Server, batch: Batch) -> list[float]:
+    async def _post(self, server: Server, rows: Sequence[tuple[Any, ...]]) -> list[float]:
         response = await self.http.post(
-            f"{server.url}/predict", content=batch.body(),
+            f"{server.url}/predict", content=json.dumps({"rows": list(rows)}).encode(),
             headers={"content-type": "application/json"},
         )
         status = response.status_code
@@ -285,7 +296,7 @@ class Fleet:
                 predictions = response.json()["predictions"]
             except (ValueError, KeyError, TypeError) as error:
                 raise ServerError(f"server {server.index}: unreadable answer: {error}") from None
-            if not isinstance(predictions, list) or len(predictions) != len(batch.rows):
+            if not isinstance(predictions, list) or len(predictions) != len(rows):
                 raise ServerError(f"server {server.index}: wrong number of predictions")
             return predictions
         if status in (429, 503):
@@ -328,16 +339,80 @@ class Outcome:
     predictions: list[float | None] = field(default_factory=list)
     bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
     given_up: list[tuple[Batch, int, str]] = field(default_factory=list)  # batch, attempts, why
+    given_up_rows: list[tuple[int, str]] = field(default_factory=list)  # parts that kept failing
     from_journal: int = 0
     sent_batches: int = 0
-    repair_batches: int = 0
+    split_batches: int = 0  # batches split in halves to isolate the rows a terse 400 refused
     requests: int = 0
     retried: Counter[str] = field(default_factory=Counter)  # reason -> batches retried for it
-    retries: Counter[str] = field(default_factory=Counter)  # reason -> failed attempts retried
+    retries: Counter[str] = field(default_factory=Counter)  # reason -> failed requests retried
     latencies: list[tuple[float, bool]] = field(default_factory=list)
     slots: int = 0
     elapsed: float = 0.0  # the whole job: reading, sending, writing
     sending: float = 0.0  # inside conveyor.run
+
+    @property
+    def rows_given_up(self) -> int:
+        """Rows not scored: the bad rows, and the rows of batches or parts given up."""
+        return (len(self.bad_rows) + len(self.given_up_rows)
+                + sum(len(batch.positions) for batch, _, _ in self.given_up))
+
+
+@dataclass
+class Scorer:
+    """The task function: score one batch, giving each row its own prediction or failure.
+
+    The whole batch is sent first: an error worth retrying (503, 429, a dropped connection)
+    is raised, and the pool retries the whole batch. A 400 naming the bad rows sets them
+    aside and sends the others again at once. A 400 that does not say which rows (or a
+    413) splits the batch in halves, recursively (``call_batch_flat(split=True)``), each
+    part retried on the same errors as a batch, until the rows that make it fail are alone.
+    """
+
+    fleet: Fleet
+    retry: conveyor.Retry
+    split: bool = True
+    splits: int = 0
+
+    async def __call__(self, batch: Batch) -> list[float | RowFailed]:
+        rows = list(batch.rows)
+        send = functools.partial(self.send, batch.key)
+        try:
+            entries: list[Any] = await send(rows)
+        except Rejected:
+            if not self.split or len(rows) < 2:
+                raise
+            self.splits += 1
+            half = len(rows) // 2
+            entries = []
+            for part in (rows[:half], rows[half:]):
+                entries += await call_batch_flat(
+                    send, part, split=True, split_on=is_rejected, retry=self.retry
+                )
+        return [self._entry(e) for e in entries]
+
+    async def send(self, key: str, rows: list[tuple[Any, ...]]) -> list[Any]:
+        """One part: its predictions; a 400 naming rows sets them aside and sends the rest."""
+        try:
+            return await self.fleet.predict_rows(key, rows)
+        except Rejected as error:
+            named = {i: why for i, why in error.bad_rows if 0 <= i < len(rows)}
+            if not named:
+                raise  # which rows, the server did not say: the caller splits
+        rest = [i for i in range(len(rows)) if i not in named]
+        scored = await self.send(key, [rows[i] for i in rest]) if rest else []
+        entries: list[Any] = [RowFailed("bad row", why) for why in named.values()]
+        placed: dict[int, Any] = dict(zip(named, entries, strict=True))
+        placed.update(zip(rest, scored, strict=True))
+        return [placed[i] for i in range(len(rows))]
+
+    @staticmethod
+    def _entry(entry: Any) -> float | RowFailed:
+        if not isinstance(entry, Exception) or isinstance(entry, RowFailed):
+            return entry  # type: ignore[no-any-return]
+        if isinstance(entry, Rejected):  # a part of one row, refused whole: that row is bad
+            return RowFailed("bad row", reason(entry))
+        return RowFailed("given up", reason(entry))
 
 
 async def score_file(
@@ -349,8 +424,12 @@ async def score_file(
     per_server: int = PER_SERVER,
     attempts: int = ATTEMPTS,
     progress: bool = True,
+    split: bool = True,
 ) -> Outcome:
-    """Score every row of ``input_path`` on the servers at ``urls``; write the outputs."""
+    """Score every row of ``input_path`` on the servers at ``urls``; write the outputs.
+
+    ``split=False`` gives up a batch refused whole by a 400 that names no row (the client
+    before batching had no other way), to compare."""
     started = time.perf_counter()
     batches, rows = await trio.to_thread.run_sync(read_batches, input_path, batch_size)
     outcome = Outcome(rows=rows, batches=len(batches), slots=len(urls) * per_server)
@@ -362,39 +441,34 @@ async def score_file(
     )
     limits = httpx.Limits(max_connections=outcome.slots + len(urls),
                           max_keepalive_connections=outcome.slots)
-    scored: dict[str, tuple[Batch, list[float]]] = {}
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
         fleet = Fleet(urls, per_server, http)
-        pending = batches
-        while pending:
-            sending = time.perf_counter()
-            report = await conveyor.run(
-                fleet.predict, pending,
-                workers=outcome.slots, retry=retry, timeout=TIMEOUT,
-                journal=journal, key=batch_key, progress=progress,
-            )
-            outcome.sending += time.perf_counter() - sending
-            outcome.from_journal += len(report.succeeded) - report.stats.succeeded
-            outcome.sent_batches += report.stats.submitted
-            outcome.requests += report.stats.attempts
-            for success in report.succeeded:
-                scored[success.item.key] = (success.item, success.value)
-            pending = []
-            for failed in report.failed:
-                batch: Batch = failed.item
-                error = failed.error
-                if isinstance(error, Rejected) and error.bad_rows:
-                    named = {index for index, _ in error.bad_rows}
-                    for index, why in error.bad_rows:
-                        outcome.bad_rows.append((batch.positions[index], why))
-                    rest = batch.without(named)
-                    if rest is not None:
-                        pending.append(rest)  # the good rows, as a new batch, next pass
-                else:
-                    outcome.given_up.append((batch, failed.attempts, reason(error)))
-            outcome.repair_batches += len(pending)
-    for batch, _, why in outcome.given_up:
-        fleet.failures[batch.key][why] -= 1  # its last failure was not retried
+        scorer = Scorer(fleet, retry, split)
+        sending = time.perf_counter()
+        report = await conveyor.run(
+            scorer, batches,
+            workers=outcome.slots, retry=retry, timeout=TIMEOUT,
+            journal=journal, key=batch_key, progress=progress,
+        )
+        outcome.sending = time.perf_counter() - sending
+    outcome.from_journal = len(report.succeeded) - report.stats.succeeded
+    outcome.sent_batches = report.stats.submitted
+    outcome.split_batches = scorer.splits
+    outcome.requests = len(fleet.latencies)
+    predictions: list[float | None] = [None] * rows
+    for success in report.succeeded:
+        batch: Batch = success.item
+        for position, entry in zip(batch.positions, success.value, strict=True):
+            if isinstance(entry, RowFailed):
+                (outcome.bad_rows if entry.kind == "bad row" else outcome.given_up_rows).append(
+                    (position, entry.why))
+            elif predictions[position] is not None:
+                raise AssertionError(f"row {position} scored twice")
+            else:
+                predictions[position] = entry
+    for failed in report.failed:
+        outcome.given_up.append((failed.item, failed.attempts, reason(failed.error)))
+        fleet.failures[failed.item.key][reason(failed.error)] -= 1  # not retried
     for reasons in fleet.failures.values():
         for why, count in reasons.items():
             if count <= 0 or why.startswith(("400", "rejected")):
@@ -402,17 +476,10 @@ async def score_file(
             outcome.retried[why] += 1
             outcome.retries[why] += count
     outcome.latencies = fleet.latencies
-
-    # Predictions in input order, each row at most once (a batch is in `scored` once).
-    predictions: list[float | None] = [None] * rows
-    for batch, values in scored.values():
-        for position, value in zip(batch.positions, values, strict=True):
-            if predictions[position] is not None:
-                raise AssertionError(f"row {position} scored twice")
-            predictions[position] = value
     outcome.predictions = predictions
     outcome.scored = sum(1 for p in predictions if p is not None)
     outcome.bad_rows.sort()
+    outcome.given_up_rows.sort()
     await trio.to_thread.run_sync(write_outputs, output_path, outcome)
     outcome.elapsed = time.perf_counter() - started
     return outcome
@@ -440,6 +507,8 @@ def write_outputs(output_path: Path, outcome: Outcome) -> None:
         writer.writerow(["kind", "rows", "attempts", "reason"])
         for position, why in outcome.bad_rows:
             writer.writerow(["bad row", position, 1, why])
+        for position, why in outcome.given_up_rows:
+            writer.writerow(["row", position, "", why])
         for batch, attempts, why in outcome.given_up:
             writer.writerow(
                 ["batch", f"{batch.positions[0]}-{batch.positions[-1]}", attempts, why]
@@ -473,21 +542,22 @@ def format_report(outcome: Outcome, output_path: Path, servers: int) -> str:
         f"predict: {outcome.rows:,} rows in {outcome.batches} batches, {servers} servers, "
         f"{outcome.slots} requests at once at most",
         f"  scored    {outcome.scored:,} rows -> {output_path}",
-        f"  batches   {outcome.sent_batches} sent ({outcome.repair_batches} of them the good "
-        f"rows of rejected batches), {outcome.from_journal} taken from the journal; "
-        f"{outcome.requests} requests",
+        f"  batches   {outcome.sent_batches} sent, {outcome.from_journal} taken from the "
+        f"journal; {outcome.split_batches} split in halves to isolate the rows a 400 refused "
+        f"without naming them; {outcome.requests} requests",
     ]
     if outcome.retries:
         why = ", ".join(
             f"{reason_} x{outcome.retries[reason_]} ({outcome.retried[reason_]} batches)"
             for reason_ in sorted(outcome.retries, key=outcome.retries.__getitem__, reverse=True)
         )
-        lines.append(f"  retried   {sum(outcome.retries.values())} attempts: {why}")
+        lines.append(f"  retried   {sum(outcome.retries.values())} requests: {why}")
     else:
         lines.append("  retried   nothing")
     rejected = len({p for p, _ in outcome.bad_rows})
     lines.append(
-        f"  given up  {rejected} bad rows (400, at once), {len(outcome.given_up)} batches "
+        f"  given up  {outcome.rows_given_up:,} rows: {rejected} bad rows (400, at once), "
+        f"{len(outcome.given_up_rows)} rows of parts and {len(outcome.given_up)} batches "
         f"after retries -> {failures_path(output_path)}"
     )
     for position, why in outcome.bad_rows[:8]:
@@ -496,6 +566,8 @@ def format_report(outcome: Outcome, output_path: Path, servers: int) -> str:
         lines.append(f"              ... and {len(outcome.bad_rows) - 8} more")
     for batch, attempts, why in outcome.given_up[:5]:
         lines.append(f"              {batch.key}: {why} after {attempts} attempts")
+    for position, why in outcome.given_up_rows[:5]:
+        lines.append(f"              row {position}: {why} (its part, after retries)")
     with_faults, without = ideal_seconds(outcome)
     if with_faults:
         lines.append(
@@ -524,6 +596,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests at once on each server")
     parser.add_argument("--attempts", type=int, default=ATTEMPTS, help="attempts per batch")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+    parser.add_argument("--no-split", action="store_true",
+                        help="give up a batch refused by a 400 that names no row, instead of "
+                             "splitting it to isolate the bad rows (to compare)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -538,7 +613,7 @@ def main(args: argparse.Namespace) -> int:
             lambda: score_file(
                 args.input, args.output, urls, batch_size=args.batch_size,
                 per_server=args.per_server, attempts=args.attempts,
-                progress=not args.no_progress,
+                progress=not args.no_progress, split=not args.no_split,
             )
         )
     except KeyboardInterrupt:
