@@ -9,11 +9,12 @@ beforehand:
   row as in the offload scenario);
 - `conveyor.in_process_batched(tiny, batch_size=256)` under `conveyor.run`: one call per
   item, batched behind the caller's back (what conveyor offered before batching stages);
-- the batching machinery (`conveyor._batch`): the items go into a trio channel; 4 batcher
-  tasks each take a batch with `collect(receive, 256, max_wait=0.05)` (size or time,
-  whichever first) and send it with `call_batch(in_process(tiny_chunk), batch)` (one round
-  trip per batch, one outcome per item); and the same with `call_batch_flat` (one entry per
-  item, no outcome object);
+- the batching machinery (`conveyor._batch`), two ways: the items go into a trio channel,
+  4 batcher tasks each take a batch with `collect(receive, 256, max_wait=0.05)` (size or
+  time, whichever first) and send it with `call_batch(in_process(tiny_chunk), batch)` (one
+  round trip per batch, one `outcome` per item); or the items are put in a `Collector`
+  (a list append each) and each batch answered by `call_batch_flat` (one entry per item,
+  the value itself);
 - when the installed conveyor has pipelines: a one-stage pipeline whose stage is a batching
   stage (`batch=conveyor.Batch(256, max_wait=0.05)`) calling `in_process(tiny_chunk)`.
 
@@ -37,35 +38,50 @@ MAX_WAIT = 0.05
 BATCHERS = 2 * POOL  # batches in flight or forming at once: a worker never waits for one
 
 
-def machinery(n: int, flat: bool) -> Sample:
-    """`collect` + `call_batch` (or `call_batch_flat`) + `in_process(tiny_chunk)`, by 4
-    batcher tasks."""
+def machinery(n: int, cheap: bool) -> Sample:
+    """4 batcher tasks sending batches to `in_process(tiny_chunk)`: with `cheap`, taken from
+    a `Collector` and answered by `call_batch_flat`; else taken from a trio channel by
+    `collect` and answered by `call_batch` (an `outcome` per item)."""
     import outcome
     import trio
 
     import conveyor
-    from conveyor._batch import call_batch, call_batch_flat, collect
-
-    call = call_batch_flat if flat else call_batch
+    from conveyor._batch import Collector, call_batch, call_batch_flat, collect
 
     async def main() -> float:
         await _warm_conveyor()
         fn = conveyor.in_process(tiny_chunk)
         results: list[list[Any]] = []
         t0 = perf_counter()
-        send, receive = trio.open_memory_channel[int](BATCH * BATCHERS)
+        if cheap:
+            collector: Collector[int] = Collector(BATCH, MAX_WAIT)
 
-        async def feed() -> None:
-            async with send:
-                for x in range(n):
-                    try:
-                        send.send_nowait(x)
-                    except trio.WouldBlock:
-                        await send.send(x)
+            async def feed() -> None:
+                put = collector.put
+                for i, x in enumerate(range(n)):
+                    put(x)
+                    if not i % BATCH:
+                        await trio.lowlevel.checkpoint()
+                collector.close()
 
-        async def batcher() -> None:
-            while batch := await collect(receive, BATCH, MAX_WAIT):
-                results.append(await call(fn, batch, split=False))
+            async def batcher() -> None:
+                while batch := await collector.take():
+                    results.append(await call_batch_flat(fn, batch, split=False))
+
+        else:
+            send, receive = trio.open_memory_channel[int](BATCH * BATCHERS)
+
+            async def feed() -> None:
+                async with send:
+                    for x in range(n):
+                        try:
+                            send.send_nowait(x)
+                        except trio.WouldBlock:
+                            await send.send(x)
+
+            async def batcher() -> None:
+                while batch := await collect(receive, BATCH, MAX_WAIT):
+                    results.append(await call_batch(fn, batch, split=False))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feed)
@@ -125,11 +141,11 @@ def cases(cfg: Config) -> list[Case]:
                     else None,
                 ),
                 System(
-                    f"conveyor collect+call_batch({BATCH}), in_process(chunk)",
+                    f"conveyor channel+collect+call_batch({BATCH}), in_process(chunk)",
                     partial(machinery, many, False) if conveyor_has("in_process") else None,
                 ),
                 System(
-                    f"conveyor collect+call_batch_flat({BATCH}), in_process(chunk)",
+                    f"conveyor Collector+call_batch_flat({BATCH}), in_process(chunk)",
                     partial(machinery, many, True) if conveyor_has("in_process") else None,
                 ),
                 System(

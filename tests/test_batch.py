@@ -25,6 +25,7 @@ import conveyor
 from conveyor import Backoff, Retry
 from conveyor._batch import (
     BatchAnswerError,
+    Collector,
     _split_calls_bound,
     call_batch,
     call_batch_flat,
@@ -255,6 +256,168 @@ def test_cancel_at_any_instant_loses_nothing_and_duplicates_nothing(
                 break
         taken = [x for b in batches for x in b]
         assert taken + left == sent  # in order, each once, none lost
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Collector: the same batches without a channel
+
+
+async def put_at(collector: Collector[Any], schedule: Sequence[tuple[float, Any]],
+                 close: float | None = None, sent: list[Any] | None = None) -> None:
+    for when, item in schedule:
+        await trio.sleep_until(when)
+        collector.put(item)
+        if sent is not None:
+            sent.append(item)
+    if close is not None:
+        await trio.sleep_until(close)
+        collector.close()
+
+
+async def taken(collector: Collector[Any]) -> list[tuple[float, list[Any]]]:
+    out = []
+    while batch := await collector.take():
+        out.append((trio.current_time(), batch))
+    return out
+
+
+async def test_collector_a_batch_of_3_arriving_at_10_20_30_ms_goes_at_exactly_60_ms(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[str] = Collector(10, 0.05)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_at, collector, [(0.01, "a"), (0.02, "b"), (0.03, "c")], 1.0)
+        batches = await taken(collector)
+    assert batches == [(0.01 + 0.05, ["a", "b", "c"])]
+
+
+async def test_collector_size_500_max_wait_50ms_whichever_comes_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[int] = Collector(500, 0.05)
+    schedule = [(0.0, i) for i in range(1200)] + [(0.02, 1200 + i) for i in range(100)]
+    schedule += [(1.0 + 3 * i / 1000, 2000 + i) for i in range(40)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_at, collector, schedule, 5.0)
+        batches = await taken(collector)
+    # The 200 left at t=0 wait from the moment the second batch was taken (t=0): they go at
+    # 0.05 with the 100 put at 0.02.
+    assert [(round(t, 9), len(b)) for t, b in batches] == [
+        (0.0, 500), (0.0, 500), (0.05, 300),
+        (1.05, 17), (1.101, 17), (1.152, 6),
+    ]
+    assert [x for _, b in batches for x in b] == [x for _, x in schedule]
+
+
+async def test_collector_close_flushes_at_once_then_empty_and_put_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[int] = Collector(3, 100.0)
+    for i in range(7):
+        collector.put(i)
+    assert len(collector) == 7
+    assert await collector.take() == [0, 1, 2]  # full: at once
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_at, collector, [], 0.5)
+        assert await collector.take() == [3, 4, 5]
+        assert await collector.take() == [6]  # closed at 0.5: goes then, not at 100
+        assert trio.current_time() == 0.5
+    assert collector.closed and await collector.take() == []
+    with pytest.raises(trio.ClosedResourceError, match="put on a closed Collector"):
+        collector.put(8)
+
+
+async def test_collector_max_wait_0_and_size_1(autojump_clock: trio.testing.MockClock) -> None:
+    collector: Collector[int] = Collector(10, 0)
+    collector.put(1)
+    collector.put(2)
+    assert await collector.take() == [1, 2]
+    ones: Collector[int] = Collector(1, 10.0)
+    ones.put(1)
+    ones.put(2)
+    assert await ones.take() == [1]
+    assert trio.current_time() == 0.0
+    assert ones.drain() == [2] and len(ones) == 0
+
+
+@pytest.mark.parametrize(
+    ("size", "max_wait", "error", "match"),
+    [
+        (0, 1.0, ValueError, r"batch size must be >= 1, got 0"),
+        (True, 1.0, TypeError, r"batch size must be an int >= 1, got True"),
+        (3, -1, ValueError, r"max_wait must be a finite number of seconds >= 0, got -1"),
+        (3, math.inf, ValueError, r"max_wait must be a finite .* got inf"),
+        (3, None, TypeError, r"max_wait must be a number of seconds >= 0, got None"),
+    ],
+)
+def test_collector_refuses_bad_size_or_wait(
+    size: Any, max_wait: Any, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Collector(size, max_wait)
+    Collector(1, 0.0)  # the fix the message names
+
+
+async def test_two_takers_share_the_batches_and_neither_returns_empty_early(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[int] = Collector(2, 0.1)
+    got: list[list[int]] = []
+
+    async def taker() -> None:
+        while batch := await collector.take():
+            got.append(batch)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        nursery.start_soon(taker)
+        nursery.start_soon(put_at, collector, [(0.01 * i, i) for i in range(7)], 1.0)
+    assert sorted(x for b in got for x in b) == list(range(7))
+    assert all(1 <= len(b) <= 2 for b in got)
+
+
+async def test_a_cancelled_take_takes_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    collector: Collector[int] = Collector(10, 1.0)
+    collector.put(1)
+    with trio.move_on_after(0.5) as scope:
+        await collector.take()
+    assert scope.cancelled_caught
+    assert len(collector) == 1
+    with trio.CancelScope() as cancelled:
+        cancelled.cancel()
+        collector.put(2)
+        await collector.take()
+    assert len(collector) == 2  # cancelled at its first checkpoint: nothing taken
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.integers(0, 30), min_size=1, max_size=40),
+    size=st.integers(1, 8),
+    wait=st.integers(0, 40),
+    cancel_at=st.integers(0, 400),
+)
+def test_collector_cancel_at_any_instant_loses_nothing(
+    gaps: list[int], size: int, wait: int, cancel_at: int
+) -> None:
+    async def main() -> None:
+        collector: Collector[int] = Collector(size, wait / 1000)
+        schedule, now = [], 0
+        for i, gap in enumerate(gaps):
+            now += gap
+            schedule.append((now / 1000, i))
+        batches: list[list[int]] = []
+        sent: list[int] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put_at, collector, schedule, (now + 1) / 1000, sent)
+            with trio.move_on_at(cancel_at / 1000):
+                while batch := await collector.take():
+                    assert 1 <= len(batch) <= size
+                    batches.append(batch)
+            nursery.cancel_scope.cancel()
+        assert [x for b in batches for x in b] + collector.drain() == sent
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
