@@ -8,6 +8,7 @@ calls. Cancelling collect at any instant loses no item.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -836,3 +837,79 @@ async def test_retry_must_be_a_retry_policy() -> None:
         await call_batch(doubled, [1], split=False, retry=3)  # type: ignore[arg-type]
     # The fix the message names.
     assert values(await call_batch(doubled, [1], split=False, retry=Retry())) == [2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact timing under any schedule: collect and Collector against a model
+
+
+def model_batches(arrivals: list[int], size: int, wait: float, close: float, busy: float,
+                  collector: bool) -> list[tuple[float, list[int]]]:
+    """When each batch goes (ms), for a consumer that asks for the next batch ``busy`` ms
+    after it got one. A batch ends when its size-th item is there, at its deadline, or when
+    the input closes with nothing more to come, whichever is first (but not before it is
+    asked for). Its deadline is ``wait`` after its start: for ``collect``, the moment it
+    took the first item (the item's arrival, or the call if the item was waiting); for a
+    ``Collector``, the first item's put, or the previous take if the item was left over
+    from it. Arrivals are whole ms, other times are not: nothing ties."""
+    out: list[tuple[float, list[int]]] = []
+    i, asked, last_take, n = 0, 0.0, -1.0, len(arrivals)
+    while i < n:
+        if collector:
+            start = arrivals[i] if arrivals[i] > last_take else last_take
+        else:
+            start = max(arrivals[i], asked)
+        deadline = start + wait
+        until = max(deadline, asked)  # a deadline already past: it goes when asked
+        j = i
+        while j < n and j - i < size and arrivals[j] <= until:
+            j += 1
+        if j - i == size:
+            end = max(asked, arrivals[j - 1])
+        elif j == n and close < until:
+            end = max(asked, close)
+        else:
+            end = until
+        out.append((end, list(range(i, j))))
+        i, last_take, asked = j, end, end + busy
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    gaps=st.lists(st.integers(0, 20), min_size=1, max_size=60),
+    size=st.integers(1, 10),
+    wait=st.integers(0, 50),
+    busy=st.integers(0, 30),
+    linger=st.integers(0, 60),
+    use_collector=st.booleans(),
+)
+def test_batches_go_exactly_when_full_or_max_wait_after_their_first_item(
+    gaps: list[int], size: int, wait: int, busy: int, linger: int, use_collector: bool
+) -> None:
+    arrivals = list(itertools.accumulate(gaps))
+    close = arrivals[-1] + linger + 0.25
+    max_wait, busy_ms = wait + 0.4321, (busy + 0.1234) if busy else 0.0
+    expected = model_batches(arrivals, size, max_wait, close, busy_ms, use_collector)
+
+    async def main() -> list[tuple[float, list[int]]]:
+        schedule = [(at / 1000, i) for i, at in enumerate(arrivals)]
+        got: list[tuple[float, list[int]]] = []
+        async with trio.open_nursery() as nursery:
+            if use_collector:
+                collector: Collector[int] = Collector(size, max_wait / 1000)
+                nursery.start_soon(put_at, collector, schedule, close / 1000)
+                while batch := await collector.take():
+                    got.append((trio.current_time() * 1000, batch))
+                    await trio.sleep(busy_ms / 1000)
+            else:
+                send, receive = channel()
+                nursery.start_soon(send_at, send, schedule, close / 1000)
+                while batch := await collect(receive, size, max_wait / 1000):
+                    got.append((trio.current_time() * 1000, batch))
+                    await trio.sleep(busy_ms / 1000)
+        return got
+
+    got = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [b for _, b in got] == [b for _, b in expected]
+    assert [t for t, _ in got] == pytest.approx([t for t, _ in expected], abs=1e-6)
