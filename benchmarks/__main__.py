@@ -41,6 +41,7 @@ SCENARIOS = {
     "responsiveness": "benchmarks.responsiveness",
     "memory": "benchmarks.memory",
     "batching": "benchmarks.batching",
+    "pipeline": "benchmarks.pipeline",
 }
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

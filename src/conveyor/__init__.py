@@ -32,6 +32,15 @@ from ._offload import in_process as in_process
 from ._offload import in_process_batched as in_process_batched
 from ._offload import in_thread as in_thread
 
+# Pipelines: stages, each a pool, with one ledger.
+from ._pipeline import Batch as Batch
+from ._pipeline import Pipeline as Pipeline
+from ._pipeline import PipelineRun as PipelineRun
+from ._pipeline import PipelineStream as PipelineStream
+from ._pipeline import Stage as Stage
+from ._pipeline import pipeline as pipeline
+from ._pipeline import stage as stage
+
 # (the pool, continued)
 from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
@@ -65,6 +74,14 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "map",
     "open_pool",
     "run",
+    # pipelines
+    "Batch",
+    "Pipeline",
+    "PipelineRun",
+    "PipelineStream",
+    "Stage",
+    "pipeline",
+    "stage",
     # resumable runs
     "JournalError",
     # records

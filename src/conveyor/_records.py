@@ -51,6 +51,9 @@ class Failed:
 
     ``traceback`` is the formatted text of that exception, its chain included, so frames
     from a worker thread or process (carried as the exception's cause) are part of it.
+
+    In a pipeline, ``stage`` names the stage where it failed and ``stage_item`` is the item
+    as it entered that stage (``item`` is the pipeline's input); None for a single pool.
     """
 
     item: Any
@@ -58,6 +61,8 @@ class Failed:
     attempts: int
     traceback: str = field(repr=False)
     index: int = field(default=-1, compare=False)
+    stage: str | None = field(default=None, compare=False)
+    stage_item: Any = field(default=None, compare=False)
 
     @property
     def outcome(self) -> outcome.Error:
@@ -74,13 +79,17 @@ class Unfinished:
     """The pool stopped (cancel, deadline, error, stop()) before this item settled.
 
     ``attempts`` counts the attempts that started (an attempt cut off by the stop counts);
-    ``last_error`` is the error of the last attempt that finished, or None.
+    ``last_error`` is the error of the last attempt that finished, or None. In a pipeline,
+    ``stage`` names the stage it was in and ``stage_item`` is the item as it entered that
+    stage (attempts 0 when it was on its way between two stages); None for a single pool.
     """
 
     item: Any
     attempts: int
     last_error: BaseException | None
     index: int = field(default=-1, compare=False)
+    stage: str | None = field(default=None, compare=False)
+    stage_item: Any = field(default=None, compare=False)
 
     @property
     def outcome(self) -> None:
@@ -137,6 +146,8 @@ class Report:
     failed: list[Failed]
     unfinished: list[Unfinished]
     stats: Stats
+    #: A pipeline's report: each stage's own stats, by stage name (empty for a pool).
+    stages: dict[str, Stats] = field(default_factory=dict, compare=False)
 
     @property
     def ok(self) -> bool:

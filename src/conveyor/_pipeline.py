@@ -1,0 +1,1433 @@
+"""Pipelines: a sequence of stages, each a pool of its own, with one ledger from input to output.
+
+Built only from what any user has: one :func:`conveyor.open_pool` per stage, driven through
+its public methods (``submit``, ``close``, ``stop``, ``results``, ``report``, ``stats``), and
+each record's ``index`` (its position in that pool's input) to find which input an item of a
+stage came from. See docs/design.md, "Pipelines".
+
+Shape::
+
+    items / submit() ─► stage 0 ─► forwarder 0 ─► stage 1 ─► ... ─► forwarder n-1 ─► ledger
+                        (a pool)   (reads its      (a pool; a batching stage has a
+                                    results())      batcher task in front of its pool)
+
+Every input is an :class:`_Input` (its branches alive, its outputs, its first failure);
+every item inside a stage is an :class:`_Entry` (its input, and the item as it entered the
+stage), found again from a stage record's ``index``. A stage holds at most its ``_Room``'s
+capacity of items, its unread output included (backpressure back to intake).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+import os
+import traceback
+from collections import deque
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar, cast, final
+
+import outcome
+import trio
+from trio.lowlevel import ParkingLot
+
+from ._batch import call_batch, collect
+from ._journal import JournalSpec, check_journal, journaled
+from ._limits import Adaptive, PerKey, Rate, build_limits
+from ._options import check_drain, check_fn, check_items, check_options, describe_callable
+from ._pool import Pool, sole_error
+from ._records import Failed, Record, Report, Succeeded, Unfinished
+from ._retry import Retry
+from ._stats import Stats
+
+__all__ = ["Batch", "Pipeline", "PipelineRun", "PipelineStream", "Stage", "pipeline", "stage"]
+
+T = TypeVar("T")
+Items = Iterable[Any] | AsyncIterable[Any]
+
+logger = logging.getLogger("conveyor")
+
+
+# ---------------------------------------------------------------------------- declaring
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    """Makes a stage a batching stage: ``stage(fn, batch=Batch(500, max_wait=0.05))``.
+
+    Items are grouped into batches of up to ``size`` items; a batch goes when it is full or
+    ``max_wait`` seconds after its first item arrived, whichever comes first. ``fn`` is
+    called once per batch with the list of its items and returns one value per item, in
+    order; an ``Exception`` instance in an item's place fails that item alone.
+
+    ``split``: a batch call that raises an error the stage's ``retry`` would not retry (a
+    400 naming a bad row) is split in halves, recursively, so that only the items that make
+    it fail get the error. Errors the policy retries (a 503) retry the whole batch.
+    """
+
+    size: int
+    max_wait: float = 0.05
+    split: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise TypeError(f"Batch: size must be an int >= 1, got {self.size!r:.60}")
+        if self.size < 1:
+            raise ValueError(f"Batch: size must be an int >= 1, got {self.size!r}")
+        wait = self.max_wait
+        if isinstance(wait, bool) or not isinstance(wait, int | float):
+            raise TypeError(
+                f"Batch: max_wait must be a finite number of seconds >= 0, got {wait!r:.60}"
+            )
+        if not math.isfinite(wait) or wait < 0:
+            raise ValueError(
+                f"Batch: max_wait must be a finite number of seconds >= 0, got {wait!r}"
+            )
+        if not isinstance(self.split, bool):
+            raise TypeError(f"Batch: split must be True or False, got {self.split!r:.60}")
+
+
+@final
+class Stage:
+    """One stage of a pipeline, as made by :func:`conveyor.stage` (read-only)."""
+
+    __slots__ = ("batch", "fanout", "fn", "name", "options")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        name: str,
+        options: dict[str, Any],
+        batch: Batch | None,
+        fanout: bool,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self.batch = batch
+        self.fanout = fanout
+
+    def __repr__(self) -> str:
+        kind = " batch" if self.batch else " fan-out" if self.fanout else ""
+        return f"<conveyor.Stage {self.name!r}{kind}>"
+
+    @property
+    def capacity(self) -> int:
+        """The most items this stage holds at once, its unread output included."""
+        workers: int = self.options["workers"]
+        buffer: int | None = self.options["buffer"]
+        held = (max(256, workers) if buffer is None else buffer) + workers
+        if self.batch is not None:
+            # The pool holds `held` batches; one more batch fills in front of it.
+            return (held + 1) * self.batch.size
+        return held
+
+
+def _is_async_generator_function(fn: object) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.isasyncgenfunction(fn):
+        return True
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's
+    return not inspect.isfunction(fn) and call is not None and inspect.isasyncgenfunction(call)
+
+
+def stage(
+    fn: Callable[..., Any],
+    *,
+    name: str | None = None,
+    workers: int = 10,
+    buffer: int | None = None,
+    retry: Retry | None = None,
+    timeout: float | None = None,
+    limiter: trio.CapacityLimiter | int | None = None,
+    rate: Rate | None = None,
+    per_key: PerKey[Any] | None = None,
+    adaptive: Adaptive | None = None,
+    batch: Batch | None = None,
+) -> Stage:
+    """Declare one stage of a pipeline: ``fn`` with the options of a pool.
+
+    Args:
+        fn: an ``async def fn(item)`` whose return value goes on to the next stage; or an
+            async generator function (fan-out): each value it yields goes on, 0..n per
+            item. A fan-out attempt's outputs are sent on when the generator ends; an
+            attempt that raises part-way is retried whole and what it yielded is dropped.
+            With ``batch``: ``fn(list_of_items)`` returns one value per item, in order.
+        name: the stage's name in records and stats (default: ``fn``'s name); distinct
+            within a pipeline.
+        workers, buffer, retry, timeout, limiter, rate, per_key, adaptive: as for
+            :func:`conveyor.run`, for this stage's pool. The stage holds at most
+            ``buffer + workers`` items, its output not yet taken by the next stage
+            included (with ``batch``: that many batches, plus one being filled).
+        batch: a :class:`conveyor.Batch`: a batching stage. One batch is one item of the
+            stage's pool, so ``workers``, ``retry``, ``timeout`` and the limits apply to
+            batch calls, and ``buffer`` counts batches (default: ``workers``). ``per_key``
+            is refused with ``batch``.
+
+    Bad values raise ``TypeError``/``ValueError`` here, naming the parameter.
+    """
+    fanout = _is_async_generator_function(fn)
+    if not fanout:
+        check_fn(fn)
+    if name is None:
+        name = describe_callable(fn).rpartition(".")[2]  # "fetch", not "main.<locals>.fetch"
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r:.60}")
+    check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=0.0)
+    build_limits(limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive)
+    if batch is not None:
+        if not isinstance(batch, Batch):
+            raise TypeError(f"batch must be a conveyor.Batch or None, got {batch!r:.60}")
+        if fanout:
+            raise ValueError(
+                f"batch: the batch function {name!r} must return one value per item, not "
+                f"yield (an async generator function cannot be a batching stage)"
+            )
+        if per_key is not None:
+            raise ValueError(
+                "per_key cannot be used with batch: a batch holds items of many keys; "
+                "put the per-key limit on a stage of its own"
+            )
+    if batch is not None and buffer is None:
+        buffer = workers  # batches waiting for a worker: enough to keep every worker busy
+    options = dict(
+        workers=workers, buffer=buffer, retry=retry, timeout=timeout, limiter=limiter,
+        rate=rate, per_key=per_key, adaptive=adaptive,
+    )
+    return Stage(fn, name, options, batch, fanout)
+
+
+def pipeline(*stages: Stage | Callable[..., Any]) -> Pipeline:
+    """A pipeline of ``stages`` (each a :func:`conveyor.stage`, or a plain task function:
+    a stage with the default options). Run it with :meth:`Pipeline.run`,
+    :meth:`Pipeline.map` or :meth:`Pipeline.open`; it can be run any number of times."""
+    if not stages:
+        raise ValueError("pipeline needs at least one stage: pipeline(stage(fn), ...)")
+    made = tuple(s if isinstance(s, Stage) else stage(s) for s in stages)
+    seen: set[str] = set()
+    for s in made:
+        if s.name in seen:
+            raise ValueError(
+                f"two stages are named {s.name!r}: give each a distinct name "
+                f"(stage(fn, name=...))"
+            )
+        seen.add(s.name)
+    return Pipeline(made)
+
+
+@final
+class Pipeline:
+    """A sequence of stages, as made by :func:`conveyor.pipeline`."""
+
+    __slots__ = ("stages",)
+
+    def __init__(self, stages: tuple[Stage, ...]) -> None:
+        self.stages = stages
+
+    def __repr__(self) -> str:
+        return f"<conveyor.Pipeline {' -> '.join(s.name for s in self.stages)}>"
+
+    @property
+    def fans_out(self) -> bool:
+        """Whether any stage fans out (then a success's value is a list of outputs)."""
+        return any(s.fanout for s in self.stages)
+
+    async def run(
+        self,
+        items: Items,
+        *,
+        drain: float = 0.0,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], str | int | bytes] | None = None,
+    ) -> Report:
+        """Run every input through every stage and return the account: one record per
+        input (see :class:`Report`; ``report.stages`` has each stage's own stats).
+
+        A cancel, Ctrl-C or an error from ``items`` stops every stage (running attempts
+        get ``drain`` seconds) and propagates; use :meth:`open` to keep the account of a
+        stopped run.
+
+        ``journal=PATH`` (and ``key=``, as for :func:`conveyor.run`) records each *input*
+        as its record settles, with its final value. Run again with the same journal: an
+        input held as succeeded is not run, its record comes back with the stored value;
+        every other input runs again from the first stage.
+        """
+        check_items(items)
+        check_drain(drain)
+        spec = check_journal(journal, key)
+        run = _Run(self, drain, keep_succeeded=True)
+        async with journaled(run.as_pool(), spec, items) as feed:
+            assert feed is not None
+            async with run.running(feed):
+                pass
+        return run.report()
+
+    def map(
+        self,
+        items: Items,
+        *,
+        ordered: bool = False,
+        window: int | None = None,
+        drain: float = 0.0,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], str | int | bytes] | None = None,
+    ) -> PipelineStream:
+        """Stream one record per input as it settles (``async for``, or ``async with``).
+
+        At most ``window`` inputs (default: twice the sum of the stages' capacities) are
+        between intake and the caller, so memory is bounded. ``ordered=True`` yields in
+        input order; later inputs keep flowing through every stage behind a slow one,
+        within the window. Leaving the loop early stops the pipeline. ``journal`` and
+        ``key`` as for :meth:`run` (inputs from the journal are yielded too, in their place
+        when ordered).
+        """
+        check_items(items)
+        check_drain(drain)
+        spec = check_journal(journal, key)
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered must be True or False, got {ordered!r:.60}")
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int):
+                raise TypeError(f"window must be an int >= 1, got {window!r:.60}")
+            if window < 1:
+                raise ValueError(f"window must be an int >= 1, got {window!r}")
+        else:
+            window = 2 * sum(s.capacity for s in self.stages)
+        return PipelineStream(_Run(self, drain, window=window, ordered=ordered), items, spec)
+
+    def open(
+        self,
+        *,
+        drain: float = 0.0,
+        journal: str | os.PathLike[str] | None = None,
+        key: Callable[[Any], str | int | bytes] | None = None,
+    ) -> AbstractAsyncContextManager[PipelineRun]:
+        """Open the pipeline and feed it by hand::
+
+            async with pipe.open() as p:
+                await p.submit(item)     # waits while the first stage is full
+                p.close()                # optional: leaving the block closes it too
+                async for record in p.results():
+                    ...
+            report = p.report()          # also after a cancel or an error
+
+        ``journal`` and ``key`` as for :meth:`run`: an input submitted that the journal
+        holds as succeeded is not run; its record comes at once, with the stored value.
+        """
+        check_drain(drain)
+        spec = check_journal(journal, key)
+        return _OpenRun(_Run(self, drain, keep_succeeded=True), spec)
+
+
+# ---------------------------------------------------------------------------- the ledger
+
+
+class _Stopped(Exception):
+    """Internal: the stage takes no more items (the pipeline is stopping)."""
+
+
+class _Input:
+    """One input on its way through the pipeline (the pipeline's ledger entry)."""
+
+    __slots__ = ("alive", "attempts", "failure", "index", "item", "outputs", "unfinished")
+
+    def __init__(self, index: int, item: Any) -> None:
+        self.index = index
+        self.item = item
+        self.alive = 1  # branches not settled yet (a fan-out adds branches)
+        self.attempts = 0
+        self.outputs: list[Any] = []
+        self.failure: Failed | None = None
+        self.unfinished: Unfinished | None = None
+
+
+class _Entry:
+    """One item inside a stage: its input, and what it was as it entered the stage."""
+
+    __slots__ = ("item", "origin")
+
+    def __init__(self, origin: _Input, item: Any) -> None:
+        self.origin = origin
+        self.item = item
+
+
+class _Room:
+    """How many items a stage holds, its unread output included (see module docstring)."""
+
+    __slots__ = ("_lot", "capacity", "closed", "used")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.closed = False
+        self._lot = ParkingLot()
+
+    async def take(self) -> None:
+        while self.used >= self.capacity and not self.closed:
+            await self._lot.park()
+        if self.closed:
+            raise _Stopped
+        self.used += 1
+
+    def give(self, n: int = 1) -> None:
+        self.used -= n
+        if self._lot:
+            self._lot.unpark(count=n)
+
+    def close(self) -> None:
+        self.closed = True
+        self._lot.unpark_all()
+
+
+def _fan_out(fn: Callable[[Any], AsyncIterable[Any]]) -> Callable[[Any], Awaitable[list[Any]]]:
+    """A task function collecting what ``fn(item)`` yields (sent on once it ends)."""
+
+    async def fan_out(item: Any) -> list[Any]:
+        generator = fn(item)
+        outputs = []
+        try:
+            async for value in generator:
+                outputs.append(value)
+        finally:
+            aclose = getattr(generator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return outputs
+
+    return fan_out
+
+
+class _BatchCall:
+    """The task function of a batching stage's pool: one call per batch, an outcome per item.
+
+    A call that raises an error ``retry`` would retry is raised (the pool retries the whole
+    batch); another error, with ``split``, splits the batch (``call_batch``); without it,
+    the error is raised and the pool fails the batch (every item gets it).
+    """
+
+    __slots__ = ("fn", "retry", "split")
+
+    def __init__(self, fn: Callable[[list[Any]], Any], split: bool, retry: Retry | None) -> None:
+        self.fn = fn
+        self.split = split
+        self.retry = retry
+
+    def retried(self, error: Exception) -> bool:
+        return self.retry is not None and self.retry.should_retry(error, 0)
+
+    async def __call__(self, items: list[Any]) -> list[outcome.Outcome[Any]]:
+        raised: list[Exception] = []
+        fn = self.fn
+
+        async def whole(batch: list[Any]) -> Any:
+            try:
+                answer = fn(batch)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+            except Exception as error:
+                raised.append(error)
+                raise
+            return answer
+
+        outcomes = await call_batch(whole, items, split=False)
+        if not raised:
+            return outcomes
+        error = raised[0]
+        if not self.split or len(items) < 2 or self.retried(error):
+            raise error
+        # Not retryable: isolate the items that make it fail.
+        half = len(items) // 2
+        split_on = self._split_on
+        first = await call_batch(fn, items[:half], split=True, split_on=split_on)
+        return first + await call_batch(fn, items[half:], split=True, split_on=split_on)
+
+    def _split_on(self, error: Exception) -> bool:
+        return not self.retried(error)
+
+
+class _StageRun:
+    """One stage while the pipeline runs: its pool, its room, its entries by pool index."""
+
+    def __init__(self, run: _Run, k: int, spec: Stage) -> None:
+        self.run = run
+        self.k = k
+        self.spec = spec
+        self.name = spec.name
+        self.last = k == len(run.pipe.stages) - 1
+        self.room = _Room(spec.capacity)
+        self.entries: dict[int, Any] = {}  # pool index -> _Entry, or list[_Entry] (batch)
+        self.next_index = 0
+        self.pool: Pool[Any] | None = None
+        # submit_nowait is sure to find room in the work channel while the stage holds at
+        # most this many items (its `buffer`); a batching stage always waits (see _submit).
+        buffer = spec.options["buffer"]
+        workers = spec.options["workers"]
+        self.nowait_below = -1 if spec.batch else max(256, workers) if buffer is None else buffer
+        # Item counts (a batching stage counts items, not batches).
+        self.submitted = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.unfinished = 0
+        batch = spec.batch
+        self.batch = batch
+        if batch is not None:
+            self.batch_send, self.batch_receive = trio.open_memory_channel[_Entry](batch.size)
+            self.batcher_scope = trio.CancelScope()
+
+    def make_fn(self) -> Callable[[Any], Awaitable[Any]]:
+        spec = self.spec
+        if spec.batch is not None:
+            return _BatchCall(spec.fn, spec.batch.split, spec.options["retry"])
+        if spec.fanout:
+            return _fan_out(spec.fn)
+        return spec.fn
+
+    # -- in
+
+    async def put(self, entry: _Entry, *, room_held: bool = False) -> None:
+        """Send ``entry`` into this stage, waiting while it is full (unless the caller
+        already holds its room). Raises _Stopped when the stage takes no more items; on any
+        exception the item is not in the stage (the caller accounts for it)."""
+        if not room_held:
+            await self.room.take()
+        try:
+            if self.batch is not None:
+                try:
+                    await self.batch_send.send(entry)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    raise _Stopped from None
+            else:
+                await self._submit(entry, entry.item)
+        except BaseException:
+            self.room.give()
+            raise
+        self.submitted += 1
+
+    async def _submit(self, entries: Any, item: Any) -> None:
+        pool = self.pool
+        assert pool is not None
+        index = self.next_index
+        self.next_index = index + 1  # consumed even if refused, as the pool's own is
+        self.entries[index] = entries
+        if self.room.used <= self.nowait_below:
+            # The work channel (size `buffer`) holds fewer items than this stage does, so it
+            # has room: no wait, and no task switch per item. The pool gives the item the
+            # next index, as it would in submit().
+            try:
+                pool.submit_nowait(item)
+            except BaseException as exc:
+                del self.entries[index]
+                if isinstance(exc, trio.ClosedResourceError):
+                    raise _Stopped from None
+                raise
+            return
+        try:
+            await pool.submit(item)
+        except BaseException as exc:
+            del self.entries[index]
+            if isinstance(exc, trio.ClosedResourceError):
+                raise _Stopped from None
+            raise
+
+    def refused(self, origin: _Input, item: Any) -> None:
+        """An item on its way into this stage that never got in: Unfinished here."""
+        self.submitted += 1
+        self.unfinished += 1
+        self.run.branch_unfinished(origin, self.name, item, 0, None)
+
+    async def batcher(self) -> None:
+        """Group the items sent to a batching stage into batches for its pool."""
+        batch = self.batch
+        assert batch is not None
+        size, max_wait = batch.size, batch.max_wait
+        pool = self.pool
+        assert pool is not None
+        with self.batcher_scope:
+            while True:
+                entries = await collect(self.batch_receive, size, max_wait)
+                if not entries:
+                    break
+                try:
+                    await self._submit(entries, [e.item for e in entries])
+                except _Stopped:
+                    self.unsent(entries)
+                    return
+                except BaseException:
+                    self.unsent(entries)
+                    raise
+            pool.close()
+
+    def unsent(self, entries: list[_Entry]) -> None:
+        """Items taken into a batching stage but never submitted to its pool."""
+        self.room.give(len(entries))
+        for entry in entries:
+            self.submitted -= 1  # refused() counts it again
+            self.refused(entry.origin, entry.item)
+
+    def close_intake(self) -> None:
+        """The stage before has ended: no more items for this one."""
+        if self.batch is not None:
+            self.batch_send.close()
+        else:
+            assert self.pool is not None
+            self.pool.close()
+
+    # -- out
+
+    async def forward(self) -> None:
+        """Read this stage's records as they settle and send each output on."""
+        pool = self.pool
+        assert pool is not None
+        # The common case inlined (a plain stage's success): the entry goes on as it is,
+        # carrying the new value (measured: a third less per item and stage).
+        simple = self.batch is None and not self.spec.fanout
+        entries = self.entries
+        room = self.room
+        run = self.run
+        nxt = None if self.last else run.stages[self.k + 1]
+        async for record in pool.results():
+            if simple and type(record) is Succeeded:
+                entry = entries.pop(record.index, None)
+                if entry is not None:
+                    if entry.item is not record.item:  # pragma: no cover - a bug
+                        entries[record.index] = entry
+                        self.account(record)  # raises, naming it
+                    room.give()
+                    self.succeeded += 1
+                    origin = entry.origin
+                    origin.attempts += record.attempts
+                    if nxt is None:
+                        origin.outputs.append(record.value)
+                        run.branch_done(origin)
+                        continue
+                    entry.item = record.value
+                    try:
+                        await nxt.put(entry)
+                    except _Stopped:
+                        nxt.refused(origin, entry.item)
+                    except BaseException:
+                        nxt.refused(origin, entry.item)
+                        raise
+                continue
+            passes = self.account(record)
+            for i, (origin, outputs) in enumerate(passes):
+                try:
+                    await self.send_on(origin, outputs)
+                except BaseException:
+                    for other, rest in passes[i + 1:]:
+                        self.strand(other, rest)
+                    raise
+        if not self.last and not self.run.stopping:
+            self.run.stages[self.k + 1].close_intake()
+
+    def account(self, record: Record) -> list[tuple[_Input, list[Any]]]:
+        """Settle ``record``'s items in this stage; return the outputs to send on, by input."""
+        entries = self.entries.pop(record.index, None)
+        if entries is None:
+            return []  # already settled (a failure is in both results() and the report)
+        group: list[_Entry] = entries if self.batch is not None else [entries]
+        if self.batch is None and entries.item is not record.item:  # pragma: no cover
+            raise AssertionError(
+                f"pipeline stage {self.name!r}: the record of index {record.index} is not the "
+                f"item submitted with it (a bug in conveyor: please report it)"
+            )
+        self.room.give(len(group))
+        run = self.run
+        passes: list[tuple[_Input, list[Any]]] = []
+        if type(record) is Succeeded:
+            if self.batch is not None:
+                for entry, result in zip(group, record.value, strict=True):
+                    if type(result) is outcome.Value:
+                        self.succeeded += 1
+                        entry.origin.attempts += record.attempts
+                        passes.append((entry.origin, [result.value]))
+                    else:
+                        self.failed += 1
+                        run.branch_failed(
+                            entry.origin, self.name, entry.item, result.error, record.attempts,
+                            "".join(traceback.format_exception(result.error)),
+                        )
+            else:
+                self.succeeded += 1
+                origin = group[0].origin
+                origin.attempts += record.attempts
+                passes.append(
+                    (origin, list(record.value) if self.spec.fanout else [record.value])
+                )
+        elif type(record) is Failed:
+            for entry in group:
+                self.failed += 1
+                run.branch_failed(
+                    entry.origin, self.name, entry.item, record.error, record.attempts,
+                    record.traceback,
+                )
+        elif type(record) is Unfinished:
+            for entry in group:
+                self.unfinished += 1
+                run.branch_unfinished(
+                    entry.origin, self.name, entry.item, record.attempts, record.last_error
+                )
+        return passes
+
+    async def send_on(self, origin: _Input, outputs: list[Any]) -> None:
+        """One branch's outputs from this stage: on to the next stage (waiting for room)."""
+        if self.last or not outputs:
+            self.strand(origin, outputs)
+            return
+        run = self.run
+        nxt = run.stages[self.k + 1]
+        origin.alive += len(outputs) - 1
+        for i, value in enumerate(outputs):
+            try:
+                await nxt.put(_Entry(origin, value))
+            except _Stopped:
+                nxt.refused(origin, value)
+            except BaseException:
+                # Cancelled while waiting for room: this output and the rest were on their
+                # way to the next stage: Unfinished there.
+                for rest in outputs[i:]:
+                    nxt.refused(origin, rest)
+                raise
+
+    def strand(self, origin: _Input, outputs: list[Any]) -> None:
+        """One branch's outputs, without waiting: the end of the pipeline for the last
+        stage; for another, Unfinished in the next stage (the pipeline has stopped)."""
+        run = self.run
+        if self.last:
+            origin.outputs.extend(outputs)
+            run.branch_done(origin)
+            return
+        if not outputs:
+            run.branch_done(origin)
+            return
+        nxt = run.stages[self.k + 1]
+        origin.alive += len(outputs) - 1
+        for value in outputs:
+            nxt.refused(origin, value)
+
+    def sweep(self) -> None:
+        """After the pools have ended: settle what this stage's forwarder did not read."""
+        pool = self.pool
+        if pool is not None:
+            report = pool.report()
+            records: list[Record] = [*report.succeeded, *report.failed, *report.unfinished]
+            for record in records:
+                for origin, outputs in self.account(record):
+                    self.strand(origin, outputs)
+        for entries in list(self.entries.values()):  # pragma: no cover - a bug if any
+            for entry in entries if isinstance(entries, list) else [entries]:
+                self.room.give()
+                self.unfinished += 1
+                self.run.branch_unfinished(entry.origin, self.name, entry.item, 0, None)
+        self.entries.clear()
+        if self.batch is not None:
+            waiting = []
+            while True:
+                try:
+                    waiting.append(self.batch_receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            self.unsent(waiting)
+
+    def stats(self) -> Stats:
+        pool_stats = self.pool.stats if self.pool is not None else Stats()
+        return dataclasses.replace(
+            pool_stats,
+            submitted=self.submitted,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            unfinished=self.unfinished,
+        )
+
+
+class _Run:
+    """One run of a pipeline: the stages, the ledger of inputs, the output."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        drain: float,
+        *,
+        keep_succeeded: bool = False,
+        window: int | None = None,
+        ordered: bool = False,
+    ) -> None:
+        self.pipe = pipe
+        self.drain = drain
+        self.fans_out = pipe.fans_out
+        self.stages = [_StageRun(self, k, s) for k, s in enumerate(pipe.stages)]
+        self.next_input = 0
+        self.taken = 0
+        self.inputs: dict[int, _Input] = {}
+        self.keep_succeeded = keep_succeeded
+        self.ordered = ordered
+        self.window = trio.Semaphore(window) if window is not None else None
+        # Output: records not handed out yet (succeeded ones kept for the report when
+        # nobody reads them), failures and unfinished always.
+        self.outbox: deque[Record] = deque()
+        self.failed: list[Failed] = []
+        self.unfinished: list[Unfinished] = []
+        self.succeeded = 0
+        self.reader_lot = ParkingLot()
+        self.started = False
+        self.done = False
+        self.tasks_done = False
+        self.stopping = False
+        self.intake_closed = False
+        self.feed_scope = trio.CancelScope()
+        self.feed_error: Exception | None = None
+        self.caller_error: BaseException | None = None
+        self.t0 = 0.0
+        self.t_end: float | None = None
+        # The journal's seam (see as_pool): told of each record as it settles.
+        self.observe: Callable[[Record], None] | None = None
+        self.gate: Callable[[Any], bool] | None = None
+        self.unwindowed: set[int] = set()  # records settled without a window slot
+
+    def as_pool(self) -> Pool[Any]:
+        """This run, as the journal (``_journal.journaled``) sees a pool."""
+        return cast("Pool[Any]", _JournalSeam(self))
+
+    def settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
+        """An input settled without running: its stored success from the journal (not this
+        run's work: not in the stats), or a ``Failed`` for a bad key (attempts 0)."""
+        if not self.started:
+            raise RuntimeError("submit() is only possible inside the pipeline's `async with` block")
+        index = self.next_input
+        self.next_input = index + 1
+        record = dataclasses.replace(record, index=index)
+        if type(record) is Failed:
+            self.taken += 1
+            self.failed.append(record)
+        if self.window is not None:
+            self.unwindowed.add(index)
+        self.outbox.append(record)
+        if self.reader_lot:
+            self.reader_lot.unpark_all()
+
+    # -- ledger
+
+    def take(self, item: Any) -> _Input:
+        index = self.next_input
+        self.next_input = index + 1
+        origin = _Input(index, item)
+        self.inputs[index] = origin
+        self.taken += 1
+        return origin
+
+    def branch_done(self, origin: _Input) -> None:
+        origin.alive -= 1
+        if origin.alive == 0:
+            self.settle(origin)
+
+    def branch_failed(
+        self, origin: _Input, stage: str, item: Any, error: BaseException, attempts: int,
+        text: str,
+    ) -> None:
+        if origin.failure is None:
+            origin.failure = Failed(
+                origin.item, error, attempts, text, index=origin.index, stage=stage,
+                stage_item=item,
+            )
+        self.branch_done(origin)
+
+    def branch_unfinished(
+        self, origin: _Input, stage: str, item: Any, attempts: int,
+        last_error: BaseException | None,
+    ) -> None:
+        if origin.unfinished is None:
+            origin.unfinished = Unfinished(
+                origin.item, attempts, last_error, index=origin.index, stage=stage,
+                stage_item=item,
+            )
+        self.branch_done(origin)
+
+    def settle(self, origin: _Input) -> None:
+        del self.inputs[origin.index]
+        record: Record
+        if origin.failure is not None:
+            record = origin.failure
+            self.failed.append(record)
+        elif origin.unfinished is not None:
+            # As with a pool: an Unfinished record is in the report, not in the stream.
+            self.unfinished.append(origin.unfinished)
+            return
+        else:
+            value = origin.outputs if self.fans_out else origin.outputs[0]
+            record = Succeeded(origin.item, value, origin.attempts, index=origin.index)
+            self.succeeded += 1
+        if self.observe is not None:
+            self.observe(record)
+        self.outbox.append(record)
+        if self.reader_lot:
+            self.reader_lot.unpark_all()
+
+    # -- intake
+
+    async def submit(self, item: Any) -> None:
+        if self.intake_closed:
+            raise trio.ClosedResourceError(self._closed_message())
+        if not self.started:
+            raise RuntimeError("submit() is only possible inside the pipeline's `async with` block")
+        if self.gate is not None and not self.gate(item):
+            await trio.lowlevel.checkpoint()
+            return  # settled by the journal
+        first = self.stages[0]
+        try:
+            await first.room.take()
+        except _Stopped:
+            raise trio.ClosedResourceError(self._closed_message()) from None
+        origin = self.take(item)
+        try:
+            await first.put(_Entry(origin, item), room_held=True)
+        except BaseException as exc:
+            # Not accepted (cancelled, or the pipeline stopped meanwhile), as with a pool.
+            del self.inputs[origin.index]
+            self.taken -= 1
+            if isinstance(exc, _Stopped):
+                raise trio.ClosedResourceError(self._closed_message()) from None
+            raise
+
+    def _closed_message(self) -> str:
+        how = "stop()" if self.stopping else "close()"
+        return f"the pipeline takes no more items: {how} was called or its block ended"
+
+    async def feed(self, items: Items) -> None:
+        """Take every input of ``items`` as the first stage makes room; then close it.
+
+        Room (and a window slot) is awaited *before* the next input is taken, and an input
+        taken is in the ledger at once: whatever happens next, it is accounted for.
+        """
+        first = self.stages[0]
+        window = self.window
+        sync_iterator: Any = None
+        async_iterator: Any = None
+        if isinstance(items, AsyncIterable):
+            async_iterator = aiter(items)
+        else:
+            sync_iterator = iter(items)
+        with self.feed_scope:
+            try:
+                while True:
+                    if window is not None:
+                        await window.acquire()
+                    try:
+                        await first.room.take()
+                    except BaseException:
+                        if window is not None:
+                            window.release()
+                        raise
+                    try:
+                        if async_iterator is not None:
+                            item = await anext(async_iterator)
+                        else:
+                            item = next(sync_iterator)
+                    except BaseException:
+                        first.room.give()
+                        if window is not None:
+                            window.release()
+                        raise
+                    origin = self.take(item)
+                    try:
+                        await first.put(_Entry(origin, item), room_held=True)
+                    except BaseException:
+                        first.refused(origin, item)
+                        raise
+            except (StopIteration, StopAsyncIteration):
+                pass
+            except _Stopped:
+                return
+            except Exception as exc:
+                self.feed_error = exc
+                self.stop()
+                return
+            finally:
+                aclose = getattr(async_iterator, "aclose", None)
+                if aclose is not None:
+                    with trio.CancelScope(shield=True):
+                        await aclose()
+        if not self.stopping and not self.feed_scope.cancelled_caught:
+            self.close()
+
+    def close(self) -> None:
+        if self.intake_closed:
+            return
+        self.intake_closed = True
+        if self.started:
+            self.stages[0].close_intake()
+
+    def stop(self, drain: float | None = None) -> None:
+        if drain is not None:
+            check_drain(drain)
+        self.stopping = True
+        self.intake_closed = True
+        self.feed_scope.cancel()
+        for st in self.stages:
+            st.room.close()
+            if st.pool is not None:
+                st.pool.stop(self.drain if drain is None else drain)
+            if st.batch is not None:
+                st.batcher_scope.cancel()
+                st.batch_send.close()
+        if self.reader_lot:
+            self.reader_lot.unpark_all()
+
+    # -- lifetime
+
+    @asynccontextmanager
+    async def running(self, feed: Items | None = None) -> AsyncIterator[_Run]:
+        if self.started:
+            raise RuntimeError("a pipeline run runs once: call pipe.open() again for a new one")
+        self.started = True
+        self.t0 = trio.current_time()
+        error: BaseException | None = None
+        try:
+            try:
+                async with AsyncExitStack() as stack:
+                    for st in self.stages:
+                        from ._api import open_pool
+
+                        opts = dict(st.spec.options)
+                        st.pool = await stack.enter_async_context(
+                            open_pool(st.make_fn(), drain=self.drain, **opts)
+                        )
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self.tasks, feed)
+                        try:
+                            yield self
+                        except BaseException as exc:
+                            self.caller_error = exc
+                            self.stop()
+                            raise
+                        if feed is None:
+                            self.close()
+            except BaseExceptionGroup as group:
+                error = sole_error(group, self.caller_error)
+                if error is None:
+                    raise
+        finally:
+            self.caller_error = None
+            self.finalize()
+        if self.feed_error is not None and (error is None or isinstance(error, trio.Cancelled)):
+            error, self.feed_error = self.feed_error, None
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = None
+
+    async def tasks(self, feed: Items | None) -> None:
+        """The forwarders, the batchers and the feeder; when they have all ended, every
+        stage's pool has ended too, and the readers are told."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for st in self.stages:
+                    nursery.start_soon(st.forward)
+                    if st.batch is not None:
+                        nursery.start_soon(st.batcher)
+                if feed is not None:
+                    nursery.start_soon(self.feed, feed)
+                elif self.intake_closed:
+                    self.stages[0].close_intake()
+        finally:
+            self.tasks_done = True
+            if self.reader_lot:
+                self.reader_lot.unpark_all()
+
+    def finalize(self) -> None:
+        """Settle whatever is left (the pools have ended): nothing taken is lost."""
+        for st in self.stages:
+            st.sweep()
+        for origin in list(self.inputs.values()):  # pragma: no cover - a bug if any
+            logger.error("pipeline: input %r was not accounted for; unfinished", origin.item)
+            origin.alive = 1
+            self.branch_unfinished(origin, self.stages[0].name, origin.item, 0, None)
+        self.done = True
+        self.t_end = trio.current_time()
+        if self.reader_lot:
+            self.reader_lot.unpark_all()
+
+    # -- output
+
+    @property
+    def stats(self) -> Stats:
+        stages = [st.stats() for st in self.stages]
+        end = self.t_end if self.t_end is not None else trio.current_time()
+        return Stats(
+            submitted=self.taken,
+            succeeded=self.succeeded,
+            failed=len(self.failed),
+            unfinished=len(self.unfinished),
+            retried=sum(s.retried for s in stages),
+            attempts=sum(s.attempts for s in stages),
+            in_flight=sum(s.in_flight for s in stages),
+            queued=sum(s.queued for s in stages),
+            waiting_retry=sum(s.waiting_retry for s in stages),
+            elapsed=max(0.0, end - self.t0) if self.started else 0.0,
+            limited=sum(s.limited for s in stages),
+            parked=sum(s.parked for s in stages),
+        )
+
+    def stage_stats(self) -> dict[str, Stats]:
+        return {st.name: st.stats() for st in self.stages}
+
+    def report(self) -> Report:
+        succeeded = [r for r in self.outbox if type(r) is Succeeded]
+        return Report(
+            succeeded, list(self.failed), list(self.unfinished), self.stats,
+            stages=self.stage_stats(),
+        )
+
+
+# ---------------------------------------------------------------------------- reading
+
+_STREAK = 64  # records handed out without waiting before a checkpoint anyway
+
+
+class _Reader:
+    """The records of a pipeline run, per input, as they settle (or in input order)."""
+
+    __slots__ = ("_expected", "_ordered", "_pending", "_run", "_streak")
+
+    def __init__(self, run: _Run, ordered: bool = False) -> None:
+        self._run = run
+        self._ordered = ordered
+        self._pending: dict[int, Record] = {}
+        self._expected = 0
+        self._streak = 0
+
+    def __aiter__(self) -> _Reader:
+        return self
+
+    async def __anext__(self) -> Record:
+        run = self._run
+        outbox = run.outbox
+        window = run.window
+        while True:
+            record: Record | None = None
+            if self._ordered:
+                pending = self._pending
+                while outbox:
+                    got = outbox.popleft()
+                    pending[got.index] = got
+                record = pending.pop(self._expected, None)
+                if record is not None:
+                    self._expected += 1
+                elif run.tasks_done and pending:
+                    record = pending.pop(min(pending))  # stopped early: the rest, in order
+            elif outbox:
+                record = outbox.popleft()
+            if record is not None:
+                if window is not None:
+                    unwindowed = run.unwindowed
+                    if unwindowed and record.index in unwindowed:
+                        unwindowed.discard(record.index)
+                    else:
+                        window.release()
+                self._streak += 1
+                if self._streak >= _STREAK:
+                    self._streak = 0
+                    await self._wait(trio.lowlevel.checkpoint)
+                return record
+            if run.tasks_done:
+                await self._end()
+            self._streak = 0
+            await self._wait(self._park)
+
+    async def _park(self) -> None:
+        await self._run.reader_lot.park()
+
+    async def _wait(self, wait: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await wait()
+        except BaseException:
+            await self._interrupted()
+            raise
+
+    async def _end(self) -> NoReturn:
+        raise StopAsyncIteration
+
+    async def _interrupted(self) -> None:
+        pass
+
+    def give_back(self) -> None:
+        """Records held back for their turn go back to the report."""
+        if self._pending:
+            self._run.outbox.extendleft(
+                self._pending[i] for i in sorted(self._pending, reverse=True)
+            )
+            self._pending.clear()
+
+
+@final
+class PipelineRun:
+    """A running pipeline, as given by :meth:`Pipeline.open` (do not create it directly).
+
+    Feed it with :meth:`submit`, end intake with :meth:`close` (or leave the block), read
+    one record per input with :meth:`results`, get the account with :meth:`report`.
+    """
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+
+    async def submit(self, item: Any) -> None:
+        """Hand ``item`` to the first stage, waiting while it is full (backpressure).
+
+        Raises:
+            trio.ClosedResourceError: intake is closed (:meth:`close` or :meth:`stop`).
+
+        If the call is cancelled, the item was not accepted and will not be processed.
+        """
+        await self._run.submit(item)
+
+    def close(self) -> None:
+        """No more items: every stage finishes what it holds, then the pipeline ends."""
+        self._run.close()
+
+    def stop(self, drain: float | None = None) -> None:
+        """Stop now: intake closes, and every stage stops as :meth:`conveyor.Pool.stop`
+        does (running attempts get ``drain`` seconds). Everything not settled then is
+        ``Unfinished``, naming its stage."""
+        self._run.stop(drain)
+
+    def results(self) -> AsyncIterator[Record]:
+        """One record per input as it settles; ends when the pipeline has ended. Successes
+        handed out here are not kept for :meth:`report` (only counted)."""
+        return _Reader(self._run)
+
+    @property
+    def stats(self) -> Stats:
+        """The pipeline's counters now (inputs; the stages' attempts and queues summed)."""
+        return self._run.stats
+
+    @property
+    def stages(self) -> dict[str, Stats]:
+        """Each stage's own counters now, by name (items of that stage)."""
+        return self._run.stage_stats()
+
+    def report(self) -> Report:
+        """The account: one record per input (complete once the block has ended)."""
+        return self._run.report()
+
+
+class _OpenRun:
+    """What :meth:`Pipeline.open` returns: enter it once with ``async with``."""
+
+    __slots__ = ("_cm", "_journal", "_run")
+
+    def __init__(self, run: _Run, journal: JournalSpec | None) -> None:
+        self._run = run
+        self._journal = journal
+        self._cm: AbstractAsyncContextManager[PipelineRun] | None = None
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[PipelineRun]:
+        run = self._run
+        async with journaled(run.as_pool(), self._journal), run.running():
+            yield PipelineRun(run)
+
+    async def __aenter__(self) -> PipelineRun:
+        cm = self._open()
+        running = await cm.__aenter__()
+        self._cm = cm
+        return running
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._cm is not None
+        cm, self._cm = self._cm, None
+        return await cm.__aexit__(exc_type, exc, tb)
+
+
+@final
+class PipelineStream:
+    """What :meth:`Pipeline.map` returns: iterate it, or enter it with ``async with``."""
+
+    def __init__(self, run: _Run, items: Items, journal: JournalSpec | None = None) -> None:
+        self._run = run
+        self._items = items
+        self._journal = journal
+        self._used = False
+        self._cm: AbstractAsyncContextManager[_Reader] | None = None
+
+    def _use(self) -> None:
+        if self._used:
+            raise RuntimeError("a pipeline map stream can be iterated once")
+        self._used = True
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[_Reader]:
+        self._use()
+        run = self._run
+        reader = _Reader(run, run.ordered)
+        try:
+            async with (
+                journaled(run.as_pool(), self._journal, self._items) as fed,
+                run.running(fed),
+            ):
+                yield reader
+                if not run.tasks_done:
+                    run.stop()  # the caller left before the end: take and start nothing more
+        finally:
+            reader.give_back()
+
+    async def __aenter__(self) -> AsyncIterator[Record]:
+        self._cm = self._open()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._cm is not None
+        return await self._cm.__aexit__(exc_type, exc, tb)
+
+    def __aiter__(self) -> AsyncIterator[Record]:
+        self._use()
+        host = _Host(self._run, self._items, self._journal)
+        reader = _BareReader(self._run, self._run.ordered)
+        reader._host = host
+        host.start()
+        return reader
+
+    def report(self) -> Report:
+        """The account of the stream's pipeline (complete once it has ended)."""
+        return self._run.report()
+
+
+class _Host:
+    """The run of a bare ``async for record in pipe.map(...)`` loop, in a system task (a
+    nursery must not stay open across the caller's loop; see ``conveyor.map``)."""
+
+    __slots__ = ("done", "failure", "items", "journal", "run", "scope", "token")
+
+    def __init__(self, run: _Run, items: Items, journal: JournalSpec | None) -> None:
+        self.run = run
+        self.journal = journal
+        self.items: Items | None = items
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.failure: BaseException | None = None
+        self.token = trio.lowlevel.current_trio_token()
+
+    def start(self) -> None:
+        trio.lowlevel.spawn_system_task(
+            self._main, context=contextvars.copy_context(), name="conveyor.pipeline"
+        )
+
+    async def _main(self) -> None:
+        try:
+            items, self.items = self.items, None
+            assert items is not None
+            with self.scope:
+                run = self.run
+                async with (
+                    journaled(run.as_pool(), self.journal, items) as fed,
+                    run.running(fed),
+                ):
+                    pass
+        except BaseException as exc:  # a system task must not raise: hand it over
+            self.failure = exc
+        finally:
+            self.run.tasks_done = True
+            self.done.set()
+            if self.run.reader_lot:
+                self.run.reader_lot.unpark_all()
+
+    def left(self, reader: _Reader) -> None:
+        """The caller left its loop (called from ``__del__``): stop the run soon."""
+        reader.give_back()
+        try:
+            self.token.run_sync_soon(self._stop)
+        except trio.RunFinishedError:
+            pass
+
+    def _stop(self) -> None:
+        if not self.done.is_set():
+            self.run.stop()
+
+    async def end(self) -> NoReturn:
+        await self.done.wait()
+        failure, self.failure = self.failure, None
+        if failure is not None and not isinstance(failure, trio.Cancelled):
+            raise failure
+        raise StopAsyncIteration
+
+    async def interrupted(self) -> None:
+        """The reader was cancelled or failed while waiting: stop the run, wait for it."""
+        self.run.stop()
+        with trio.CancelScope(shield=True):
+            await self.done.wait()
+        failure = self.failure
+        if failure is not None and not isinstance(failure, trio.Cancelled):
+            self.failure = None
+            raise failure
+
+
+class _BareReader(_Reader):
+    __slots__ = ("_host",)
+    _host: _Host
+
+    async def _end(self) -> NoReturn:
+        await self._host.end()
+
+    async def _interrupted(self) -> None:
+        await self._host.interrupted()
+
+    def __del__(self) -> None:
+        host = getattr(self, "_host", None)
+        if host is not None and not host.done.is_set():
+            host.left(self)
+
+
+class _JournalSeam:
+    """What ``_journal.journaled`` needs of a pool, for a pipeline run: it filters intake
+    (``_gate``, ``_settle_unrun``), is told of each record (``_observe_settled``), reads the
+    unfinished ones from ``report()`` at the end, and stops the run if it cannot write."""
+
+    __slots__ = ("_run",)
+    _progress = None
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+
+    def _observe_settled(self, observe: Callable[[Record], None]) -> None:
+        self._run.observe = observe
+
+    @property
+    def _gate(self) -> Callable[[Any], bool] | None:
+        return self._run.gate
+
+    @_gate.setter
+    def _gate(self, gate: Callable[[Any], bool] | None) -> None:
+        self._run.gate = gate
+
+    def _settle_unrun(self, record: Succeeded[Any] | Failed) -> None:
+        self._run.settle_unrun(record)
+
+    def report(self) -> Report:
+        return self._run.report()
+
+    def stop(self, drain: float | None = None) -> None:
+        self._run.stop(drain)
