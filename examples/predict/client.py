@@ -1,7 +1,9 @@
 """Score a CSV of feature rows on a fleet of flaky prediction servers, resumably.
 
 The job of seed 000, for real: too many rows to score locally, so batches of rows go to K
-prediction servers over HTTP, concurrently, through ``conveyor.run``:
+prediction servers over HTTP, concurrently, through a one-stage ``conveyor.pipeline`` whose
+stage is a batching stage (``conveyor.Batch(500, max_wait=0.05)``): each row is an input with
+its own record, and each batch one call of the batch function, one request:
 
 - **Routing**: each attempt goes to the least-loaded server that has room (at most
   ``per_server`` requests at once on each), preferring servers that did not just answer
@@ -9,7 +11,7 @@ prediction servers over HTTP, concurrently, through ``conveyor.run``:
   wherever there is room, so one overloaded or dead server does not hold its batches.
 - **Retries**: 503 and 429 are retried after their ``Retry-After`` (raised as
   ``conveyor.RetryAfter``), dropped connections and other transport errors after the
-  backoff; a 400 (a bad row) or 413 gives up at once.
+  backoff; a 400 (a bad row) or 413 is not retried.
 - **Bad rows, isolated**: one bad row makes a server answer 400 for its whole batch. If the
   400 names the bad rows, they are set aside with the server's reason and the other rows
   are sent again at once, in the same attempt. If it does not (a terse server, or a 413
@@ -18,14 +20,13 @@ prediction servers over HTTP, concurrently, through ``conveyor.run``:
   are given up, every good row is scored. The parts of a split batch are retried on 503,
   429 and dropped connections like whole batches, so a 503 met while isolating a bad row
   does not give up the good rows of that part.
-- **Resuming**: ``journal=OUTPUT.journal, key=batch_key``: a run that was stopped (Ctrl-C,
-  a crash, SIGKILL) and started again with the same output path sends only the batches
-  the journal does not hold as succeeded. A batch's key is its rows' positions and a hash
-  of their text, so a changed input file or batch size never reuses a stale result.
+- **Resuming**: ``journal=OUTPUT.journal, key=row_key``: a run that was stopped (Ctrl-C,
+  a crash, SIGKILL) and started again with the same output path sends only the rows the
+  journal does not hold as scored (the bad rows are checked again). A row's key is its
+  position and a hash of its text, so a changed input file never reuses a stale result.
 - **Output**: predictions in input order (``row,prediction``; empty for a row that could
-  not be scored), written from the final report, so a batch scored twice (its journal
-  row lost in a crash) still appears once; failures with their reasons in
-  ``OUTPUT.failures.csv``.
+  not be scored), written from the final report, one record per row; failures with their
+  reasons in ``OUTPUT.failures.csv``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from conveyor._batch import call_batch_flat
 from .model import WIDTH
 
 BATCH_SIZE = 500
+MAX_WAIT = 0.05  # seconds a batch waits for more rows after its first
 PER_SERVER = 4
 ATTEMPTS = 8
 TIMEOUT = 30.0
@@ -66,30 +68,26 @@ TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
-class Batch:
-    """Rows sent in one request: their input positions and their values.
+class Row:
+    """One input row: its position in the file, its values as sent, and its journal key.
 
-    ``key`` (the journal key) names the rows and hashes their text: stable across runs of
-    the same input, different for another input or another batching.
+    ``key`` names the row and hashes its text: stable across runs of the same input,
+    different for a changed row, so a changed file never reuses a stale prediction.
     """
 
+    position: int
+    values: tuple[Any, ...]
     key: str
-    positions: tuple[int, ...]
-    rows: tuple[tuple[Any, ...], ...]
 
     @classmethod
-    def of(cls, positions: Sequence[int], texts: Sequence[Sequence[str]]) -> Batch:
-        digest = hashlib.blake2b(digest_size=8)
-        for position, text in zip(positions, texts, strict=True):
-            digest.update(f"{position}:{','.join(text)}\n".encode())
-        first, last = positions[0], positions[-1]
-        key = f"rows {first}-{last} ({len(positions)}) {digest.hexdigest()}"
-        return cls(key, tuple(positions), tuple(tuple(_cell(c) for c in t) for t in texts))
+    def of(cls, position: int, text: Sequence[str]) -> Row:
+        digest = hashlib.blake2b(",".join(text).encode(), digest_size=8).hexdigest()
+        return cls(position, tuple(_cell(c) for c in text), f"row {position} {digest}")
 
 
-def batch_key(batch: Batch) -> str:
-    """The journal key of a batch."""
-    return batch.key
+def row_key(row: Row) -> str:
+    """The journal key of a row."""
+    return row.key
 
 
 def _cell(text: str) -> Any:
@@ -101,24 +99,12 @@ def _cell(text: str) -> Any:
         return text
 
 
-def read_batches(path: Path, batch_size: int) -> tuple[list[Batch], int]:
-    """The batches of a CSV file of feature rows (one header line), and the row count."""
-    batches: list[Batch] = []
-    positions: list[int] = []
-    texts: list[list[str]] = []
-    count = 0
+def read_rows(path: Path) -> list[Row]:
+    """The rows of a CSV file of feature rows (one header line)."""
     with path.open(newline="") as file:
         reader = csv.reader(file)
         next(reader, None)  # the header
-        for count, row in enumerate(reader, start=1):
-            positions.append(count - 1)
-            texts.append(row)
-            if len(positions) == batch_size:
-                batches.append(Batch.of(positions, texts))
-                positions, texts = [], []
-    if positions:
-        batches.append(Batch.of(positions, texts))
-    return batches, count
+        return [Row.of(position, text) for position, text in enumerate(reader)]
 
 
 def write_sample(
@@ -177,6 +163,7 @@ class Rejected(Exception):
     def __init__(self, message: str, bad_rows: list[tuple[int, str]]) -> None:
         super().__init__(message)
         self.bad_rows = bad_rows
+        self.batch_rows = 1  # the rows of the batch it refused, when raised for all of them
 
 
 RETRYABLE = (ServerBusy, ServerError, httpx.TransportError, conveyor.AttemptTimeout)
@@ -260,10 +247,6 @@ class Fleet:
         server.in_flight -= 1
         self.room.unpark()
 
-    async def predict(self, batch: Batch) -> list[float]:
-        """One attempt: send ``batch`` to a server; its predictions, or an error."""
-        return await self.predict_rows(batch.key, batch.rows)
-
     async def predict_rows(self, key: str, rows: Sequence[tuple[Any, ...]]) -> list[float]:
         """One request: send ``rows`` (of the batch ``key``) to a server; one prediction
         per row, or an error."""
@@ -334,13 +317,12 @@ class Outcome:
     """What a run of the client did (the demo and the tests read it)."""
 
     rows: int
-    batches: int
     scored: int = 0
     predictions: list[float | None] = field(default_factory=list)
     bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
-    given_up: list[tuple[Batch, int, str]] = field(default_factory=list)  # batch, attempts, why
-    given_up_rows: list[tuple[int, str]] = field(default_factory=list)  # parts that kept failing
-    from_journal: int = 0
+    given_up_rows: list[tuple[int, str]] = field(default_factory=list)  # retries ran out
+    from_journal: int = 0  # rows
+    sent_rows: int = 0
     sent_batches: int = 0
     split_batches: int = 0  # batches split in halves to isolate the rows a terse 400 refused
     requests: int = 0
@@ -349,46 +331,57 @@ class Outcome:
     latencies: list[tuple[float, bool]] = field(default_factory=list)
     slots: int = 0
     elapsed: float = 0.0  # the whole job: reading, sending, writing
-    sending: float = 0.0  # inside conveyor.run
+    sending: float = 0.0  # inside the pipeline
 
     @property
     def rows_given_up(self) -> int:
-        """Rows not scored: the bad rows, and the rows of batches or parts given up."""
-        return (len(self.bad_rows) + len(self.given_up_rows)
-                + sum(len(batch.positions) for batch, _, _ in self.given_up))
+        """Rows not scored: the bad rows, and the rows whose retries ran out."""
+        return len(self.bad_rows) + len(self.given_up_rows)
 
 
 @dataclass
 class Scorer:
-    """The task function: score one batch, giving each row its own prediction or failure.
+    """The batch function of the batching stage: score a batch of rows, giving each row its
+    own prediction or failure (a :class:`RowFailed` in its place fails that row alone).
 
     The whole batch is sent first: an error worth retrying (503, 429, a dropped connection)
-    is raised, and the pool retries the whole batch. A 400 naming the bad rows sets them
+    is raised, and the stage retries the whole batch. A 400 naming the bad rows sets them
     aside and sends the others again at once. A 400 that does not say which rows (or a
     413) splits the batch in halves, recursively (``call_batch_flat(split=True)``), each
     part retried on the same errors as a batch, until the rows that make it fail are alone.
+    (The stage's own ``Batch(split=True)`` splits too, but does not retry the parts yet: a
+    503 met while isolating a bad row would give up the good rows of that part.)
     """
 
     fleet: Fleet
     retry: conveyor.Retry
     split: bool = True
     splits: int = 0
+    answered: int = 0  # rows answered (the progress line)
+    batches: set[str] = field(default_factory=set)
+    rows_sent: int = 0
 
-    async def __call__(self, batch: Batch) -> list[float | RowFailed]:
-        rows = list(batch.rows)
-        send = functools.partial(self.send, batch.key)
+    async def __call__(self, rows: list[Row]) -> list[float | RowFailed]:
+        key = f"rows {rows[0].position}-{rows[-1].position} ({len(rows)})"
+        if key not in self.batches:  # (a retry of a batch calls again with the same rows)
+            self.batches.add(key)
+            self.rows_sent += len(rows)
+        values = [row.values for row in rows]
+        send = functools.partial(self.send, key)
         try:
-            entries: list[Any] = await send(rows)
-        except Rejected:
-            if not self.split or len(rows) < 2:
+            entries: list[Any] = await send(values)
+        except Rejected as error:
+            if not self.split or len(values) < 2:
+                error.batch_rows = len(values)  # every row of the batch gets this error
                 raise
             self.splits += 1
-            half = len(rows) // 2
+            half = len(values) // 2
             entries = []
-            for part in (rows[:half], rows[half:]):
+            for part in (values[:half], values[half:]):
                 entries += await call_batch_flat(
                     send, part, split=True, split_on=is_rejected, retry=self.retry
                 )
+        self.answered += len(rows)
         return [self._entry(e) for e in entries]
 
     async def send(self, key: str, rows: list[tuple[Any, ...]]) -> list[Any]:
@@ -428,11 +421,13 @@ async def score_file(
 ) -> Outcome:
     """Score every row of ``input_path`` on the servers at ``urls``; write the outputs.
 
-    ``split=False`` gives up a batch refused whole by a 400 that names no row (the client
-    before batching had no other way), to compare."""
+    The rows go through a one-stage pipeline whose stage is a batching stage: batches of
+    ``batch_size`` rows, or fewer after ``MAX_WAIT`` seconds. ``split=False`` gives up every
+    row of a batch refused by a 400 that names no row (the client had no other way before
+    batching), to compare."""
     started = time.perf_counter()
-    batches, rows = await trio.to_thread.run_sync(read_batches, input_path, batch_size)
-    outcome = Outcome(rows=rows, batches=len(batches), slots=len(urls) * per_server)
+    rows = await trio.to_thread.run_sync(read_rows, input_path)
+    outcome = Outcome(rows=len(rows), slots=len(urls) * per_server)
     journal = output_path.with_name(output_path.name + ".journal")
     retry = conveyor.Retry(
         attempts=attempts,
@@ -444,31 +439,49 @@ async def score_file(
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
         fleet = Fleet(urls, per_server, http)
         scorer = Scorer(fleet, retry, split)
+        pipe = conveyor.pipeline(conveyor.stage(
+            scorer, name="predict", workers=outcome.slots, retry=retry, timeout=TIMEOUT,
+            batch=conveyor.Batch(batch_size, max_wait=MAX_WAIT),
+        ))
         sending = time.perf_counter()
-        report = await conveyor.run(
-            scorer, batches,
-            workers=outcome.slots, retry=retry, timeout=TIMEOUT,
-            journal=journal, key=batch_key, progress=progress,
-        )
+        try:
+            async with trio.open_nursery() as nursery:
+                if progress:
+                    nursery.start_soon(_show_progress, scorer, len(rows))
+                report = await pipe.run(rows, journal=journal, key=row_key)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the run's own error (Ctrl-C...), as it was
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         outcome.sending = time.perf_counter() - sending
     outcome.from_journal = len(report.succeeded) - report.stats.succeeded
-    outcome.sent_batches = report.stats.submitted
+    outcome.sent_rows = scorer.rows_sent
+    outcome.sent_batches = len(scorer.batches)
     outcome.split_batches = scorer.splits
     outcome.requests = len(fleet.latencies)
-    predictions: list[float | None] = [None] * rows
+    predictions: list[float | None] = [None] * len(rows)
     for success in report.succeeded:
-        batch: Batch = success.item
-        for position, entry in zip(batch.positions, success.value, strict=True):
-            if isinstance(entry, RowFailed):
-                (outcome.bad_rows if entry.kind == "bad row" else outcome.given_up_rows).append(
-                    (position, entry.why))
-            elif predictions[position] is not None:
-                raise AssertionError(f"row {position} scored twice")
-            else:
-                predictions[position] = entry
+        row: Row = success.item
+        if predictions[row.position] is not None:
+            raise AssertionError(f"row {row.position} scored twice")
+        predictions[row.position] = success.value
     for failed in report.failed:
-        outcome.given_up.append((failed.item, failed.attempts, reason(failed.error)))
-        fleet.failures[failed.item.key][reason(failed.error)] -= 1  # not retried
+        error = failed.error
+        if isinstance(error, RowFailed):
+            (outcome.bad_rows if error.kind == "bad row" else outcome.given_up_rows).append(
+                (failed.item.position, error.why))
+        elif isinstance(error, Rejected) and error.batch_rows == 1:  # that row is bad
+            outcome.bad_rows.append((failed.item.position, reason(error)))
+        elif isinstance(error, Rejected):  # split=False: the batch was refused whole
+            outcome.given_up_rows.append(
+                (failed.item.position, f"{reason(error)} (its whole batch of "
+                                       f"{error.batch_rows} rows)"))
+        else:  # the batch's retries ran out
+            outcome.given_up_rows.append(
+                (failed.item.position, f"{reason(error)} after {failed.attempts} attempts"))
+    for failed in report.unfinished:  # pragma: no cover - only after a stop
+        outcome.given_up_rows.append((failed.item.position, "unfinished"))
     for reasons in fleet.failures.values():
         for why, count in reasons.items():
             if count <= 0 or why.startswith(("400", "rejected")):
@@ -483,6 +496,19 @@ async def score_file(
     await trio.to_thread.run_sync(write_outputs, output_path, outcome)
     outcome.elapsed = time.perf_counter() - started
     return outcome
+
+
+async def _show_progress(scorer: Scorer, rows: int) -> None:
+    """A live line on stderr: rows answered so far (a terminal only)."""
+    if not sys.stderr.isatty():
+        return
+    try:
+        while True:
+            print(f"\rpredict | {scorer.answered:,}/{rows:,} rows | "
+                  f"{len(scorer.fleet.latencies)} requests", end="", file=sys.stderr, flush=True)
+            await trio.sleep(0.5)
+    finally:
+        print(file=sys.stderr, flush=True)
 
 
 def failures_path(output_path: Path) -> Path:
@@ -509,10 +535,6 @@ def write_outputs(output_path: Path, outcome: Outcome) -> None:
             writer.writerow(["bad row", position, 1, why])
         for position, why in outcome.given_up_rows:
             writer.writerow(["row", position, "", why])
-        for batch, attempts, why in outcome.given_up:
-            writer.writerow(
-                ["batch", f"{batch.positions[0]}-{batch.positions[-1]}", attempts, why]
-            )
     os.replace(temporary, failures)
 
 
@@ -539,12 +561,13 @@ def ideal_seconds(outcome: Outcome) -> tuple[float, float]:
 
 def format_report(outcome: Outcome, output_path: Path, servers: int) -> str:
     lines = [
-        f"predict: {outcome.rows:,} rows in {outcome.batches} batches, {servers} servers, "
-        f"{outcome.slots} requests at once at most",
+        f"predict: {outcome.rows:,} rows, {servers} servers, {outcome.slots} requests at once "
+        f"at most",
         f"  scored    {outcome.scored:,} rows -> {output_path}",
-        f"  batches   {outcome.sent_batches} sent, {outcome.from_journal} taken from the "
-        f"journal; {outcome.split_batches} split in halves to isolate the rows a 400 refused "
-        f"without naming them; {outcome.requests} requests",
+        f"  batches   {outcome.sent_batches} sent ({outcome.sent_rows:,} rows), "
+        f"{outcome.from_journal:,} rows taken from the journal; {outcome.split_batches} split "
+        f"in halves to isolate the rows a 400 refused without naming them; "
+        f"{outcome.requests} requests",
     ]
     if outcome.retries:
         why = ", ".join(
@@ -556,18 +579,17 @@ def format_report(outcome: Outcome, output_path: Path, servers: int) -> str:
         lines.append("  retried   nothing")
     rejected = len({p for p, _ in outcome.bad_rows})
     lines.append(
-        f"  given up  {outcome.rows_given_up:,} rows: {rejected} bad rows (400, at once), "
-        f"{len(outcome.given_up_rows)} rows of parts and {len(outcome.given_up)} batches "
-        f"after retries -> {failures_path(output_path)}"
+        f"  given up  {outcome.rows_given_up:,} rows: {rejected} bad rows (400), "
+        f"{len(outcome.given_up_rows)} rows after retries -> {failures_path(output_path)}"
     )
     for position, why in outcome.bad_rows[:8]:
         lines.append(f"              row {position}: {why}")
     if len(outcome.bad_rows) > 8:
         lines.append(f"              ... and {len(outcome.bad_rows) - 8} more")
-    for batch, attempts, why in outcome.given_up[:5]:
-        lines.append(f"              {batch.key}: {why} after {attempts} attempts")
     for position, why in outcome.given_up_rows[:5]:
-        lines.append(f"              row {position}: {why} (its part, after retries)")
+        lines.append(f"              row {position}: {why}")
+    if len(outcome.given_up_rows) > 5:
+        lines.append(f"              ... and {len(outcome.given_up_rows) - 5} more")
     with_faults, without = ideal_seconds(outcome)
     if with_faults:
         lines.append(

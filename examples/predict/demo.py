@@ -89,20 +89,17 @@ async def servers(fleet: Sequence[Sequence[str]], serve_for: float = 300.0,
 
 def check(outcome: client.Outcome, sample: Path) -> str:
     """Every prediction equals the model computed here; every row scored or reported."""
-    batches, _ = client.read_batches(sample, client.BATCH_SIZE)
     bad = {position for position, _ in outcome.bad_rows}
-    mismatched = unscored = 0
     gave_up = {position for position, _ in outcome.given_up_rows}
-    gave_up.update(p for batch, _, _ in outcome.given_up for p in batch.positions)
-    for batch in batches:
-        for position, row in zip(batch.positions, batch.rows, strict=True):
-            got = outcome.predictions[position]
-            if position in bad:
-                continue
-            if got is None and position not in gave_up:
-                unscored += 1
-            elif got != predict_row(list(row)):
-                mismatched += 1
+    mismatched = unscored = 0
+    for row in client.read_rows(sample):
+        got = outcome.predictions[row.position]
+        if row.position in bad or row.position in gave_up:
+            continue
+        if got is None:
+            unscored += 1
+        elif got != predict_row(list(row.values)):
+            mismatched += 1
     if mismatched or unscored:
         return f"FAILED: {mismatched} predictions differ from the model, {unscored} rows lost"
     return (f"{outcome.scored:,} predictions equal the model computed locally; "
@@ -125,9 +122,9 @@ async def run_demo(rows: int, workdir: Path) -> int:
         print(client.format_report(outcome, output, len(urls)), flush=True)
         print(f"  checked   {check(outcome, sample)}", flush=True)
         again = await client.score_file(sample, output, urls, progress=False)
-        print(f"run again (same output, so the same journal): {again.from_journal} batches "
-              f"taken from the journal, {again.sent_batches} sent "
-              f"(those given up, tried again), {again.elapsed:.1f} s; "
+        print(f"run again (same output, so the same journal): {again.from_journal:,} rows "
+              f"taken from the journal, {again.sent_rows} sent "
+              f"(the bad ones, checked again), {again.elapsed:.1f} s; "
               f"output unchanged: {again.predictions == outcome.predictions}", flush=True)
     for i, line in enumerate(counters, start=1):
         seen = json.loads(line.removeprefix("stopped: ")) if line.startswith("stopped: ") else line
