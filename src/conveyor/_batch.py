@@ -71,7 +71,9 @@ async def collect(receive: trio.MemoryReceiveChannel[T], size: int, max_wait: fl
     Waits (without limit) for a first item; then takes more until the batch holds ``size``
     items or ``max_wait`` seconds have passed since the first item was taken, whichever comes
     first. Items already waiting in the channel are taken at once, without a checkpoint each.
-    With ``max_wait=0`` a batch is the first item plus whatever is already waiting.
+    With ``max_wait=0`` a batch is the first item plus whatever is already waiting. A
+    producer slower than this consumer wakes it once per item (a trio scheduling round
+    each); a :class:`Collector` wakes its taker once per batch.
 
     Returns ``[]`` once the channel has ended (every sender closed) and holds nothing more; a
     channel that ends while a batch is being filled ends that batch at once (the partial
