@@ -37,12 +37,13 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, NoReturn, TypeVar, cast, final
+from typing import Any, NoReturn, cast, final
 
 import outcome
 import trio
 from trio.lowlevel import ParkingLot
 
+from ._api import open_pool
 from ._batch import call_batch, collect
 from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
@@ -54,7 +55,6 @@ from ._stats import Stats
 
 __all__ = ["Batch", "Pipeline", "PipelineRun", "PipelineStream", "Stage", "pipeline", "stage"]
 
-T = TypeVar("T")
 Items = Iterable[Any] | AsyncIterable[Any]
 
 logger = logging.getLogger("conveyor")
@@ -216,7 +216,7 @@ def pipeline(*stages: Stage | Callable[..., Any]) -> Pipeline:
     :meth:`Pipeline.map` or :meth:`Pipeline.open`; it can be run any number of times."""
     if not stages:
         raise ValueError("pipeline needs at least one stage: pipeline(stage(fn), ...)")
-    made = tuple(s if isinstance(s, Stage) else stage(s) for s in stages)
+    made = tuple(s if isinstance(s, Stage) else _as_stage(s) for s in stages)
     seen: set[str] = set()
     for s in made:
         if s.name in seen:
@@ -226,6 +226,18 @@ def pipeline(*stages: Stage | Callable[..., Any]) -> Pipeline:
             )
         seen.add(s.name)
     return Pipeline(made)
+
+
+def _as_stage(fn: object) -> Stage:
+    """A plain task function given to :func:`pipeline`: a stage with the defaults."""
+    if not callable(fn):
+        raise TypeError(
+            f"stages must be conveyor.stage(...) or task functions, got {fn!r:.60}"
+        )
+    try:
+        return stage(fn)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"stages: {error}") from None
 
 
 @final
@@ -268,7 +280,7 @@ class Pipeline:
         check_items(items)
         check_drain(drain)
         spec = check_journal(journal, key)
-        run = _Run(self, drain, keep_succeeded=True)
+        run = _Run(self, drain)
         async with journaled(run.as_pool(), spec, items) as feed:
             assert feed is not None
             async with run.running(feed):
@@ -329,7 +341,7 @@ class Pipeline:
         """
         check_drain(drain)
         spec = check_journal(journal, key)
-        return _OpenRun(_Run(self, drain, keep_succeeded=True), spec)
+        return _OpenRun(_Run(self, drain), spec)
 
 
 # ---------------------------------------------------------------------------- the ledger
@@ -761,7 +773,6 @@ class _Run:
         pipe: Pipeline,
         drain: float,
         *,
-        keep_succeeded: bool = False,
         window: int | None = None,
         ordered: bool = False,
     ) -> None:
@@ -772,7 +783,6 @@ class _Run:
         self.next_input = 0
         self.taken = 0
         self.inputs: dict[int, _Input] = {}
-        self.keep_succeeded = keep_succeeded
         self.ordered = ordered
         self.window = trio.Semaphore(window) if window is not None else None
         # Output: records not handed out yet (succeeded ones kept for the report when
@@ -923,7 +933,10 @@ class _Run:
             try:
                 while True:
                     if window is not None:
-                        await window.acquire()
+                        try:
+                            window.acquire_nowait()  # no task switch per input
+                        except trio.WouldBlock:
+                            await window.acquire()
                     try:
                         await first.room.take()
                     except BaseException:
@@ -998,8 +1011,6 @@ class _Run:
             try:
                 async with AsyncExitStack() as stack:
                     for st in self.stages:
-                        from ._api import open_pool
-
                         opts = dict(st.spec.options)
                         st.pool = await stack.enter_async_context(
                             open_pool(st.make_fn(), drain=self.drain, **opts)
