@@ -40,6 +40,7 @@ SCENARIOS = {
     "offload": "benchmarks.offload",
     "responsiveness": "benchmarks.responsiveness",
     "memory": "benchmarks.memory",
+    "batching": "benchmarks.batching",
     "pipeline": "benchmarks.pipeline",
 }
 ROOT = Path(__file__).resolve().parent.parent

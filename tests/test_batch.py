@@ -8,6 +8,7 @@ calls. Cancelling collect at any instant loses no item.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -21,7 +22,16 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conveyor._batch import BatchAnswerError, _split_calls_bound, call_batch, collect
+import conveyor
+from conveyor import Backoff, Retry
+from conveyor._batch import (
+    BatchAnswerError,
+    Collector,
+    _split_calls_bound,
+    call_batch,
+    call_batch_flat,
+    collect,
+)
 
 
 def channel(size: float = math.inf) -> tuple[trio.MemorySendChannel[Any],
@@ -247,6 +257,168 @@ def test_cancel_at_any_instant_loses_nothing_and_duplicates_nothing(
                 break
         taken = [x for b in batches for x in b]
         assert taken + left == sent  # in order, each once, none lost
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Collector: the same batches without a channel
+
+
+async def put_at(collector: Collector[Any], schedule: Sequence[tuple[float, Any]],
+                 close: float | None = None, sent: list[Any] | None = None) -> None:
+    for when, item in schedule:
+        await trio.sleep_until(when)
+        collector.put(item)
+        if sent is not None:
+            sent.append(item)
+    if close is not None:
+        await trio.sleep_until(close)
+        collector.close()
+
+
+async def taken(collector: Collector[Any]) -> list[tuple[float, list[Any]]]:
+    out = []
+    while batch := await collector.take():
+        out.append((trio.current_time(), batch))
+    return out
+
+
+async def test_collector_a_batch_of_3_arriving_at_10_20_30_ms_goes_at_exactly_60_ms(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[str] = Collector(10, 0.05)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_at, collector, [(0.01, "a"), (0.02, "b"), (0.03, "c")], 1.0)
+        batches = await taken(collector)
+    assert batches == [(0.01 + 0.05, ["a", "b", "c"])]
+
+
+async def test_collector_size_500_max_wait_50ms_whichever_comes_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[int] = Collector(500, 0.05)
+    schedule = [(0.0, i) for i in range(1200)] + [(0.02, 1200 + i) for i in range(100)]
+    schedule += [(1.0 + 3 * i / 1000, 2000 + i) for i in range(40)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_at, collector, schedule, 5.0)
+        batches = await taken(collector)
+    # The 200 left at t=0 wait from the moment the second batch was taken (t=0): they go at
+    # 0.05 with the 100 put at 0.02.
+    assert [(round(t, 9), len(b)) for t, b in batches] == [
+        (0.0, 500), (0.0, 500), (0.05, 300),
+        (1.05, 17), (1.101, 17), (1.152, 6),
+    ]
+    assert [x for _, b in batches for x in b] == [x for _, x in schedule]
+
+
+async def test_collector_close_flushes_at_once_then_empty_and_put_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[int] = Collector(3, 100.0)
+    for i in range(7):
+        collector.put(i)
+    assert len(collector) == 7
+    assert await collector.take() == [0, 1, 2]  # full: at once
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_at, collector, [], 0.5)
+        assert await collector.take() == [3, 4, 5]
+        assert await collector.take() == [6]  # closed at 0.5: goes then, not at 100
+        assert trio.current_time() == 0.5
+    assert collector.closed and await collector.take() == []
+    with pytest.raises(trio.ClosedResourceError, match="put on a closed Collector"):
+        collector.put(8)
+
+
+async def test_collector_max_wait_0_and_size_1(autojump_clock: trio.testing.MockClock) -> None:
+    collector: Collector[int] = Collector(10, 0)
+    collector.put(1)
+    collector.put(2)
+    assert await collector.take() == [1, 2]
+    ones: Collector[int] = Collector(1, 10.0)
+    ones.put(1)
+    ones.put(2)
+    assert await ones.take() == [1]
+    assert trio.current_time() == 0.0
+    assert ones.drain() == [2] and len(ones) == 0
+
+
+@pytest.mark.parametrize(
+    ("size", "max_wait", "error", "match"),
+    [
+        (0, 1.0, ValueError, r"batch size must be >= 1, got 0"),
+        (True, 1.0, TypeError, r"batch size must be an int >= 1, got True"),
+        (3, -1, ValueError, r"max_wait must be a finite number of seconds >= 0, got -1"),
+        (3, math.inf, ValueError, r"max_wait must be a finite .* got inf"),
+        (3, None, TypeError, r"max_wait must be a number of seconds >= 0, got None"),
+    ],
+)
+def test_collector_refuses_bad_size_or_wait(
+    size: Any, max_wait: Any, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Collector(size, max_wait)
+    Collector(1, 0.0)  # the fix the message names
+
+
+async def test_two_takers_share_the_batches_and_neither_returns_empty_early(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[int] = Collector(2, 0.1)
+    got: list[list[int]] = []
+
+    async def taker() -> None:
+        while batch := await collector.take():
+            got.append(batch)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        nursery.start_soon(taker)
+        nursery.start_soon(put_at, collector, [(0.01 * i, i) for i in range(7)], 1.0)
+    assert sorted(x for b in got for x in b) == list(range(7))
+    assert all(1 <= len(b) <= 2 for b in got)
+
+
+async def test_a_cancelled_take_takes_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    collector: Collector[int] = Collector(10, 1.0)
+    collector.put(1)
+    with trio.move_on_after(0.5) as scope:
+        await collector.take()
+    assert scope.cancelled_caught
+    assert len(collector) == 1
+    with trio.CancelScope() as cancelled:
+        cancelled.cancel()
+        collector.put(2)
+        await collector.take()
+    assert len(collector) == 2  # cancelled at its first checkpoint: nothing taken
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.integers(0, 30), min_size=1, max_size=40),
+    size=st.integers(1, 8),
+    wait=st.integers(0, 40),
+    cancel_at=st.integers(0, 400),
+)
+def test_collector_cancel_at_any_instant_loses_nothing(
+    gaps: list[int], size: int, wait: int, cancel_at: int
+) -> None:
+    async def main() -> None:
+        collector: Collector[int] = Collector(size, wait / 1000)
+        schedule, now = [], 0
+        for i, gap in enumerate(gaps):
+            now += gap
+            schedule.append((now / 1000, i))
+        batches: list[list[int]] = []
+        sent: list[int] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put_at, collector, schedule, (now + 1) / 1000, sent)
+            with trio.move_on_at(cancel_at / 1000):
+                while batch := await collector.take():
+                    assert 1 <= len(batch) <= size
+                    batches.append(batch)
+            nursery.cancel_scope.cancel()
+        assert [x for b in batches for x in b] + collector.drain() == sent
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -496,3 +668,248 @@ async def test_split_gives_each_call_its_own_list_and_leaves_items_alone() -> No
     await call_batch(mutating, items, split=True)
     assert items == [1, 2, 3, 4]
     assert seen == [[1, 2, 3, 4], [1, 2], [1], [2], [3, 4], [3], [4]]
+
+
+# ---------------------------------------------------------------------------------------------
+# call_batch_flat: the same answers, one entry per item (a value or an Exception instance)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(0, 64),
+    poison=st.sets(st.integers(0, 63), max_size=5),
+    marked=st.sets(st.integers(0, 63), max_size=5),
+    split=st.booleans(),
+)
+def test_flat_entries_are_the_outcomes_unwrapped(
+    n: int, poison: set[int], marked: set[int], split: bool
+) -> None:
+    def service(items: list[int]) -> list[Any]:
+        if poison & set(items):
+            raise Poisoned(sorted(poison & set(items)))
+        return [ValueError(x) if x in marked else -x for x in items]
+
+    async def main() -> tuple[list[Any], list[outcome.Outcome[Any]]]:
+        items = list(range(n))
+        flat = await call_batch_flat(service, items, split=split)
+        return flat, await call_batch(service, items, split=split)
+
+    flat, outcomes = trio.run(main)
+    assert len(flat) == len(outcomes) == n
+    for entry, o in zip(flat, outcomes, strict=True):
+        if isinstance(o, outcome.Error):
+            assert type(entry) is type(o.error) and entry.args == o.error.args
+        else:
+            assert isinstance(o, outcome.Value) and entry == o.value
+
+
+async def test_flat_hands_on_the_batch_functions_own_list() -> None:
+    answer = [1, 2, 3]
+    assert await call_batch_flat(lambda xs: answer, [0, 0, 0], split=False) is answer
+    assert await call_batch_flat(lambda xs: (7, 8), [0, 0], split=False) == [7, 8]
+    with pytest.raises(TypeError, match="split must be True or False"):
+        await call_batch_flat(doubled, [1], split=None)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# retry: the parts of a split batch are retried per the policy, so a 503 on a half does not
+# give up its good items
+
+
+class Busy(Exception):
+    """A transient refusal (a 503): a retry heals it."""
+
+
+def flaky_service(poison: set[int], busy_per_call: list[int], calls: list[list[int]]
+                  ) -> Callable[[list[int]], list[int]]:
+    """Like poisoned_service, but the k-th *distinct* part called is refused as Busy the
+    first busy_per_call[k % len] times it is called."""
+    seen: dict[tuple[int, ...], int] = {}
+    order: dict[tuple[int, ...], int] = {}
+
+    async def service(items: list[int]) -> list[int]:
+        await trio.sleep(0.001)
+        calls.append(list(items))
+        key = tuple(items)
+        k = order.setdefault(key, len(order))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= busy_per_call[k % len(busy_per_call)]:
+            raise Busy(f"busy {key[:3]}")
+        bad = [x for x in items if x in poison]
+        if bad:
+            raise Poisoned(f"bad items {bad}")
+        return [x * x for x in items]
+
+    return service
+
+
+def is_poisoned(error: Exception) -> bool:
+    return isinstance(error, Poisoned)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    n=st.integers(1, 100),
+    busy=st.lists(st.integers(0, 2), min_size=1, max_size=7),
+)
+def test_split_with_retry_fails_exactly_the_poison_items_despite_transient_errors(
+    data: st.DataObject, n: int, busy: list[int]
+) -> None:
+    poison = data.draw(st.sets(st.integers(0, n - 1), max_size=min(n, 6)), label="poison")
+    calls: list[list[int]] = []
+    retry = Retry(attempts=3, backoff=None, retry_on=Busy)
+
+    async def main() -> list[outcome.Outcome[Any]]:
+        return await call_batch(flaky_service(poison, busy, calls), list(range(n)), split=True,
+                                split_on=is_poisoned, retry=retry)
+
+    outcomes = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    for x, o in enumerate(outcomes):
+        if x in poison:
+            assert isinstance(o, outcome.Error) and str(o.error) == f"bad items [{x}]"
+        else:
+            assert isinstance(o, outcome.Value) and o.value == x * x
+    distinct = {tuple(c) for c in calls}
+    assert len(distinct) <= _split_calls_bound(n, len(poison))  # retries aside, the same parts
+
+
+async def test_without_retry_a_busy_half_fails_its_good_items_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[list[int]] = []
+    # The first part (the whole batch) is refused for its poison item; the second part
+    # (0-3, all good) meets a 503 once.
+    service = flaky_service({5}, [0, 1, 0, 0, 0, 0, 0, 0], calls)
+    outcomes = await call_batch(service, list(range(8)), split=True, split_on=is_poisoned)
+    errors = [type(o.error) for o in outcomes if isinstance(o, outcome.Error)]
+    assert errors == [Busy] * 4 + [Poisoned]  # four good items given up with the 503
+    calls.clear()
+    service = flaky_service({5}, [0, 1, 0, 0, 0, 0, 0, 0], calls)
+    outcomes = await call_batch(service, list(range(8)), split=True, split_on=is_poisoned,
+                                retry=Retry(attempts=2, backoff=None, retry_on=Busy))
+    errors = [type(o.error) for o in outcomes if isinstance(o, outcome.Error)]
+    assert errors == [Poisoned]
+    assert calls[:3] == [list(range(8)), [0, 1, 2, 3], [0, 1, 2, 3]]  # the retry, at once
+
+
+async def test_retry_waits_the_policys_delay_and_the_errors_hint(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    starts: list[float] = []
+
+    async def busy_twice(items: list[int]) -> list[int]:
+        starts.append(trio.current_time())
+        if len(starts) == 1:
+            raise Busy("first")
+        if len(starts) == 2:
+            raise conveyor.RetryAfter(2.5, "second: Retry-After 2.5")
+        return items
+
+    retry = Retry(attempts=3, backoff=Backoff(initial=0.25, jitter=None))
+    outcomes = await call_batch(busy_twice, [1, 2], split=False, retry=retry)
+    assert values(outcomes) == [1, 2]
+    assert starts == [0.0, 0.25, 2.75]
+
+
+async def test_retries_run_out_then_the_items_fail_with_the_last_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[list[int]] = []
+
+    def always_busy(items: list[int]) -> list[int]:
+        calls.append(items)
+        raise Busy(len(calls))
+
+    outcomes = await call_batch(always_busy, [1, 2, 3, 4], split=True, split_on=is_poisoned,
+                                retry=Retry(attempts=3, backoff=None))
+    assert len(calls) == 3  # attempts of the whole batch; Busy does not split
+    assert [str(o.error) for o in outcomes if isinstance(o, outcome.Error)] == ["3"] * 4
+    # Not retryable (retryable = False) or rejected by retry_on: no second attempt.
+    calls.clear()
+    outcomes = await call_batch(always_busy, [1], split=False,
+                                retry=Retry(attempts=3, retry_on=KeyError))
+    assert len(calls) == 1
+
+
+async def test_retry_must_be_a_retry_policy() -> None:
+    with pytest.raises(TypeError, match=r"retry must be a conveyor.Retry or None, got 3"):
+        await call_batch(doubled, [1], split=False, retry=3)  # type: ignore[arg-type]
+    # The fix the message names.
+    assert values(await call_batch(doubled, [1], split=False, retry=Retry())) == [2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact timing under any schedule: collect and Collector against a model
+
+
+def model_batches(arrivals: list[int], size: int, wait: float, close: float, busy: float,
+                  collector: bool) -> list[tuple[float, list[int]]]:
+    """When each batch goes (ms), for a consumer that asks for the next batch ``busy`` ms
+    after it got one. A batch ends when its size-th item is there, at its deadline, or when
+    the input closes with nothing more to come, whichever is first (but not before it is
+    asked for). Its deadline is ``wait`` after its start: for ``collect``, the moment it
+    took the first item (the item's arrival, or the call if the item was waiting); for a
+    ``Collector``, the first item's put, or the previous take if the item was left over
+    from it. Arrivals are whole ms, other times are not: nothing ties."""
+    out: list[tuple[float, list[int]]] = []
+    i, asked, last_take, n = 0, 0.0, -1.0, len(arrivals)
+    while i < n:
+        if collector:
+            start = arrivals[i] if arrivals[i] > last_take else last_take
+        else:
+            start = max(arrivals[i], asked)
+        deadline = start + wait
+        until = max(deadline, asked)  # a deadline already past: it goes when asked
+        j = i
+        while j < n and j - i < size and arrivals[j] <= until:
+            j += 1
+        if j - i == size:
+            end = max(asked, arrivals[j - 1])
+        elif j == n and close < until:
+            end = max(asked, close)
+        else:
+            end = until
+        out.append((end, list(range(i, j))))
+        i, last_take, asked = j, end, end + busy
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    gaps=st.lists(st.integers(0, 20), min_size=1, max_size=60),
+    size=st.integers(1, 10),
+    wait=st.integers(0, 50),
+    busy=st.integers(0, 30),
+    linger=st.integers(0, 60),
+    use_collector=st.booleans(),
+)
+def test_batches_go_exactly_when_full_or_max_wait_after_their_first_item(
+    gaps: list[int], size: int, wait: int, busy: int, linger: int, use_collector: bool
+) -> None:
+    arrivals = list(itertools.accumulate(gaps))
+    close = arrivals[-1] + linger + 0.25
+    max_wait, busy_ms = wait + 0.4321, (busy + 0.1234) if busy else 0.0
+    expected = model_batches(arrivals, size, max_wait, close, busy_ms, use_collector)
+
+    async def main() -> list[tuple[float, list[int]]]:
+        schedule = [(at / 1000, i) for i, at in enumerate(arrivals)]
+        got: list[tuple[float, list[int]]] = []
+        async with trio.open_nursery() as nursery:
+            if use_collector:
+                collector: Collector[int] = Collector(size, max_wait / 1000)
+                nursery.start_soon(put_at, collector, schedule, close / 1000)
+                while batch := await collector.take():
+                    got.append((trio.current_time() * 1000, batch))
+                    await trio.sleep(busy_ms / 1000)
+            else:
+                send, receive = channel()
+                nursery.start_soon(send_at, send, schedule, close / 1000)
+                while batch := await collect(receive, size, max_wait / 1000):
+                    got.append((trio.current_time() * 1000, batch))
+                    await trio.sleep(busy_ms / 1000)
+        return got
+
+    got = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [b for _, b in got] == [b for _, b in expected]
+    assert [t for t, _ in got] == pytest.approx([t for t, _ in expected], abs=1e-6)

@@ -2,7 +2,9 @@
 
 End-to-end layer: every good row is scored exactly once and equals the model computed here;
 every bad row is reported with the server's reason; nothing is lost or duplicated with about
-20% of requests failing (10% 503, 10% dropped connections). The client killed half-way
+20% of requests failing (10% 503, 10% dropped connections). On servers whose 400 does not say
+which row is bad, split-on-failure gives up the bad rows alone, where the client without it
+gives up their whole batches. The client killed half-way
 (SIGINT, then SIGKILL) and run again: the output is complete, each row once, and the second
 run sent only what the journal did not hold. The server answers a hypothesis-fuzzed set of
 bad bodies with a 4xx each and stays up. Contract layer: the model's checks name the row.
@@ -82,6 +84,12 @@ def flaky_fleet() -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="module")
+def terse_fleet() -> Iterator[list[str]]:
+    """Two servers failing about 20% of requests whose 400 does not say which row is bad."""
+    yield from start_servers(*[["--fail-rate", "0.1", "--drop-rate", "0.1", "--terse-400"]] * 2)
+
+
+@pytest.fixture(scope="module")
 def slow_fleet() -> Iterator[list[str]]:
     """One server taking 0.1 s a request: a client can be killed half-way through."""
     yield from start_servers(["--delay", "0.1"])
@@ -107,7 +115,8 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, st
 # What a correct output is
 
 
-def check_output(sample_path: Path, output: Path, planted: dict[int, str]) -> None:
+def check_output(sample_path: Path, output: Path, planted: dict[int, str],
+                 terse: bool = False) -> None:
     """Each row once, in order; a good row's prediction equals the model computed here; a bad
     row has none and is in the failures file with the server's reason; nothing given up."""
     inputs = list(client.iter_csv(sample_path))[1:]
@@ -125,7 +134,8 @@ def check_output(sample_path: Path, output: Path, planted: dict[int, str]) -> No
     reported = {int(rows): why for _, rows, _, why in failures[1:]}
     assert set(reported) == set(planted)
     for position, kind in planted.items():
-        assert REASONS[kind] in reported[position], (position, kind, reported[position])
+        why = "rejected: 400: bad input" if terse else REASONS[kind]
+        assert why in reported[position], (position, kind, reported[position])
 
 
 def succeeded_in_journal(journal: Path) -> int:
@@ -155,20 +165,51 @@ async def test_every_good_row_is_scored_once_and_every_bad_row_reported_at_20pct
     check_output(sample_path, output, planted)
     assert outcome.scored == ROWS - BAD
     assert outcome.from_journal == 0
+    assert outcome.rows_given_up == BAD and not outcome.given_up_rows
     # The faults really happened, and only retryable ones were retried.
     failed_attempts = sum(1 for _, ok in outcome.latencies if not ok)
     assert failed_attempts >= 0.1 * len(outcome.latencies)
     assert set(outcome.retries) <= {"503 unavailable", "connection dropped"}
     assert outcome.retries["503 unavailable"] > 0 and outcome.retries["connection dropped"] > 0
-    # A 400 was never retried: each rejected batch was sent once.
+    # The 400s named their rows: nothing was split.
+    assert outcome.split_batches == 0
     assert outcome.requests == len(outcome.latencies)
+
+
+@pytest.mark.slow
+async def test_split_on_failure_gives_up_only_the_bad_rows_a_terse_400_refused(
+    terse_fleet: list[str], sample: tuple[Path, dict[int, str]], tmp_path: Path
+) -> None:
+    sample_path, planted = sample
+    # Without splitting (the client before batching), each batch holding a bad row is given
+    # up whole: hundreds of good rows for the sake of one.
+    whole = await client.score_file(sample_path, tmp_path / "whole.csv", terse_fleet,
+                                    progress=False, split=False)
+    lost = {position for position, _ in whole.given_up_rows}
+    assert set(planted) <= lost and not whole.bad_rows
+    assert BAD < whole.rows_given_up <= BAD * client.BATCH_SIZE
+    assert whole.scored == ROWS - whole.rows_given_up
+    assert all("its whole batch of" in why for _, why in whole.given_up_rows)
+    # With it, the same faults give up the bad rows alone; every good row is scored once.
+    output = tmp_path / "out.csv"
+    outcome = await client.score_file(sample_path, output, terse_fleet, progress=False)
+    check_output(sample_path, output, planted, terse=True)
+    assert outcome.rows_given_up == BAD and not outcome.given_up_rows
+    assert 1 <= outcome.split_batches <= BAD
+    # O(p log n) requests to isolate them: beyond one answered request per batch, at most
+    # 2 ceil(log2 500) = 18 per bad row (the retries of 503s and drops aside).
+    answered = sum(1 for _, ok in outcome.latencies if ok)
+    assert answered <= outcome.sent_batches + 18 * BAD
+    report = client.format_report(outcome, output, len(terse_fleet))
+    assert f"given up  {BAD} rows: {BAD} bad rows" in report, report
+    assert f"{outcome.split_batches} split in halves" in report, report
 
 
 async def run_client_and_kill(
     sample_path: Path, output: Path, urls: list[str], how: signal.Signals
 ) -> tuple[int, int, bytes]:
-    """Start the client as a process, wait until the journal holds 8 batches, send ``how``;
-    return (exit code, batches in the journal after, stderr)."""
+    """Start the client as a process, wait until the journal holds 8 batches' rows, send
+    ``how``; return (exit code, rows in the journal after, stderr)."""
     journal = output.with_name(output.name + ".journal")
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "examples.predict", "client", str(sample_path),
@@ -178,7 +219,7 @@ async def run_client_and_kill(
     )
     try:
         with trio.fail_after(30):
-            while await trio.to_thread.run_sync(succeeded_in_journal, journal) < 8:
+            while await trio.to_thread.run_sync(succeeded_in_journal, journal) < 8 * 500:
                 assert process.poll() is None, "the client ended before it was killed"
                 await trio.sleep(0.05)
         process.send_signal(how)
@@ -209,15 +250,14 @@ async def test_a_client_killed_half_way_resumes_and_scores_each_row_once(
     else:
         assert code == -signal.SIGKILL
     assert not output.exists()  # the output is only written by a complete run
-    assert 8 <= done < ROWS // client.BATCH_SIZE  # half-way: some done, not all
+    assert 8 * 500 <= done < ROWS - BAD  # half-way: some done, not all
 
     # Run again (on the flaky fleet, so retries happen in the resumed run too).
     outcome = await client.score_file(sample_path, output, flaky_fleet, progress=False)
     check_output(sample_path, output, planted)
-    # Exactly what the journal held was skipped; the rest was sent once each (first pass).
-    batches = ROWS // client.BATCH_SIZE
+    # Exactly what the journal held was skipped; the rest was sent once each.
     assert outcome.from_journal == done
-    assert outcome.sent_batches - outcome.repair_batches == batches - done
+    assert outcome.sent_rows == ROWS - done
 
 
 @pytest.mark.slow
@@ -230,6 +270,7 @@ def test_the_demo_scores_a_small_sample_and_resumes_from_its_journal(tmp_path: P
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "3,999 predictions equal the model computed locally; 1 bad rows reported" in out, out
+    assert "given up  1 rows: 1 bad rows" in out, out
     assert "taken from the journal" in out and "output unchanged: True" in out, out
     assert out.count("saw: {") == 4, out
 
@@ -323,16 +364,14 @@ def test_a_bad_batch_names_each_bad_row_and_why() -> None:
     assert check_batch({"rows": [[1] * WIDTH]}) == [[1.0] * WIDTH]
 
 
-def test_batch_keys_follow_the_rows_and_their_text() -> None:
-    texts = [[str(i)] * WIDTH for i in range(4)]
-    batch = client.Batch.of([10, 11, 12, 13], texts)
-    assert batch.key == client.Batch.of([10, 11, 12, 13], texts).key
-    assert batch.key != client.Batch.of([10, 11, 12, 13], [*texts[:3], ["9"] * WIDTH]).key
-    assert batch.key.startswith("rows 10-13 (4) ")
-    rest = batch.without({1, 2})
-    assert rest is not None and rest.positions == (10, 13)
-    assert rest.rows == (batch.rows[0], batch.rows[3])
-    assert batch.without({0, 1, 2, 3}) is None
+def test_row_keys_follow_the_position_and_the_text() -> None:
+    text = ["1.5"] * WIDTH
+    row = client.Row.of(10, text)
+    assert row.key == client.Row.of(10, text).key and row.key.startswith("row 10 ")
+    assert row.key != client.Row.of(11, text).key
+    assert row.key != client.Row.of(10, [*text[:-1], "9"]).key
+    assert row.values == (1.5,) * WIDTH
+    assert client.Row.of(0, ["nan", "n/a"]).values[1] == "n/a"  # sent as is: the server says
 
 
 def test_retry_after_is_read_leniently() -> None:

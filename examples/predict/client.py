@@ -1,7 +1,9 @@
 """Score a CSV of feature rows on a fleet of flaky prediction servers, resumably.
 
 The job of seed 000, for real: too many rows to score locally, so batches of rows go to K
-prediction servers over HTTP, concurrently, through ``conveyor.run``:
+prediction servers over HTTP, concurrently, through a one-stage ``conveyor.pipeline`` whose
+stage is a batching stage (``conveyor.Batch(500, max_wait=0.05)``): each row is an input with
+its own record, and each batch one call of the batch function, one request:
 
 - **Routing**: each attempt goes to the least-loaded server that has room (at most
   ``per_server`` requests at once on each), preferring servers that did not just answer
@@ -9,24 +11,29 @@ prediction servers over HTTP, concurrently, through ``conveyor.run``:
   wherever there is room, so one overloaded or dead server does not hold its batches.
 - **Retries**: 503 and 429 are retried after their ``Retry-After`` (raised as
   ``conveyor.RetryAfter``), dropped connections and other transport errors after the
-  backoff; a 400 (a bad row) or 413 gives up at once.
-- **Bad rows**: a 400 names the bad rows of its batch; once a pass is over, the other rows
-  of such batches are sent again as a smaller batch, until every good row is scored and
-  every bad row is reported with the server's reason.
-- **Resuming**: ``journal=OUTPUT.journal, key=batch_key``: a run that was stopped (Ctrl-C,
-  a crash, SIGKILL) and started again with the same output path sends only the batches
-  the journal does not hold as succeeded. A batch's key is its rows' positions and a hash
-  of their text, so a changed input file or batch size never reuses a stale result.
+  backoff; a 400 (a bad row) or 413 is not retried.
+- **Bad rows, isolated**: one bad row makes a server answer 400 for its whole batch. If the
+  400 names the bad rows, they are set aside with the server's reason and the other rows
+  are sent again at once, in the same attempt. If it does not (a terse server, or a 413
+  for a body too big), the batch is split in halves, recursively, with conveyor's batching
+  (``call_batch_flat(split=True)``), until the rows that make it fail are alone: only they
+  are given up, every good row is scored. The parts of a split batch are retried on 503,
+  429 and dropped connections like whole batches, so a 503 met while isolating a bad row
+  does not give up the good rows of that part.
+- **Resuming**: ``journal=OUTPUT.journal, key=row_key``: a run that was stopped (Ctrl-C,
+  a crash, SIGKILL) and started again with the same output path sends only the rows the
+  journal does not hold as scored (the bad rows are checked again). A row's key is its
+  position and a hash of its text, so a changed input file never reuses a stale result.
 - **Output**: predictions in input order (``row,prediction``; empty for a row that could
-  not be scored), written from the final report, so a batch scored twice (its journal
-  row lost in a crash) still appears once; failures with their reasons in
-  ``OUTPUT.failures.csv``.
+  not be scored), written from the final report, one record per row; failures with their
+  reasons in ``OUTPUT.failures.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -45,10 +52,12 @@ import httpx
 import trio
 
 import conveyor
+from conveyor._batch import call_batch_flat
 
 from .model import WIDTH
 
 BATCH_SIZE = 500
+MAX_WAIT = 0.05  # seconds a batch waits for more rows after its first
 PER_SERVER = 4
 ATTEMPTS = 8
 TIMEOUT = 30.0
@@ -61,44 +70,26 @@ COUNTED = ("submitted", "succeeded", "failed", "unfinished", "attempts")
 
 
 @dataclass(frozen=True, slots=True)
-class Batch:
-    """Rows sent in one request: their input positions and their values.
+class Row:
+    """One input row: its position in the file, its values as sent, and its journal key.
 
-    ``key`` (the journal key) names the rows and hashes their text: stable across runs of
-    the same input, different for another input or another batching.
+    ``key`` names the row and hashes its text: stable across runs of the same input,
+    different for a changed row, so a changed file never reuses a stale prediction.
     """
 
+    position: int
+    values: tuple[Any, ...]
     key: str
-    positions: tuple[int, ...]
-    rows: tuple[tuple[Any, ...], ...]
 
     @classmethod
-    def of(cls, positions: Sequence[int], texts: Sequence[Sequence[str]]) -> Batch:
-        digest = hashlib.blake2b(digest_size=8)
-        for position, text in zip(positions, texts, strict=True):
-            digest.update(f"{position}:{','.join(text)}\n".encode())
-        first, last = positions[0], positions[-1]
-        key = f"rows {first}-{last} ({len(positions)}) {digest.hexdigest()}"
-        return cls(key, tuple(positions), tuple(tuple(_cell(c) for c in t) for t in texts))
-
-    def without(self, bad: set[int]) -> Batch | None:
-        """The same batch without the rows at ``bad`` indexes (None if nothing is left)."""
-        keep = [i for i in range(len(self.positions)) if i not in bad]
-        if not keep:
-            return None
-        return Batch.of(
-            [self.positions[i] for i in keep],
-            [[_text(v) for v in self.rows[i]] for i in keep],
-        )
-
-    def body(self) -> bytes:
-        # NaN travels as the JSON extension token NaN, which the server reads and refuses.
-        return json.dumps({"rows": self.rows}).encode()
+    def of(cls, position: int, text: Sequence[str]) -> Row:
+        digest = hashlib.blake2b(",".join(text).encode(), digest_size=8).hexdigest()
+        return cls(position, tuple(_cell(c) for c in text), f"row {position} {digest}")
 
 
-def batch_key(batch: Batch) -> str:
-    """The journal key of a batch."""
-    return batch.key
+def row_key(row: Row) -> str:
+    """The journal key of a row."""
+    return row.key
 
 
 def _cell(text: str) -> Any:
@@ -110,28 +101,12 @@ def _cell(text: str) -> Any:
         return text
 
 
-def _text(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def read_batches(path: Path, batch_size: int) -> tuple[list[Batch], int]:
-    """The batches of a CSV file of feature rows (one header line), and the row count."""
-    batches: list[Batch] = []
-    positions: list[int] = []
-    texts: list[list[str]] = []
-    count = 0
+def read_rows(path: Path) -> list[Row]:
+    """The rows of a CSV file of feature rows (one header line)."""
     with path.open(newline="") as file:
         reader = csv.reader(file)
         next(reader, None)  # the header
-        for count, row in enumerate(reader, start=1):
-            positions.append(count - 1)
-            texts.append(row)
-            if len(positions) == batch_size:
-                batches.append(Batch.of(positions, texts))
-                positions, texts = [], []
-    if positions:
-        batches.append(Batch.of(positions, texts))
-    return batches, count
+        return [Row.of(position, text) for position, text in enumerate(reader)]
 
 
 def write_sample(
@@ -190,9 +165,27 @@ class Rejected(Exception):
     def __init__(self, message: str, bad_rows: list[tuple[int, str]]) -> None:
         super().__init__(message)
         self.bad_rows = bad_rows
+        self.batch_rows = 1  # the rows of the batch it refused, when raised for all of them
 
 
 RETRYABLE = (ServerBusy, ServerError, httpx.TransportError, conveyor.AttemptTimeout)
+
+
+class RowFailed(Exception):
+    """In a batch's answer, in the place of a row that was not scored: ``kind`` is
+    ``"bad row"`` (the server refused the row itself) or ``"given up"`` (its part of the
+    batch kept failing: retries ran out); ``why`` is the reason. Plain args, so it pickles
+    into the journal."""
+
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(kind, why)
+        self.kind = kind
+        self.why = why
+
+
+def is_rejected(error: Exception) -> bool:
+    """The errors that split a batch: the server refused the batch for its content."""
+    return isinstance(error, Rejected)
 
 
 def reason(error: BaseException) -> str:
@@ -256,17 +249,18 @@ class Fleet:
         server.in_flight -= 1
         self.room.unpark()
 
-    async def predict(self, batch: Batch) -> list[float]:
-        """One attempt: send ``batch`` to a server; its predictions, or an error."""
+    async def predict_rows(self, key: str, rows: Sequence[tuple[Any, ...]]) -> list[float]:
+        """One request: send ``rows`` (of the batch ``key``) to a server; one prediction
+        per row, or an error."""
         server = await self._take()
         start = trio.current_time()
         ok = False
         try:
-            predictions = await self._post(server, batch)
+            predictions = await self._post(server, rows)
             ok = True
             return predictions
         except Exception as error:
-            self.failures[batch.key][reason(error)] += 1
+            self.failures[key][reason(error)] += 1
             if isinstance(error, RETRYABLE):
                 # Prefer the other servers for a while.
                 delay = error.retry_after if isinstance(error, ServerBusy) else 0.5
@@ -276,9 +270,9 @@ class Fleet:
             self.latencies.append((trio.current_time() - start, ok))
             self._give_back(server)
 
-    async def _post(self, server: Server, batch: Batch) -> list[float]:
+    async def _post(self, server: Server, rows: Sequence[tuple[Any, ...]]) -> list[float]:
         response = await self.http.post(
-            f"{server.url}/predict", content=batch.body(),
+            f"{server.url}/predict", content=json.dumps({"rows": list(rows)}).encode(),
             headers={"content-type": "application/json"},
         )
         status = response.status_code
@@ -287,7 +281,7 @@ class Fleet:
                 predictions = response.json()["predictions"]
             except (ValueError, KeyError, TypeError) as error:
                 raise ServerError(f"server {server.index}: unreadable answer: {error}") from None
-            if not isinstance(predictions, list) or len(predictions) != len(batch.rows):
+            if not isinstance(predictions, list) or len(predictions) != len(rows):
                 raise ServerError(f"server {server.index}: wrong number of predictions")
             return predictions
         if status in (429, 503):
@@ -325,24 +319,98 @@ class Outcome:
     """What a run of the client did (the demo and the tests read it)."""
 
     rows: int
-    batches: int
     scored: int = 0
     predictions: list[float | None] = field(default_factory=list)
     bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
-    given_up: list[tuple[Batch, int, str]] = field(default_factory=list)  # batch, attempts, why
-    from_journal: int = 0
+    given_up_rows: list[tuple[int, str]] = field(default_factory=list)  # retries ran out
+    from_journal: int = 0  # rows
+    sent_rows: int = 0
     sent_batches: int = 0
-    repair_batches: int = 0
+    split_batches: int = 0  # batches split in halves to isolate the rows a terse 400 refused
     requests: int = 0
     retried: Counter[str] = field(default_factory=Counter)  # reason -> batches retried for it
-    retries: Counter[str] = field(default_factory=Counter)  # reason -> failed attempts retried
+    retries: Counter[str] = field(default_factory=Counter)  # reason -> failed requests retried
     latencies: list[tuple[float, bool]] = field(default_factory=list)
     slots: int = 0
-    # Summed over this job's runs (report.stats): submitted, succeeded, failed, unfinished,
+    # Summed over this job's runs, of the stage's pool (batches): submitted, succeeded, failed, unfinished,
     # attempts: what the Prometheus counters of pool "predict" say once they have ended.
     counts: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0  # the whole job: reading, sending, writing
-    sending: float = 0.0  # inside conveyor.run
+    sending: float = 0.0  # inside the pipeline
+
+    @property
+    def rows_given_up(self) -> int:
+        """Rows not scored: the bad rows, and the rows whose retries ran out."""
+        return len(self.bad_rows) + len(self.given_up_rows)
+
+
+@dataclass
+class Scorer:
+    """The batch function of the batching stage: score a batch of rows, giving each row its
+    own prediction or failure (a :class:`RowFailed` in its place fails that row alone).
+
+    The whole batch is sent first: an error worth retrying (503, 429, a dropped connection)
+    is raised, and the stage retries the whole batch. A 400 naming the bad rows sets them
+    aside and sends the others again at once. A 400 that does not say which rows (or a
+    413) splits the batch in halves, recursively (``call_batch_flat(split=True)``), each
+    part retried on the same errors as a batch, until the rows that make it fail are alone.
+    (The stage's own ``Batch(split=True)`` splits too, but does not retry the parts yet: a
+    503 met while isolating a bad row would give up the good rows of that part.)
+    """
+
+    fleet: Fleet
+    retry: conveyor.Retry
+    split: bool = True
+    splits: int = 0
+    answered: int = 0  # rows answered (the progress line)
+    batches: set[str] = field(default_factory=set)
+    rows_sent: int = 0
+
+    async def __call__(self, rows: list[Row]) -> list[float | RowFailed]:
+        key = f"rows {rows[0].position}-{rows[-1].position} ({len(rows)})"
+        if key not in self.batches:  # (a retry of a batch calls again with the same rows)
+            self.batches.add(key)
+            self.rows_sent += len(rows)
+        values = [row.values for row in rows]
+        send = functools.partial(self.send, key)
+        try:
+            entries: list[Any] = await send(values)
+        except Rejected as error:
+            if not self.split or len(values) < 2:
+                error.batch_rows = len(values)  # every row of the batch gets this error
+                raise
+            self.splits += 1
+            half = len(values) // 2
+            entries = []
+            for part in (values[:half], values[half:]):
+                entries += await call_batch_flat(
+                    send, part, split=True, split_on=is_rejected, retry=self.retry
+                )
+        self.answered += len(rows)
+        return [self._entry(e) for e in entries]
+
+    async def send(self, key: str, rows: list[tuple[Any, ...]]) -> list[Any]:
+        """One part: its predictions; a 400 naming rows sets them aside and sends the rest."""
+        try:
+            return await self.fleet.predict_rows(key, rows)
+        except Rejected as error:
+            named = {i: why for i, why in error.bad_rows if 0 <= i < len(rows)}
+            if not named:
+                raise  # which rows, the server did not say: the caller splits
+        rest = [i for i in range(len(rows)) if i not in named]
+        scored = await self.send(key, [rows[i] for i in rest]) if rest else []
+        entries: list[Any] = [RowFailed("bad row", why) for why in named.values()]
+        placed: dict[int, Any] = dict(zip(named, entries, strict=True))
+        placed.update(zip(rest, scored, strict=True))
+        return [placed[i] for i in range(len(rows))]
+
+    @staticmethod
+    def _entry(entry: Any) -> float | RowFailed:
+        if not isinstance(entry, Exception) or isinstance(entry, RowFailed):
+            return entry
+        if isinstance(entry, Rejected):  # a part of one row, refused whole: that row is bad
+            return RowFailed("bad row", reason(entry))
+        return RowFailed("given up", reason(entry))
 
 
 async def score_file(
@@ -354,15 +422,19 @@ async def score_file(
     per_server: int = PER_SERVER,
     attempts: int = ATTEMPTS,
     progress: bool = True,
+    split: bool = True,
     observers: Sequence[conveyor.Observer] = (),
 ) -> Outcome:
     """Score every row of ``input_path`` on the servers at ``urls``; write the outputs.
 
-    ``observers`` watch each run (pool name ``"predict"``), e.g. a
-    ``conveyor.PrometheusMetrics``."""
+    The rows go through a one-stage pipeline whose stage is a batching stage: batches of
+    ``batch_size`` rows, or fewer after ``MAX_WAIT`` seconds. ``split=False`` gives up every
+    row of a batch refused by a 400 that names no row (the client had no other way before
+    batching), to compare. ``observers`` watch the stage's pool (named ``"predict"``), e.g.
+    a ``conveyor.PrometheusMetrics``."""
     started = time.perf_counter()
-    batches, rows = await trio.to_thread.run_sync(read_batches, input_path, batch_size)
-    outcome = Outcome(rows=rows, batches=len(batches), slots=len(urls) * per_server)
+    rows = await trio.to_thread.run_sync(read_rows, input_path)
+    outcome = Outcome(rows=len(rows), slots=len(urls) * per_server)
     journal = output_path.with_name(output_path.name + ".journal")
     retry = conveyor.Retry(
         attempts=attempts,
@@ -371,42 +443,57 @@ async def score_file(
     )
     limits = httpx.Limits(max_connections=outcome.slots + len(urls),
                           max_keepalive_connections=outcome.slots)
-    scored: dict[str, tuple[Batch, list[float]]] = {}
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
         fleet = Fleet(urls, per_server, http)
-        pending = batches
-        while pending:
-            sending = time.perf_counter()
-            report = await conveyor.run(
-                fleet.predict, pending,
-                workers=outcome.slots, retry=retry, timeout=TIMEOUT,
-                journal=journal, key=batch_key, progress=progress,
-                name=POOL_NAME, observers=list(observers),
-            )
-            outcome.sending += time.perf_counter() - sending
-            outcome.from_journal += len(report.succeeded) - report.stats.succeeded
-            outcome.sent_batches += report.stats.submitted
-            outcome.requests += report.stats.attempts
-            for counter in COUNTED:
-                outcome.counts[counter] += getattr(report.stats, counter)
-            for success in report.succeeded:
-                scored[success.item.key] = (success.item, success.value)
-            pending = []
-            for failed in report.failed:
-                batch: Batch = failed.item
-                error = failed.error
-                if isinstance(error, Rejected) and error.bad_rows:
-                    named = {index for index, _ in error.bad_rows}
-                    for index, why in error.bad_rows:
-                        outcome.bad_rows.append((batch.positions[index], why))
-                    rest = batch.without(named)
-                    if rest is not None:
-                        pending.append(rest)  # the good rows, as a new batch, next pass
-                else:
-                    outcome.given_up.append((batch, failed.attempts, reason(error)))
-            outcome.repair_batches += len(pending)
-    for batch, _, why in outcome.given_up:
-        fleet.failures[batch.key][why] -= 1  # its last failure was not retried
+        scorer = Scorer(fleet, retry, split)
+        stage_pool = conveyor.LastReport()  # the stage's pool's own account (of batches)
+        pipe = conveyor.pipeline(conveyor.stage(
+            scorer, name=POOL_NAME, workers=outcome.slots, retry=retry, timeout=TIMEOUT,
+            batch=conveyor.Batch(batch_size, max_wait=MAX_WAIT),
+        ))
+        sending = time.perf_counter()
+        try:
+            async with trio.open_nursery() as nursery:
+                if progress:
+                    nursery.start_soon(_show_progress, scorer, len(rows))
+                report = await pipe.run(rows, journal=journal, key=row_key,
+                                        observers=[*observers, stage_pool])
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the run's own error (Ctrl-C...), as it was
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        outcome.sending = time.perf_counter() - sending
+    outcome.from_journal = len(report.succeeded) - report.stats.succeeded
+    if stage_pool.report is not None:  # what the pool's metrics count: batches, attempts
+        for counter in COUNTED:
+            outcome.counts[counter] += getattr(stage_pool.report.stats, counter)
+    outcome.sent_rows = scorer.rows_sent
+    outcome.sent_batches = len(scorer.batches)
+    outcome.split_batches = scorer.splits
+    outcome.requests = len(fleet.latencies)
+    predictions: list[float | None] = [None] * len(rows)
+    for success in report.succeeded:
+        row: Row = success.item
+        if predictions[row.position] is not None:
+            raise AssertionError(f"row {row.position} scored twice")
+        predictions[row.position] = success.value
+    for failed in report.failed:
+        error = failed.error
+        if isinstance(error, RowFailed):
+            (outcome.bad_rows if error.kind == "bad row" else outcome.given_up_rows).append(
+                (failed.item.position, error.why))
+        elif isinstance(error, Rejected) and error.batch_rows == 1:  # that row is bad
+            outcome.bad_rows.append((failed.item.position, reason(error)))
+        elif isinstance(error, Rejected):  # split=False: the batch was refused whole
+            outcome.given_up_rows.append(
+                (failed.item.position, f"{reason(error)} (its whole batch of "
+                                       f"{error.batch_rows} rows)"))
+        else:  # the batch's retries ran out
+            outcome.given_up_rows.append(
+                (failed.item.position, f"{reason(error)} after {failed.attempts} attempts"))
+    for unfinished in report.unfinished:  # pragma: no cover - only after a stop
+        outcome.given_up_rows.append((unfinished.item.position, "unfinished"))
     for reasons in fleet.failures.values():
         for why, count in reasons.items():
             if count <= 0 or why.startswith(("400", "rejected")):
@@ -414,20 +501,26 @@ async def score_file(
             outcome.retried[why] += 1
             outcome.retries[why] += count
     outcome.latencies = fleet.latencies
-
-    # Predictions in input order, each row at most once (a batch is in `scored` once).
-    predictions: list[float | None] = [None] * rows
-    for batch, values in scored.values():
-        for position, value in zip(batch.positions, values, strict=True):
-            if predictions[position] is not None:
-                raise AssertionError(f"row {position} scored twice")
-            predictions[position] = value
     outcome.predictions = predictions
     outcome.scored = sum(1 for p in predictions if p is not None)
     outcome.bad_rows.sort()
+    outcome.given_up_rows.sort()
     await trio.to_thread.run_sync(write_outputs, output_path, outcome)
     outcome.elapsed = time.perf_counter() - started
     return outcome
+
+
+async def _show_progress(scorer: Scorer, rows: int) -> None:
+    """A live line on stderr: rows answered so far (a terminal only)."""
+    if not sys.stderr.isatty():
+        return
+    try:
+        while True:
+            print(f"\rpredict | {scorer.answered:,}/{rows:,} rows | "
+                  f"{len(scorer.fleet.latencies)} requests", end="", file=sys.stderr, flush=True)
+            await trio.sleep(0.5)
+    finally:
+        print(file=sys.stderr, flush=True)
 
 
 def failures_path(output_path: Path) -> Path:
@@ -452,10 +545,8 @@ def write_outputs(output_path: Path, outcome: Outcome) -> None:
         writer.writerow(["kind", "rows", "attempts", "reason"])
         for position, why in outcome.bad_rows:
             writer.writerow(["bad row", position, 1, why])
-        for batch, attempts, why in outcome.given_up:
-            writer.writerow(
-                ["batch", f"{batch.positions[0]}-{batch.positions[-1]}", attempts, why]
-            )
+        for position, why in outcome.given_up_rows:
+            writer.writerow(["row", position, "", why])
     os.replace(temporary, failures)
 
 
@@ -482,11 +573,12 @@ def ideal_seconds(outcome: Outcome) -> tuple[float, float]:
 
 def format_report(outcome: Outcome, output_path: Path, servers: int) -> str:
     lines = [
-        f"predict: {outcome.rows:,} rows in {outcome.batches} batches, {servers} servers, "
-        f"{outcome.slots} requests at once at most",
+        f"predict: {outcome.rows:,} rows, {servers} servers, {outcome.slots} requests at once "
+        f"at most",
         f"  scored    {outcome.scored:,} rows -> {output_path}",
-        f"  batches   {outcome.sent_batches} sent ({outcome.repair_batches} of them the good "
-        f"rows of rejected batches), {outcome.from_journal} taken from the journal; "
+        f"  batches   {outcome.sent_batches} sent ({outcome.sent_rows:,} rows), "
+        f"{outcome.from_journal:,} rows taken from the journal; {outcome.split_batches} split "
+        f"in halves to isolate the rows a 400 refused without naming them; "
         f"{outcome.requests} requests",
     ]
     if outcome.retries:
@@ -494,20 +586,22 @@ def format_report(outcome: Outcome, output_path: Path, servers: int) -> str:
             f"{reason_} x{outcome.retries[reason_]} ({outcome.retried[reason_]} batches)"
             for reason_ in sorted(outcome.retries, key=outcome.retries.__getitem__, reverse=True)
         )
-        lines.append(f"  retried   {sum(outcome.retries.values())} attempts: {why}")
+        lines.append(f"  retried   {sum(outcome.retries.values())} requests: {why}")
     else:
         lines.append("  retried   nothing")
     rejected = len({p for p, _ in outcome.bad_rows})
     lines.append(
-        f"  given up  {rejected} bad rows (400, at once), {len(outcome.given_up)} batches "
-        f"after retries -> {failures_path(output_path)}"
+        f"  given up  {outcome.rows_given_up:,} rows: {rejected} bad rows (400), "
+        f"{len(outcome.given_up_rows)} rows after retries -> {failures_path(output_path)}"
     )
     for position, why in outcome.bad_rows[:8]:
         lines.append(f"              row {position}: {why}")
     if len(outcome.bad_rows) > 8:
         lines.append(f"              ... and {len(outcome.bad_rows) - 8} more")
-    for batch, attempts, why in outcome.given_up[:5]:
-        lines.append(f"              {batch.key}: {why} after {attempts} attempts")
+    for position, why in outcome.given_up_rows[:5]:
+        lines.append(f"              row {position}: {why}")
+    if len(outcome.given_up_rows) > 5:
+        lines.append(f"              ... and {len(outcome.given_up_rows) - 5} more")
     with_faults, without = ideal_seconds(outcome)
     if with_faults:
         lines.append(
@@ -536,6 +630,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests at once on each server")
     parser.add_argument("--attempts", type=int, default=ATTEMPTS, help="attempts per batch")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+    parser.add_argument("--no-split", action="store_true",
+                        help="give up a batch refused by a 400 that names no row, instead of "
+                             "splitting it to isolate the bad rows (to compare)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -550,7 +647,7 @@ def main(args: argparse.Namespace) -> int:
             lambda: score_file(
                 args.input, args.output, urls, batch_size=args.batch_size,
                 per_server=args.per_server, attempts=args.attempts,
-                progress=not args.no_progress,
+                progress=not args.no_progress, split=not args.no_split,
             )
         )
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """``make demo``: 4 flaky servers, the client over a 100,000-row sample, the report.
 
 Starts 4 prediction servers as processes (each answers 10% of requests 503, cuts 5% of its
-answers off half-way; the fourth is a small replica that answers 429 above 2 requests at
+answers off half-way; the second and fourth answer a 400 for a batch with a bad row without
+saying which row; the fourth is a small replica that answers 429 above 2 requests at
 once), writes a sample with a few bad rows, scores it through the client, checks every
 prediction against the model computed locally, runs the client again to show that the
 journal makes the second run send nothing already done, stops the servers and prints what
@@ -32,9 +33,9 @@ from .model import predict_row
 # Per server: its fault flags.
 FLEET: list[list[str]] = [
     ["--fail-rate", "0.1", "--drop-rate", "0.05"],
+    ["--fail-rate", "0.1", "--drop-rate", "0.05", "--terse-400"],
     ["--fail-rate", "0.1", "--drop-rate", "0.05"],
-    ["--fail-rate", "0.1", "--drop-rate", "0.05"],
-    ["--fail-rate", "0.1", "--drop-rate", "0.05", "--max-concurrent", "2"],
+    ["--fail-rate", "0.1", "--drop-rate", "0.05", "--max-concurrent", "2", "--terse-400"],
 ]
 
 
@@ -92,22 +93,22 @@ async def servers(fleet: Sequence[Sequence[str]], serve_for: float = 300.0,
 
 def check(outcome: client.Outcome, sample: Path) -> str:
     """Every prediction equals the model computed here; every row scored or reported."""
-    batches, _ = client.read_batches(sample, client.BATCH_SIZE)
     bad = {position for position, _ in outcome.bad_rows}
+    gave_up = {position for position, _ in outcome.given_up_rows}
     mismatched = unscored = 0
-    for batch in batches:
-        for position, row in zip(batch.positions, batch.rows, strict=True):
-            got = outcome.predictions[position]
-            if position in bad:
-                continue
-            if got is None:
-                unscored += 1
-            elif got != predict_row(list(row)):
-                mismatched += 1
+    for row in client.read_rows(sample):
+        got = outcome.predictions[row.position]
+        if row.position in bad or row.position in gave_up:
+            continue
+        if got is None:
+            unscored += 1
+        elif got != predict_row(list(row.values)):
+            mismatched += 1
     if mismatched or unscored:
         return f"FAILED: {mismatched} predictions differ from the model, {unscored} rows lost"
     return (f"{outcome.scored:,} predictions equal the model computed locally; "
-            f"{len(bad)} bad rows reported; none lost, none twice")
+            f"{len(bad)} bad rows reported, {len(gave_up)} other rows given up; "
+            f"none lost, none twice")
 
 
 async def run_demo(rows: int, workdir: Path, metrics_port: int | None = None,
@@ -127,16 +128,16 @@ async def _run_demo(rows: int, workdir: Path, observers: list[conveyor.Observer]
     planted = await trio.to_thread.run_sync(client.write_sample, sample, rows)
     print(f"sample: {rows:,} rows, {len(planted)} of them bad, in {sample}", flush=True)
     async with servers(FLEET) as (urls, counters):
-        print(f"servers: {', '.join(urls)} (10% 503, 5% dropped; the last one 429s above 2 "
-              f"at once)", flush=True)
+        print(f"servers: {', '.join(urls)} (10% 503, 5% dropped; the 2nd and 4th answer a "
+              f"400 naming no row; the last one 429s above 2 at once)", flush=True)
         outcome = await client.score_file(sample, output, urls, observers=observers)
         print(client.format_report(outcome, output, len(urls)), flush=True)
         print(f"  checked   {check(outcome, sample)}", flush=True)
         again = await client.score_file(sample, output, urls, progress=False,
                                         observers=observers)
-        print(f"run again (same output, so the same journal): {again.from_journal} batches "
-              f"taken from the journal, {again.sent_batches} sent "
-              f"(the rejected ones, checked again), {again.elapsed:.1f} s; "
+        print(f"run again (same output, so the same journal): {again.from_journal:,} rows "
+              f"taken from the journal, {again.sent_rows} sent "
+              f"(the bad ones, checked again), {again.elapsed:.1f} s; "
               f"output unchanged: {again.predictions == outcome.predictions}", flush=True)
         if observers:
             counts = outcome.counts + again.counts

@@ -10,7 +10,8 @@ Answers, and when:
 - 400 ``{"error": ..., "bad_rows": [{"row": i, "reason": ...}]}``: a row with a NaN, a wrong
   width, a value that is not a number or is out of range (every bad row of the batch is
   found; the first 20 are named, by index in the batch); 400 too for a body that is not
-  JSON or not a batch.
+  JSON or not a batch. With ``--terse-400`` the answer does not say which row, nor why:
+  ``{"error": "bad input"}`` for the whole batch, as many real services answer.
 - 413: a body over ``--max-body`` bytes (told by Content-Length, or found while reading).
 - 429 with ``Retry-After``: more than ``--max-concurrent`` requests at once.
 - 503 with ``Retry-After``: a ``--fail-rate`` fraction of requests (an overloaded replica).
@@ -63,6 +64,7 @@ class Faults:
         max_body: int = 1 << 20,
         delay: float = 0.0,
         seed: int | None = None,
+        terse_400: bool = False,
     ) -> None:
         for name, rate in (("fail-rate", fail_rate), ("drop-rate", drop_rate)):
             if not 0.0 <= rate < 1.0:
@@ -75,6 +77,7 @@ class Faults:
         self.retry_after = retry_after
         self.max_body = max_body
         self.delay = delay
+        self.terse_400 = terse_400
         self.random = random.Random(seed)
         self.in_flight = 0
         self.counts: Counter[str] = Counter()
@@ -131,6 +134,8 @@ async def _predict(faults: Faults, scope: Scope, receive: Receive, send: Send) -
         counts["400"] += 1
         bad_rows = error.rows if isinstance(error, BadBatch) else []
         message = str(error) if isinstance(error, BadBatch) else f"not JSON: {error}"
+        if faults.terse_400:
+            bad_rows, message = [], "bad input"
         await _answer_json(
             send, 400,
             {"error": message, "bad_rows": [{"row": i, "reason": why} for i, why in bad_rows]},
@@ -265,6 +270,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse bodies over this many bytes with 413")
     parser.add_argument("--delay", type=float, default=0.0,
                         help="seconds added to every prediction (to watch a slow fleet)")
+    parser.add_argument("--terse-400", action="store_true",
+                        help="a 400 does not say which rows are bad, nor why")
     parser.add_argument("--seed", type=int, default=None, help="seed of the fault draws")
     parser.add_argument("--serve-for", type=float, default=300.0, help="stop after seconds")
     parser.add_argument("--stop-on-eof", action="store_true", help="stop when stdin closes")
@@ -276,6 +283,7 @@ def main(args: argparse.Namespace) -> None:
             fail_rate=args.fail_rate, drop_rate=args.drop_rate,
             max_concurrent=args.max_concurrent, retry_after=args.retry_after,
             max_body=args.max_body, delay=args.delay, seed=args.seed,
+            terse_400=args.terse_400,
         )
     except ValueError as error:
         raise SystemExit(f"serve: {error}") from None
