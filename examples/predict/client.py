@@ -332,8 +332,8 @@ class Outcome:
     retries: Counter[str] = field(default_factory=Counter)  # reason -> failed requests retried
     latencies: list[tuple[float, bool]] = field(default_factory=list)
     slots: int = 0
-    # Summed over this job's runs, of the stage's pool (batches): submitted, succeeded, failed, unfinished,
-    # attempts: what the Prometheus counters of pool "predict" say once they have ended.
+    # Summed over this job's runs, of the stage's pool (batches): submitted, succeeded,
+    # failed, unfinished, attempts: what the Prometheus counters of pool "predict" say.
     counts: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0  # the whole job: reading, sending, writing
     sending: float = 0.0  # inside the pipeline
