@@ -17,7 +17,7 @@ import trio
 
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
-from ._options import check_fn, check_items, check_options
+from ._options import check_bool, check_count, check_fn, check_items, check_options, invalid
 from ._pool import Pool, _OrderedRecords, _Records, give_back
 from ._progress import Progress
 from ._records import Record, Report
@@ -87,9 +87,8 @@ def _progress(progress: object, total: int | None) -> Progress | None:
     if isinstance(progress, Progress):
         progress.begin(total)  # this run's count: a reused Progress forgets the last one's
         return progress
-    raise TypeError(
-        f"progress must be True, False or a conveyor.Progress, got {progress!r}"
-    )
+    raise invalid("progress", progress, "True, False or a conveyor.Progress",
+                  "progress=True", kind=TypeError)
 
 
 def _total(items: Items) -> int | None:
@@ -323,14 +322,12 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     """
     check_items(items)
     journal_spec = check_journal(journal, key)
-    if not isinstance(ordered, bool):
-        raise TypeError(f"ordered must be True or False, got {ordered!r}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise TypeError(f"window must be an int >= 1, got {window!r}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    check_bool("ordered", ordered)
+    check_count("window", window, minimum=1, allow_none=True)
     if window is not None and not ordered:
-        raise ValueError("window only applies to ordered=True")
+        raise invalid("window", window, "None when ordered=False (the window bounds how far "
+                      "past the oldest unsettled item an ordered map runs)",
+                      f"ordered=True, window={window}")
     check_fn(fn)
     check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=drain)
     size = default_buffer(workers) if buffer is None else buffer

@@ -40,6 +40,7 @@ import trio
 from trio.lowlevel import ParkingLot, checkpoint
 
 from . import _linger
+from ._errors import AttemptTimeout
 from ._limits import Adaptive, Claim, Limit, PerKey
 from ._options import check_drain, check_sync_callable
 from ._progress import Progress
@@ -76,10 +77,6 @@ _STATS_EVERY = 0.01
 
 class _StoppedBeforeStart(BaseException):
     """Internal: the pool was stopped while this attempt waited for a limit."""
-
-
-class AttemptTimeout(trio.TooSlowError):
-    """An attempt ran longer than the pool's per-attempt ``timeout``; retried like any error."""
 
 
 class _Job:

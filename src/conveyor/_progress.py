@@ -24,6 +24,8 @@ from typing import Protocol, TextIO
 
 import trio
 
+from ._options import check_bool, check_count, check_seconds, invalid
+
 __all__ = ["DROP_ORDER", "Progress", "format_duration", "format_line", "terminal_width"]
 
 
@@ -173,33 +175,17 @@ class Progress:
             not callable(getattr(stream, "write", None))
             or isinstance(stream, io.RawIOBase | io.BufferedIOBase)
         ):
-            raise TypeError(
-                f"progress stream must be a text stream (e.g. sys.stdout, an open text file) "
-                f"or None, got {stream!r:.60}"
-                + (" (the number of items goes in total=...)" if isinstance(stream, int)
-                   else "")
+            given: object = stream
+            count = type(given) is int and given >= 0
+            raise invalid(
+                "stream", stream, "a text stream (e.g. sys.stdout, an open text file) or None",
+                f"stream=None, total={given!r} (the number of items goes in total=)" if count
+                else "stream=sys.stdout", owner="Progress", kind=TypeError,
             )
-        if total is not None:
-            if isinstance(total, bool) or not isinstance(total, int):
-                raise TypeError(f"progress total must be an int >= 0 or None, got {total!r:.60}")
-            if total < 0:
-                raise ValueError(f"progress total must be >= 0, got {total!r}")
-        if interval is not None:
-            if isinstance(interval, bool) or not isinstance(interval, int | float):
-                raise TypeError(
-                    f"progress interval must be a finite number of seconds > 0 or None, "
-                    f"got {interval!r:.60}"
-                )
-            try:
-                finite = math.isfinite(interval)
-            except OverflowError:  # an int too large for a float
-                finite = False
-            if not (finite and interval > 0):
-                raise ValueError(
-                    f"progress interval must be a finite number > 0, got {interval!r:.60}"
-                )
-        if tty is not None and not isinstance(tty, bool):
-            raise TypeError(f"progress tty must be True, False or None, got {tty!r:.60}")
+        check_count("total", total, minimum=0, allow_none=True, owner="Progress")
+        check_seconds("interval", interval, above=0, allow_none=True, owner="Progress",
+                      example="interval=1.0")
+        check_bool("tty", tty, allow_none=True, owner="Progress")
         self._stream = stream
         self._total = total
         self._run_total = total  # this run's: total, else the count of its items if known

@@ -7,11 +7,12 @@ Records are small frozen dataclasses; they are created on the hot path, so they 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import outcome
+
+from ._errors import ItemsFailed, ItemUnfinished
 
 if TYPE_CHECKING:
     from ._stats import Stats
@@ -86,33 +87,6 @@ class Unfinished:
 
 Record = Succeeded[Any] | Failed | Unfinished
 """Any of the three records."""
-
-
-class ItemUnfinished(RuntimeError):
-    """Raised by :meth:`Unfinished.unwrap`: the pool stopped before the item settled."""
-
-
-class ItemsFailed(Exception):
-    """Raised by :meth:`Report.raise_for_failures` when some items failed or did not finish.
-
-    ``failed`` and ``unfinished`` are the records; the message names the first few.
-    """
-
-    def __init__(self, failed: Sequence[Failed], unfinished: Sequence[Unfinished]) -> None:
-        self.failed = list(failed)
-        self.unfinished = list(unfinished)
-        parts = []
-        if failed:
-            first = ", ".join(
-                f"{r.item!r} ({type(r.error).__name__}: {r.error})" for r in failed[:3]
-            )
-            more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-            parts.append(f"{len(failed)} failed: {first}{more}")
-        if unfinished:
-            first = ", ".join(repr(r.item) for r in unfinished[:3])
-            more = f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else ""
-            parts.append(f"{len(unfinished)} unfinished: {first}{more}")
-        super().__init__("; ".join(parts))
 
 
 @dataclass(frozen=True, slots=True)
