@@ -14,6 +14,7 @@ import concurrent.futures
 import functools
 import io
 import math
+import re
 import sys
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +22,13 @@ from urllib.parse import urlsplit
 import trio
 
 import conveyor
-from conveyor._options import SHAPE
+
+# The one shape, written out here on its own (conveyor._options.SHAPE says the same).
+SHAPE = re.compile(
+    r"\A(?:(?P<owner>[\w.]+): )?(?P<param>\w+)=(?P<value>.*?) is not valid: "
+    r"expected (?P<expected>.+?); e\.g\. (?P<fix>.+)\Z",
+    re.DOTALL,
+)
 
 # What the suggested fixes may name.
 NAMESPACE: dict[str, Any] = {
@@ -39,7 +46,7 @@ def parts(message: str) -> dict[str, str]:
 
 def suggested_fix(message: str) -> dict[str, Any] | None:
     """The keyword arguments the message suggests, evaluated; None when its fix is prose
-    (only ``fn`` and ``f`` may give prose: their fix is code to write)."""
+    (only ``fn``, ``f`` and ``items`` may give prose: see ``conveyor._options``)."""
     fix = parts(message)["fix"]
     candidates = [fix] + [fix[:i] for i in range(len(fix) - 1, 0, -1)
                           if fix.startswith(" (", i) and fix.endswith(")")]

@@ -630,7 +630,7 @@ class Adaptive:
     ) -> None:
         owner = "Adaptive"
         lo = check_count("min", min, minimum=1, maximum=_MAX_COUNT, owner=owner,
-                         expected=_COUNT_EXPECTED)
+                         expected=_COUNT_EXPECTED, example="min=1")
         hi = check_count("max", max, minimum=1, maximum=_MAX_COUNT, owner=owner,
                          expected=_COUNT_EXPECTED)
         if lo > hi:

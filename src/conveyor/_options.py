@@ -14,7 +14,8 @@ was given (a callable by its name), cut at 60 characters; ``WHAT`` says what is 
 derived from the value where that helps (``workers=2.5`` suggests ``workers=2``, ``rate=10``
 suggests ``rate=conveyor.Rate(10)``), sometimes followed by a note in parentheses. Only
 ``fn`` and ``f`` (the function a pool or a wrapper runs) may give prose instead, since
-their fix is code to write. :data:`SHAPE` is the pattern; tests hold every message to it
+their fix is code to write, and ``items`` when the value's repr is not code
+(``items=[item] (a single item)``). :data:`SHAPE` is the pattern; tests hold every message to it
 and try every suggested fix.
 
 The checks: :func:`check_count`, :func:`check_number` (and :func:`check_seconds`),
@@ -26,6 +27,7 @@ the entry points, :func:`check_fn`, :func:`check_items`, :func:`check_options`,
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import math
@@ -393,12 +395,25 @@ def check_items(items: object) -> None:
             "items", items,
             f"an iterable of items, not a {type(items).__name__}, which would be processed "
             f"one character at a time",
-            f"items=[{show(items)}] (a single item)", kind=TypeError,
+            f"items=[{_as_code(items)}] (a single item)", kind=TypeError,
         )
     if isinstance(items, AsyncIterable | Iterable):
         return
     raise invalid("items", items, "an iterable or an async iterable",
-                  f"items=[{show(items)}] (a single item)", kind=TypeError)
+                  f"items=[{_as_code(items)}] (a single item)", kind=TypeError)
+
+
+def _as_code(value: object) -> str:
+    """``value`` as code when its repr is a literal (``'abc'``, ``5``, ``float('nan')``),
+    else the word ``item``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float({str(value)!r})"
+    text = show(value)
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return "item"
+    return text
 
 
 def check_options(
