@@ -30,6 +30,7 @@ from ._limits import Rate as Rate
 
 # Observability: the observer seam and the live progress line.
 from ._observe import Attempt as Attempt
+from ._observe import LastReport as LastReport
 from ._observe import Observer as Observer
 from ._observe import PoolInfo as PoolInfo
 
@@ -97,6 +98,7 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "Rate",
     # observability
     "Attempt",
+    "LastReport",
     "Observer",
     "PoolInfo",
     "Percentiles",

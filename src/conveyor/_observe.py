@@ -126,3 +126,26 @@ class Observer:
 def overrides(observer: object, method: str) -> bool:
     """Whether ``observer``'s class overrides ``Observer.<method>``."""
     return getattr(type(observer), method, None) is not getattr(Observer, method)
+
+
+class LastReport(Observer):
+    """An observer that keeps a pool's final report, however the pool ended.
+
+    ``conveyor.run`` returns the report, but when the input raises, or Ctrl-C or a cancel
+    ends the run, there is no return value. Pass one of these and read :attr:`report`
+    afterwards::
+
+        last = conveyor.LastReport()
+        with trio.move_on_after(60):
+            await conveyor.run(fetch, urls, observers=[last])
+        print(last.report.stats)   # also when the minute ran out
+
+    :attr:`report` is None until the pool has ended. Reused for several pools, it holds the
+    last one's.
+    """
+
+    def __init__(self) -> None:
+        self.report: Report | None = None
+
+    def closed(self, report: Report) -> None:
+        self.report = report

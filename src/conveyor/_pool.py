@@ -25,13 +25,22 @@ as ``Unfinished`` in ``_finalize``: nothing is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import inspect
-import logging
 import math
+import sys
 import traceback
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+    Sized,
+)
 from contextlib import asynccontextmanager
 from types import CoroutineType
 from typing import Any, Generic, NoReturn, TypeVar
@@ -42,6 +51,8 @@ from trio.lowlevel import ParkingLot, checkpoint
 from . import _linger
 from ._errors import AttemptTimeout
 from ._limits import Adaptive, Claim, Limit, PerKey
+from ._logs import LOG, logger
+from ._observe import Attempt, Observer, PoolInfo, overrides
 from ._options import check_drain, check_sync_callable
 from ._progress import Progress
 from ._quantiles import Quantiles, Throughput
@@ -52,11 +63,6 @@ from ._stats import Percentiles, Stats
 __all__ = ["AttemptTimeout", "Pool"]
 
 T = TypeVar("T")
-
-logger = logging.getLogger("conveyor")
-# A library does not configure logging; without this, Python's last-resort handler would
-# print every give-up to stderr in programs that never asked for conveyor's logs.
-logger.addHandler(logging.NullHandler())
 
 # A worker that keeps finding items already in the channel takes them without a checkpoint
 # (receive_nowait); after this many in a row it checkpoints anyway, so a task function that
@@ -86,7 +92,9 @@ class _Job:
     wait). ``claim``: set while a per-key limit has resent it with a claim on its key.
     """
 
-    __slots__ = ("attempts", "claim", "enqueued", "item", "last_error", "seq", "started")
+    __slots__ = (
+        "attempt", "attempts", "claim", "enqueued", "item", "last_error", "seq", "started",
+    )
 
     def __init__(self, item: Any, seq: int) -> None:
         self.item = item
@@ -96,6 +104,7 @@ class _Job:
         self.claim: Claim | None = None
         self.enqueued = 0.0
         self.started = 0.0  # when its first attempt started (with a Retry budget only)
+        self.attempt: Attempt | None = None  # the failed attempt, for attempt observers
 
 
 class Pool(Generic[T]):
@@ -121,6 +130,8 @@ class Pool(Generic[T]):
         per_key: PerKey[Any] | None = None,
         adaptive: Adaptive | None = None,
         progress: Progress | None = None,
+        name: str = "pool",
+        observers: Sequence[Observer] = (),
     ) -> None:
         self._fn = fn if inspect.iscoroutinefunction(fn) else _awaiting(fn)
         self._workers = workers
@@ -202,6 +213,23 @@ class Pool(Generic[T]):
 
         # The journal's intake gate for submit(): False when it settled the item itself.
         self._gate: Callable[[Any], bool] | None = None
+
+        # Observers (see _observe): the log first. At start, each event's list holds the
+        # bound methods of the observers that override it; empty lists cost nothing.
+        self._name = name
+        self._observers: tuple[Observer, ...] = (LOG, *observers)
+        self._on_started: tuple[Callable[[Attempt], None], ...] = ()
+        self._on_ended: tuple[Callable[[Attempt, BaseException | None, float], None], ...] = ()
+        self._on_retry: tuple[Callable[[Attempt, Exception, float], None], ...] = ()
+        self._on_succeeded: tuple[Callable[[Any], None], ...] = ()
+        self._on_failed: tuple[Callable[[Failed], None], ...] = ()
+        self._on_unfinished: tuple[Callable[[Unfinished], None], ...] = ()
+        self._on_closed: tuple[Callable[[Report], None], ...] = ()
+        self._snapshots: list[Observer] = []
+        self._attempt_observed = False
+        # Items with a sequence number below this get their queue wait measured (and the
+        # rest every 64th); every item when an observer wants attempt events.
+        self._sample_below = _SAMPLE_ALL
 
     # ------------------------------------------------------------------ intake
 
@@ -345,7 +373,7 @@ class Pool(Generic[T]):
         seq = self._next_seq
         self._next_seq = seq + 1
         job = _Job(item, seq)
-        if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+        if seq < self._sample_below or not seq & _SAMPLE_MASK:
             job.enqueued = self._now()
         self._outstanding[seq] = job
         self._submitted += 1
@@ -386,6 +414,7 @@ class Pool(Generic[T]):
         sync_iterator = iter(items)
         send_nowait = send.send_nowait
         current_time = self._now
+        sample_below = self._sample_below
         while True:
             if len(outstanding) >= capacity:
                 await self._wait_for_room(low)
@@ -396,7 +425,7 @@ class Pool(Generic[T]):
             seq = self._next_seq
             self._next_seq = seq + 1
             job = _Job(item, seq)
-            if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+            if seq < sample_below or not seq & _SAMPLE_MASK:
                 job.enqueued = current_time()
             outstanding[seq] = job
             self._submitted += 1
@@ -414,8 +443,12 @@ class Pool(Generic[T]):
         """Call ``observe(record)`` as each item settles as Succeeded or Failed in a worker
         (the journal's writer); before the pool starts. Costs nothing when not used: the
         outbox becomes a deque whose ``append`` also calls ``observe``."""
-        outbox = _ObservedOutbox(self._outbox)
-        outbox.observe = observe
+        current = self._outbox
+        if isinstance(current, _ObservedOutbox):
+            current.observers.append(observe)
+            return
+        outbox = _ObservedOutbox(current)
+        outbox.observers = [observe]
         outbox.keep_seq = self._keep_seq
         self._outbox = outbox
 
@@ -429,9 +462,13 @@ class Pool(Generic[T]):
             raise RuntimeError("submit() is only possible inside the pool's `async with` block")
         seq = self._next_seq
         self._next_seq = seq + 1
+        if record.index != seq:
+            record = dataclasses.replace(record, index=seq)
         if type(record) is Failed:
             self._submitted += 1
             self._failed.append(record)
+            for on_failed in self._on_failed:
+                _notify(on_failed, record)
         deque.append(self._outbox, (seq, record) if self._keep_seq else record)
         if self._reader_waiting:
             self._wake_reader()
@@ -460,10 +497,12 @@ class Pool(Generic[T]):
         # Limits and stats: with no limit configured, the only per-item additions are two
         # tests and, for sampled items, two clock reads and two histogram inserts.
         per_key = self._per_key
-        guarded = bool(self._limits) or per_key is not None
+        # Attempt observers take the guarded path too: the plain one stays as it is.
+        guarded = bool(self._limits) or per_key is not None or self._attempt_observed
         key_token: object | None = None
         start = 0.0
         current_time = self._now
+        sample_below = self._sample_below
         wait_add = self._wait_q.add
         latency_add = self._latency_q.add
         streak = 0
@@ -491,7 +530,7 @@ class Pool(Generic[T]):
                 if key_token is None:
                     continue
             seq = job.seq
-            sample = seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK
+            sample = seq < sample_below or not seq & _SAMPLE_MASK
             if sample:
                 start = current_time()
                 wait_add(start - job.enqueued)
@@ -527,7 +566,7 @@ class Pool(Generic[T]):
                     continue
                 del outstanding[seq]
                 self._succeeded += 1
-                record = Succeeded(job.item, value, job.attempts)
+                record = Succeeded(job.item, value, job.attempts, seq)
                 outbox.append((seq, record) if keep_seq else record)
                 if self._reader_waiting:
                     self._wake_reader()
@@ -560,7 +599,8 @@ class Pool(Generic[T]):
         except Exception as error:
             # The key function raised on this item: no attempt was made, and it would
             # raise again; the item fails at once.
-            self._give_up(job, error, "failed before an attempt (its PerKey key raised)")
+            error.add_note("conveyor: failed before an attempt: its PerKey key raised")
+            self._give_up(job, error)
             return None
         if token is None:
             self._parked += 1
@@ -599,17 +639,32 @@ class Pool(Generic[T]):
             self._attempts += 1
             self._in_flight += 1
             start = self._now() if sample else 0.0
+            attempt = None
+            if self._attempt_observed:
+                attempt = Attempt(job.seq, item, job.attempts, start - job.enqueued, start)
+                for on_started in self._on_started:
+                    _notify(on_started, attempt)
             try:
                 if self._timeout is None and self._budget is None:
-                    return await self._fn(item)
-                return await self._timed(job)
+                    value = await self._fn(item)
+                else:
+                    value = await self._timed(job)
+            except Exception as exc:
+                error = exc
+                job.attempt = attempt  # its end is told by _attempt_failed, after the retry
+                raise
             except BaseException as exc:
                 error = exc
+                if attempt is not None:
+                    self._attempt_ended(attempt, exc)
                 raise
             finally:
                 self._in_flight -= 1
                 if sample:
                     self._latency_q.add(self._now() - start)
+            if attempt is not None:
+                self._attempt_ended(attempt, None)
+            return value
         finally:
             for limit, token in reversed(held):
                 limit.release(token, error)
@@ -678,6 +733,11 @@ class Pool(Generic[T]):
             for task in tasks:
                 trio.lowlevel.reschedule(task)
 
+    def _attempt_ended(self, attempt: Attempt, error: BaseException | None) -> None:
+        duration = self._now() - attempt.started
+        for on_ended in self._on_ended:
+            _notify(on_ended, attempt, error, duration)
+
     def _attempt_failed(self, job: _Job, error: Exception) -> None:
         """An attempt raised ``error``: schedule a retry, or settle the item as Failed.
 
@@ -686,9 +746,12 @@ class Pool(Generic[T]):
         not give up; the pool did).
         """
         job.last_error = error
+        attempt, job.attempt = job.attempt, None
         retry = self._retry
         if retry is not None and retry.should_retry(error, job.attempts):
             if self._stopping:
+                if attempt is not None:
+                    self._attempt_ended(attempt, error)
                 return
             delay = retry.delay(error, job.attempts)
             budget = self._budget
@@ -697,20 +760,22 @@ class Pool(Generic[T]):
                     f"conveyor: not retried: the next attempt would start after the item's "
                     f"budget={budget} s (Retry.budget) has run out"
                 )
-                self._give_up(job, error, f"gave up after {job.attempts} attempts "
-                                          f"(its budget of {budget} s is spent)")
+                if attempt is not None:
+                    self._attempt_ended(attempt, error)
+                self._give_up(job, error)
                 return
             self._retried += 1
-            if logger.isEnabledFor(logging.INFO):
-                logger.info(
-                    "item %r failed on attempt %d of %d (%s: %s); retrying in %.3f s",
-                    job.item, job.attempts, retry.attempts, type(error).__name__, error, delay,
-                )
+            if self._on_retry:
+                told = attempt or Attempt(job.seq, job.item, job.attempts, math.nan, math.nan)
+                for on_retry in self._on_retry:
+                    _notify(on_retry, told, error, delay)
+            if attempt is not None:
+                self._attempt_ended(attempt, error)
             if delay <= 0:
                 # Due now: straight to the front of the work, where this worker (which is
                 # not waiting on the channel) looks first; no scheduler round trip.
                 seq = job.seq
-                if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+                if seq < self._sample_below or not seq & _SAMPLE_MASK:
                     job.enqueued = self._now()
                 self._due.append(job)
             else:
@@ -719,20 +784,19 @@ class Pool(Generic[T]):
             if self._stats_waiting:
                 self._wake_stats()
             return
-        if retry is not None and job.attempts >= retry.attempts > 1:
-            why = f"gave up after {job.attempts} attempts"
-        else:
-            why = f"failed on attempt {job.attempts}"
-        self._give_up(job, error, why)
+        if attempt is not None:
+            self._attempt_ended(attempt, error)
+        self._give_up(job, error)
 
-    def _give_up(self, job: _Job, error: BaseException, why: str) -> None:
+    def _give_up(self, job: _Job, error: BaseException) -> None:
         """Settle ``job`` as Failed with ``error`` (the one settle step of a failure)."""
         job.last_error = error
-        logger.warning("item %r %s: %s: %s", job.item, why, type(error).__name__, error)
         record = Failed(
-            job.item, error, job.attempts, "".join(traceback.format_exception(error))
+            job.item, error, job.attempts, "".join(traceback.format_exception(error)), job.seq
         )
         self._failed.append(record)
+        for on_failed in self._on_failed:
+            _notify(on_failed, record)
         del self._outstanding[job.seq]
         self._outbox.append((job.seq, record) if self._keep_seq else record)
         if self._reader_waiting:
@@ -768,7 +832,7 @@ class Pool(Generic[T]):
             _, seq, job = heapq.heappop(heap)
             if job.claim is not None:
                 self._claims_in_heap -= 1
-            if seq < _SAMPLE_ALL or not seq & _SAMPLE_MASK:
+            if seq < self._sample_below or not seq & _SAMPLE_MASK:
                 job.enqueued = self._now()
             if send.statistics().current_buffer_used:
                 # Fresh items wait in the channel (so no worker waits on it): the retry goes
@@ -801,11 +865,14 @@ class Pool(Generic[T]):
         self._throughput.observe(self._t0, 0)
         if trio.current_effective_deadline() == -math.inf:
             self._stopping = True  # opened in a cancelled scope: start no attempt at all
+        self._open_observers(len(feed) if isinstance(feed, Sized) else None)
         error: BaseException | None = None
         try:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch)
+                    for observer in self._snapshots:
+                        nursery.start_soon(self._snapshot, observer)
                     # The pool's tasks see this nursery as the place for work that
                     # outlives a cancelled attempt (see _linger); the caller's block does not.
                     self._linger_nursery = nursery
@@ -833,6 +900,10 @@ class Pool(Generic[T]):
             self._finalize()
             if self._progress is not None:
                 self._progress.finish(self.stats)
+            if self._on_closed:
+                report = self.report()
+                for on_closed in self._on_closed:
+                    _notify(on_closed, report)
         if self._feed_error is not None and (error is None or isinstance(error, trio.Cancelled)):
             # An error from `items` is the caller's own: a cancel must not swallow it.
             error, self._feed_error = self._feed_error, None
@@ -882,6 +953,57 @@ class Pool(Generic[T]):
             self._spawned += 1
             nursery.start_soon(self._worker)
 
+    def _open_observers(self, total: int | None) -> None:
+        """Tell each observer the pool starts; bind the events each one overrides."""
+        info = PoolInfo(
+            name=self._name,
+            workers=self._workers,
+            retry_attempts=1 if self._retry is None else self._retry.attempts,
+            total=total,
+            stats=lambda: self.stats,
+        )
+        opened: list[Observer] = []
+        for observer in self._observers:
+            try:
+                mine = observer.opened(info)
+            except Exception as error:
+                _observer_failed(observer, "opened", error)
+                continue
+            if mine is not None:
+                opened.append(mine)
+
+        def bound(event: str) -> tuple[Any, ...]:
+            return tuple(getattr(o, event) for o in opened if overrides(o, event))
+
+        self._on_started = bound("attempt_started")
+        self._on_ended = bound("attempt_ended")
+        self._on_retry = bound("retry_scheduled")
+        self._on_succeeded = bound("succeeded")
+        self._on_failed = bound("failed")
+        self._on_unfinished = bound("unfinished")
+        self._on_closed = bound("closed")
+        self._snapshots = [
+            o for o in opened if o.snapshot_every is not None and overrides(o, "snapshot")
+        ]
+        if self._on_started or self._on_ended:
+            self._attempt_observed = True
+            self._sample_below = sys.maxsize  # every item's queue wait is told
+        if self._on_succeeded:
+            self._observe_settled(self._told_succeeded)
+
+    def _told_succeeded(self, record: Record) -> None:
+        if type(record) is Succeeded:
+            for on_succeeded in self._on_succeeded:
+                _notify(on_succeeded, record)
+
+    async def _snapshot(self, observer: Observer) -> None:
+        every = observer.snapshot_every
+        assert every is not None
+        with self._progress_scope:
+            while True:
+                await trio.sleep(every)
+                _notify(observer.snapshot, self.stats)
+
     async def _show_progress(self, progress: Progress) -> None:
         with self._progress_scope:
             await progress.run(lambda: self.stats)
@@ -927,14 +1049,15 @@ class Pool(Generic[T]):
         if not self._outstanding:
             return
         unfinished = [
-            Unfinished(job.item, job.attempts, job.last_error)
+            Unfinished(job.item, job.attempts, job.last_error, job.seq)
             for job in self._outstanding.values()
         ]
         self._outstanding.clear()
         self._heap.clear()
         self._unfinished.extend(unfinished)
-        logger.warning("%d item(s) unfinished: the pool stopped before they settled",
-                       len(unfinished))
+        for on_unfinished in self._on_unfinished:
+            for record in unfinished:
+                _notify(on_unfinished, record)
 
     # ------------------------------------------------------------------ output
 
@@ -1218,9 +1341,33 @@ class _ObservedOutbox(deque[Any]):
     """An outbox that tells ``observe`` of every record appended (see
     :meth:`Pool._observe_settled`)."""
 
-    observe: Callable[[Record], None]
+    observers: list[Callable[[Record], None]]
     keep_seq: bool
 
     def append(self, entry: Any) -> None:
         deque.append(self, entry)
-        self.observe(entry[1] if self.keep_seq else entry)
+        record = entry[1] if self.keep_seq else entry
+        for observe in self.observers:
+            observe(record)
+
+
+_failed_observers: set[tuple[int, str]] = set()
+
+
+def _notify(event: Callable[..., None], *args: Any) -> None:
+    """Call an observer's event; an error is logged (once per observer and event), never
+    raised: a broken dashboard loses no item."""
+    try:
+        event(*args)
+    except Exception as error:
+        _observer_failed(getattr(event, "__self__", event), event.__name__, error)
+
+
+def _observer_failed(observer: object, event: str, error: Exception) -> None:
+    key = (id(observer), event)
+    if key not in _failed_observers:
+        _failed_observers.add(key)
+        logger.error(
+            "observer %r raised in %s (ignored; logged once per observer and event)",
+            observer, event, exc_info=error,
+        )

@@ -24,11 +24,17 @@ __all__ = ["Failed", "ItemsFailed", "Record", "Report", "Succeeded", "Unfinished
 
 @dataclass(frozen=True, slots=True)
 class Succeeded(Generic[T]):
-    """The item's task returned ``value`` on attempt number ``attempts``."""
+    """The item's task returned ``value`` on attempt number ``attempts``.
+
+    ``index`` (on every record) is the item's position in the input: 0 for the first item
+    of ``items``, or the order of ``submit`` calls. It is not part of equality (two records
+    say the same when the same thing happened to the same item); -1 on a record made by hand.
+    """
 
     item: Any
     value: T
     attempts: int
+    index: int = field(default=-1, compare=False)
 
     @property
     def outcome(self) -> outcome.Value[T]:
@@ -52,6 +58,7 @@ class Failed:
     error: BaseException
     attempts: int
     traceback: str = field(repr=False)
+    index: int = field(default=-1, compare=False)
 
     @property
     def outcome(self) -> outcome.Error:
@@ -74,6 +81,7 @@ class Unfinished:
     item: Any
     attempts: int
     last_error: BaseException | None
+    index: int = field(default=-1, compare=False)
 
     @property
     def outcome(self) -> None:
@@ -109,11 +117,21 @@ class Report:
         """True when no item failed and none was left unfinished."""
         return not self.failed and not self.unfinished
 
-    def values(self) -> list[Any]:
-        """The values of ``succeeded``, in the order they are listed."""
-        return [r.value for r in self.succeeded]
+    def values(self, *, ordered: bool = False) -> list[Any]:
+        """The values of ``succeeded``: in the order they are listed (the order they
+        settled in), or with ``ordered=True`` in input order (by ``index``)."""
+        records = sorted(self.succeeded, key=_index) if ordered else self.succeeded
+        return [r.value for r in records]
+
+    def records(self) -> list[Record]:
+        """Every record of the report (succeeded, failed, unfinished) in input order."""
+        return sorted([*self.succeeded, *self.failed, *self.unfinished], key=_index)
 
     def raise_for_failures(self) -> None:
         """Raise :class:`ItemsFailed` if any item failed or was left unfinished."""
         if self.failed or self.unfinished:
             raise ItemsFailed(self.failed, self.unfinished)
+
+
+def _index(record: Record) -> int:
+    return record.index
