@@ -504,6 +504,21 @@ def test_every_parameter_refuses_bad_input_at_the_call_or_completes(
     check(target, param, label, value)
 
 
+SWEEP = ["'abc'", "-1"]  # labels in BAD: the wrong kind, and out of range, for nearly all
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{t.name}-{p}" for t, p in CASES])
+def test_every_parameter_refuses_in_the_one_shape_with_a_fix_that_works(
+    case: tuple[Target, str],
+) -> None:
+    """Not left to chance: every parameter, with a few values that are wrong for nearly all
+    of them; each refusal is in the one shape and its suggested fix is accepted."""
+    target, param = case
+    for label in SWEEP:
+        if not known_open(target.name, param, label):
+            check(target, param, label, dict(BAD)[label])
+
+
 def test_the_property_covers_every_public_callable() -> None:
     """A new public function or class must be added to TARGETS (or said to be data)."""
     data = {  # records and errors made by conveyor, not inputs of a run
