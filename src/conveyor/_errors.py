@@ -229,3 +229,8 @@ class RetryAfter(ConveyorError):
                    owner="RetryAfter")
         super().__init__(message or f"retry after {delay} s")
         self.retry_after = float(delay)
+
+    def __reduce__(self) -> tuple[type[RetryAfter], tuple[float, str]]:
+        # Rebuilt from its delay and message (not from ``args``, which hold the message
+        # only), so one raised in a worker process comes back as itself.
+        return (type(self), (self.retry_after, str(self)))
