@@ -242,6 +242,8 @@ MORE = [
     (_adaptive, {"overload_on": Overloaded, "min": 2, "max": 4, "initial": 8}, ValueError,
      {"initial": 4}),
     (_adaptive, {"overload_on": Overloaded, "min": 10**30}, ValueError, {"min": 1}),
+    (_adaptive, {"overload_on": Overloaded, "decrease": "5"}, TypeError, {"decrease": 0.5}),
+    (_adaptive, {"overload_on": Overloaded, "decrease": "0.3"}, TypeError, {"decrease": 0.3}),
     (_per_key, {}, ValueError, {"limit": 2}),
     (_per_key, {"key": None}, TypeError, None),  # the key is the wrapper's: not a kwarg here
     (conveyor.Backoff, {"initial": 40, "max": 1}, ValueError, {"max": 40}),

@@ -106,7 +106,13 @@ ASYNC_FORMS = {"async def", "partial(async def)", "async generator function"}
 # --------------------------------------------------------------------- the cases still open
 
 # (target, parameter, value label); "*" for any value. Delete an entry once its fix is merged.
-KNOWN_OPEN: set[tuple[str, str, str]] = set()
+KNOWN_OPEN: set[tuple[str, str, str]] = {
+    # The lead (_pool.py): _truth's refusal of a predicate that returned an awaitable is not
+    # in the one shape yet; e.g. raise _options.invalid("predicate", predicate, "a function
+    # stats -> bool that answers at once ...", "predicate=lambda stats: ...",
+    # owner="wait_stats", kind=TypeError).
+    ("Pool.wait_stats", "predicate", "lambda -> coroutine"),
+}
 
 
 def known_open(target: str, param: str, label: str) -> bool:

@@ -205,31 +205,29 @@ def check_number(
         expected = " ".join([expected, " and ".join(b for b in bounds if b)]).rstrip()
         if allow_none:
             expected = "None or " + expected
+    def valid(number: float) -> bool:
+        return (math.isfinite(number)
+                and (minimum is None or number >= minimum)
+                and (above is None or number > above)
+                and (below is None or number < below))
+
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid(name, value, expected, _number_example(name, value, example),
-                      owner=owner, kind=TypeError)
+        if isinstance(value, str):  # timeout='5' suggests timeout=5.0, if that is valid
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+            else:
+                if valid(number):
+                    example = f"{name}={number!r}"
+        raise invalid(name, value, expected, example, owner=owner, kind=TypeError)
     try:
         number = float(value)
     except OverflowError:  # an int too large for a float
         number = math.inf
-    if not (math.isfinite(number)
-            and (minimum is None or number >= minimum)
-            and (above is None or number > above)
-            and (below is None or number < below)):
+    if not valid(number):
         raise invalid(name, value, expected, example, owner=owner)
     return number
-
-
-def _number_example(name: str, value: object, example: str) -> str:
-    """For a str that holds a number (``timeout='5'``), that number; else ``example``."""
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return example
-        if math.isfinite(number) and number > 0:
-            return f"{name}={number!r}"
-    return example
 
 
 @overload
