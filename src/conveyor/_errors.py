@@ -8,7 +8,7 @@ against the builtins keep working::
     Exception
     └── ConveyorError                   anything conveyor defines
         │   the caller's input was bad: fix the call (also ValueError / TypeError)
-        ├── JournalError                anything about the journal (catches both below)
+        ├── JournalError                the journal: one child of each kind (catches both)
         │   ├── JournalInvalid          + ValueError: not a journal, damaged, another key
         │   │                             function or format, not trusted, a bad path, an
         │   │                             item's key repeats, a value that cannot be pickled
