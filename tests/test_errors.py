@@ -281,6 +281,15 @@ async def test_in_process_limiter_with_an_executor_and_its_fix() -> None:
         assert await _in_process(**{**kwargs, **fix})(-3) == 3
 
 
+async def test_a_huge_int_limiter_suggests_a_limiter_that_works() -> None:
+    """Found by the surface sweep: limiter=10**400 suggested trio.CapacityLimiter(10**400)."""
+    with pytest.raises(TypeError) as caught:
+        conveyor.in_thread(abs, limiter=10**400)  # type: ignore[arg-type]
+    fix = suggested_fix(str(caught.value))
+    assert fix is not None
+    assert await conveyor.in_thread(abs, **fix)(-2) == 2
+
+
 async def test_wait_stats_refuses_a_non_callable_and_its_fix_works() -> None:
     async with conveyor.open_pool(square) as pool:
         await pool.submit(1)

@@ -898,7 +898,7 @@ def _check_sync_callable(api: str, f: object) -> None:
 
 def _limiter_example(limiter: object) -> str:
     """``limiter=4`` suggests ``limiter=trio.CapacityLimiter(4)``."""
-    size = limiter if type(limiter) is int and limiter >= 1 else 4
+    size = limiter if type(limiter) is int and 1 <= limiter <= 1_000_000 else 4
     return f"limiter=trio.CapacityLimiter({size})"
 
 
