@@ -286,8 +286,13 @@ async def test_a_huge_int_limiter_suggests_a_limiter_that_works() -> None:
     with pytest.raises(TypeError) as caught:
         conveyor.in_thread(abs, limiter=10**400)  # type: ignore[arg-type]
     fix = suggested_fix(str(caught.value))
-    assert fix is not None
+    assert fix == {"limiter": fix["limiter"]} and fix["limiter"].total_tokens == 4
     assert await conveyor.in_thread(abs, **fix)(-2) == 2
+    # A huge limiter itself is valid: in_process_batched sizes its batches from it.
+    async with conveyor.in_process_batched(
+        abs, limiter=trio.CapacityLimiter(10**400)
+    ) as batched:
+        del batched
 
 
 async def test_wait_stats_refuses_a_non_callable_and_its_fix_works() -> None:

@@ -423,7 +423,8 @@ async def in_process_batched(
     if max_batches is None:
         if executor is None:
             total = (limiter or trio_parallel.current_default_worker_limiter()).total_tokens
-            max_batches = int(total) if math.isfinite(total) else os.cpu_count() or 1
+            finite = isinstance(total, int) or math.isfinite(total)  # an int may not fit a float
+            max_batches = int(total) if finite else os.cpu_count() or 1
         else:
             max_batches = os.cpu_count() or 1
     else:
