@@ -39,7 +39,8 @@ CONSTRUCTIBLE = {
     "ItemsFailed", "JournalError", "NotPicklableError", "Observer", "Percentiles", "PerKey",
     "PoolInfo", "PoolOptions", "Progress", "Rate", "RemoteError", "Report", "Retry",
     "RetryAfter", "Stats", "Succeeded", "Unfinished", "WorkerDied", "TqdmProgress", "RichProgress",
-    "PrometheusMetrics", "OpenTelemetry", "Batch",
+    "PrometheusMetrics", "OpenTelemetry", "Batch", "ConveyorError", "JournalIOError",
+    "JournalInvalid",
 }
 
 # Type aliases (documented by the string after them in their module).

@@ -494,7 +494,7 @@ async def test_an_item_that_repeats_a_key_fails_alone(tmp_path: Path) -> None:
     assert rows(journal)[key_of(1)][:3] == ("succeeded", 1, 1)  # the first one's row stays
 
 
-async def test_a_failing_write_is_an_os_error_not_a_journal_error(tmp_path: Path) -> None:
+async def test_a_failing_write_is_a_journal_io_error_an_os_error(tmp_path: Path) -> None:
     spec = check_journal(tmp_path / "j", key_of)
     assert spec is not None
     db = _Db(spec)
@@ -503,7 +503,11 @@ async def test_a_failing_write_is_an_os_error_not_a_journal_error(tmp_path: Path
         with pytest.raises(OSError, match=r"'.*j': cannot write to it: database or disk is "
                                           r"full") as caught:
             db.write([(f"k{n}", "succeeded", 1, bytes(1000), None, 0.0) for n in range(100)])
-        assert not isinstance(caught.value, JournalError)
+        # The world failed, not the caller's input: an OSError, and a JournalError (the
+        # common base, since the errors tree), never the ValueError of a bad journal.
+        assert isinstance(caught.value, conveyor.JournalIOError)
+        assert isinstance(caught.value, JournalError)
+        assert not isinstance(caught.value, ValueError)
         assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
     finally:
         db.close()
@@ -518,14 +522,24 @@ async def test_a_value_that_cannot_be_pickled_is_an_error(tmp_path: Path) -> Non
 
 
 def test_journal_options_are_checked() -> None:
-    with pytest.raises(ValueError, match=r"key= only applies with journal=PATH"):
+    with pytest.raises(ValueError, match=r"^key=key_of is not valid: expected None without a "
+                                         r"journal \(key= names each item's record in the "
+                                         r"journal\); e\.g\. journal='job\.journal'$"):
         check_journal(None, key_of)
-    with pytest.raises(TypeError, match=r"journal must be a file path \(str or os.PathLike\)"):
+    with pytest.raises(TypeError, match=r"^journal=42 is not valid: expected a file path \(str "
+                                        r"or os\.PathLike\) or None; "
+                                        r"e\.g\. journal='job\.journal'$"):
         check_journal(42, None)
-    with pytest.raises(TypeError, match=r"journal must be a non-empty str path"):
+    with pytest.raises(ValueError, match=r"^journal='' is not valid: expected a non-empty file "
+                                         r"path; e\.g\. journal='job\.journal'$"):
         check_journal("", None)
-    with pytest.raises(TypeError, match=r"key must be a callable"):
+    with pytest.raises(TypeError, match=r"^key='id' is not valid: expected a function item -> "
+                                        r"str \| int \| bytes, or None \(the item itself\); "
+                                        r"e\.g\. key=str$"):
         check_journal("j", "id")
+    # the fixes given: a journal path, and key=str
+    assert check_journal("job.journal", key_of) is not None
+    assert check_journal("j", str) is not None
     assert check_journal(None, None) is None
 
 
@@ -596,7 +610,7 @@ async def test_interrupted_runs_end_complete_and_compute_each_success_once(
 
 
 async def test_run_checks_the_journal_options_at_the_call() -> None:
-    with pytest.raises(ValueError, match=r"key= only applies with journal=PATH"):
+    with pytest.raises(ValueError, match=r"^key=key_of is not valid: expected None without"):
         await conveyor.run(never, [1], key=key_of)
-    with pytest.raises(TypeError, match=r"journal must be a file path"):
+    with pytest.raises(TypeError, match=r"^journal=3 is not valid: expected a file path"):
         await conveyor.run(never, [1], journal=3)  # type: ignore[arg-type]

@@ -192,13 +192,14 @@ async def test_a_map_on_a_journal_in_use_is_refused(tmp_path: Path) -> None:
 
 
 def test_map_and_open_pool_check_the_journal_options_at_the_call() -> None:
-    with pytest.raises(ValueError, match=r"key= only applies with journal=PATH"):
+    with pytest.raises(ValueError, match=r"^key=key_of is not valid: expected None without"):
         conveyor.map(never, [1], key=key_of)
-    with pytest.raises(ValueError, match=r"journal must be a file path without NUL"):
+    with pytest.raises(ValueError, match=r"^journal='a\\x00b' is not valid: expected a file path "
+                                         r"without NUL"):
         conveyor.map(never, [1], journal="a\x00b")
-    with pytest.raises(ValueError, match=r"key= only applies with journal=PATH"):
+    with pytest.raises(ValueError, match=r"^key=key_of is not valid: expected None without"):
         conveyor.open_pool(never, key=key_of)
-    with pytest.raises(TypeError, match=r"journal must be a file path"):
+    with pytest.raises(TypeError, match=r"^journal=3 is not valid: expected a file path"):
         conveyor.open_pool(never, journal=3)  # type: ignore[arg-type]
 
 

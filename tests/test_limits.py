@@ -105,18 +105,26 @@ def test_rate_state_does_not_leak_between_trio_runs() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"per_second": 0}, ValueError, r"Rate: per_second must be a finite number > 0, got 0"),
-        ({"per_second": -2}, ValueError, r"per_second must be a finite number > 0, got -2"),
-        ({"per_second": math.inf}, ValueError, r"per_second must be a finite number > 0"),
-        ({"per_second": math.nan}, ValueError, r"per_second must be a finite number > 0"),
-        ({"per_second": "5"}, TypeError, r"per_second must be a number > 0, got '5'"),
-        ({"per_second": 1, "burst": 0}, ValueError, r"Rate: burst must be >= 1, got 0"),
-        ({"per_second": 1, "burst": 1.5}, TypeError, r"Rate: burst must be an int >= 1"),
-        ({"per_second": True}, TypeError, r"Rate: per_second must be a number > 0, got True"),
-        ({"per_second": 10**400}, ValueError, r"per_second must be a finite number > 0"),
-        ({"per_second": 1, "burst": True}, TypeError, r"Rate: burst must be an int >= 1"),
+        ({"per_second": 0}, ValueError, r"^Rate: per_second=0 is not valid: expected a finite "
+                                        r"number > 0; e\.g\. per_second=10\.0$"),
+        ({"per_second": -2}, ValueError, r"^Rate: per_second=-2 is not valid: expected a finite "
+                                         r"number > 0;"),
+        ({"per_second": math.inf}, ValueError, r"^Rate: per_second=inf is not valid: expected a "
+                                               r"finite number > 0;"),
+        ({"per_second": math.nan}, ValueError, r"^Rate: per_second=nan is not valid"),
+        ({"per_second": "5"}, TypeError, r"^Rate: per_second='5' is not valid: expected a finite "
+                                         r"number > 0; e\.g\. per_second=5\.0$"),
+        ({"per_second": 1, "burst": 0}, ValueError,
+         r"^Rate: burst=0 is not valid: expected an int >= 1 \(at most 2\*\*53\); e\.g\. burst=1$"),
+        ({"per_second": 1, "burst": 1.5}, TypeError, r"^Rate: burst=1\.5 is not valid: expected an "
+                                                     r"int >= 1 .*; e\.g\. burst=1$"),
+        ({"per_second": True}, TypeError, r"^Rate: per_second=True is not valid: expected a "
+                                          r"finite number > 0;"),
+        ({"per_second": 10**400}, ValueError, r"^Rate: per_second=1000000.*\.\.\. is not valid:"),
+        ({"per_second": 1, "burst": True}, TypeError, r"^Rate: burst=True is not valid:"),
         ({"per_second": 1, "burst": 10**30}, ValueError,
-         r"Rate: burst must be an int in 1..9007199254740992, got 10000"),
+         r"^Rate: burst=10{30} is not valid: expected an int >= 1 \(at most 2\*\*53\); "
+         r"e\.g\. burst=9007199254740992$"),
     ],
 )
 def test_rate_refuses_bad_input(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -171,10 +179,11 @@ def test_capacity_limit_int_makes_a_private_limiter() -> None:
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [
-        (0, ValueError, r"limiter must be >= 1, got 0"),
-        (-3, ValueError, r"limiter must be >= 1, got -3"),
-        (2.5, TypeError, r"limiter must be a trio.CapacityLimiter or an int >= 1, got 2.5"),
-        (True, TypeError, r"limiter must be a trio.CapacityLimiter or an int"),
+        (0, ValueError, r"^limiter=0 is not valid: expected an int >= 1, a "
+                        r"trio\.CapacityLimiter or None; e\.g\. limiter=1$"),
+        (-3, ValueError, r"^limiter=-3 is not valid: .*; e\.g\. limiter=1$"),
+        (2.5, TypeError, r"^limiter=2\.5 is not valid: .*; e\.g\. limiter=2$"),
+        (True, TypeError, r"^limiter=True is not valid: expected an int >= 1"),
     ],
 )
 def test_capacity_limit_refuses_bad_input(value: Any, error: type[Exception], match: str) -> None:
@@ -455,16 +464,24 @@ async def async_host(item: str) -> str:
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [
-        ((host,), {"limit": 0}, ValueError, r"PerKey: limit must be >= 1, got 0"),
-        ((host,), {}, ValueError, r"PerKey: give a limit, a rate, or both"),
-        (("host",), {"limit": 1}, TypeError, r"PerKey: key must be a callable"),
+        ((host,), {"limit": 0}, ValueError,
+         r"^PerKey: limit=0 is not valid: expected an int >= 1 or None; e\.g\. limit=1$"),
+        ((host,), {}, ValueError, r"^PerKey: limit=None is not valid: expected an int >= 1 when "
+                                  r"rate is None \(give a limit, a rate, or both\); "
+                                  r"e\.g\. limit=2$"),
+        (("host",), {"limit": 1}, TypeError, r"^PerKey: key='host' is not valid: expected a "
+                                             r"function item -> hashable key; e\.g\. key=lambda"),
         ((async_host,), {"limit": 1}, TypeError,
-         r"PerKey: key must be a callable item -> hashable key, a plain \(sync\) callable, got "
-         r"the async function 'async_host'.*write it as a plain `def` \(no `async`\)$"),
-        ((host,), {"limit": True}, TypeError, r"PerKey: limit must be an int >= 1, got True"),
-        ((host,), {"limit": 1, "max_parked": 1.5}, TypeError, r"max_parked must be an int"),
-        ((host,), {"rate": 5}, TypeError, r"PerKey: rate must be a conveyor.Rate or None"),
-        ((host,), {"limit": 1, "max_parked": -1}, ValueError, r"max_parked must be >= 0"),
+         r"^PerKey: key=async_host is not valid: expected a function item -> hashable key, "
+         r"written as a plain `def` \(not `async def`\): conveyor calls it without awaiting it"),
+        ((host,), {"limit": True}, TypeError, r"^PerKey: limit=True is not valid: expected an int"),
+        ((host,), {"limit": 1, "max_parked": 1.5}, TypeError,
+         r"^PerKey: max_parked=1\.5 is not valid: expected an int >= 0; e\.g\. max_parked=1$"),
+        ((host,), {"rate": 5}, TypeError, r"^PerKey: rate=5 is not valid: expected a "
+                                          r"conveyor\.Rate or None; "
+                                          r"e\.g\. rate=conveyor\.Rate\(5\)$"),
+        ((host,), {"limit": 1, "max_parked": -1}, ValueError,
+         r"^PerKey: max_parked=-1 is not valid: expected an int >= 0; e\.g\. max_parked=0$"),
     ],
 )
 def test_per_key_refuses_bad_input(
@@ -559,23 +576,32 @@ async def test_adaptive_latency_target_counts_slow_attempts_as_overload(
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"overload_on": Overloaded, "min": 0}, ValueError, r"Adaptive: min must be >= 1"),
+        ({"overload_on": Overloaded, "min": 0}, ValueError,
+         r"^Adaptive: min=0 is not valid: expected an int >= 1 \(at most 2\*\*53\); e\.g\. min=1$"),
         (
             {"overload_on": Overloaded, "min": 5, "max": 2},
             ValueError,
-            r"Adaptive: min must be <= max, got min=5, max=2",
+            r"^Adaptive: min=5 is not valid: expected an int <= max \(2\); e\.g\. min=2$",
         ),
         (
             {"overload_on": Overloaded, "min": 2, "max": 4, "initial": 8},
             ValueError,
-            r"initial must be within min..max \(2..4\), got 8",
+            r"^Adaptive: initial=8 is not valid: expected an int within min\.\.max \(2\.\.4\), or "
+            r"None \(min\); e\.g\. initial=4$",
         ),
-        ({"overload_on": Overloaded, "decrease": 1.0}, ValueError, r"decrease must be in \(0, 1\)"),
-        ({"overload_on": Overloaded, "increase": 0}, ValueError, r"increase must be a finite"),
-        ({"latency_target": -1}, ValueError, r"latency_target must be a finite number > 0"),
-        ({}, ValueError, r"Adaptive: give overload_on, latency_target, or both"),
-        ({"overload_on": 429}, TypeError, r"overload_on must be an exception class, a tuple"),
-        ({"overload_on": (Overloaded, 3)}, TypeError, r"overload_on must hold exception classes"),
+        ({"overload_on": Overloaded, "decrease": 1.0}, ValueError,
+         r"^Adaptive: decrease=1\.0 is not valid: expected a finite number > 0 and < 1; "
+         r"e\.g\. decrease=0\.5$"),
+        ({"overload_on": Overloaded, "increase": 0}, ValueError,
+         r"^Adaptive: increase=0 is not valid: expected a finite number > 0;"),
+        ({"latency_target": -1}, ValueError, r"^Adaptive: latency_target=-1 is not valid: "
+                                             r"expected None or a finite number of seconds > 0;"),
+        ({}, ValueError, r"^Adaptive: overload_on=None is not valid: expected .* when "
+                         r"latency_target is None \(give overload_on, latency_target, or both\);"),
+        ({"overload_on": 429}, TypeError, r"^Adaptive: overload_on=429 is not valid: expected an "
+                                          r"exception class, a tuple"),
+        ({"overload_on": (Overloaded, 3)}, TypeError,
+         r"\(3 in the tuple is not an exception class\); e\.g\. overload_on=TimeoutError$"),
     ],
 )
 def test_adaptive_refuses_bad_input(
@@ -676,14 +702,16 @@ async def returns_true(error: Exception) -> bool:
 @pytest.mark.parametrize(
     ("overload_on", "error", "match"),
     [
-        (int, TypeError, r"^Adaptive: overload_on must be an exception class, a tuple of them, "
-                         r"or a predicate f\(exc\) -> bool, got the class int$"),
-        (429, TypeError, r"overload_on must be an exception class, a tuple .* got 429$"),
-        ("429", TypeError, r"overload_on must be an exception class, a tuple .* got '429'$"),
-        ((), ValueError, r"overload_on must be .* got an empty tuple$"),
+        (int, TypeError, r"^Adaptive: overload_on=int is not valid: expected an exception class, "
+                         r"a tuple of them, or a predicate f\(exc\) -> bool \(int is not an "
+                         r"exception class\); e\.g\. overload_on=TimeoutError$"),
+        (429, TypeError, r"^Adaptive: overload_on=429 is not valid: expected an exception class"),
+        ("429", TypeError, r"^Adaptive: overload_on='429' is not valid: expected an exception "),
+        ((), ValueError, r"^Adaptive: overload_on=\(\) is not valid: expected .*, not an empty "
+                         r"tuple; e\.g\. overload_on=TimeoutError$"),
         (returns_true, TypeError,
-         r"^Adaptive: overload_on must be .*, a plain \(sync\) callable, got the async "
-         r"function 'returns_true'.*write it as a plain `def` \(no `async`\)$"),
+         r"^Adaptive: overload_on=returns_true is not valid: expected .*, written as a plain "
+         r"`def` \(not `async def`\): conveyor calls it without awaiting it"),
     ],
 )
 def test_adaptive_refuses_bad_overload_on(overload_on: Any, error: type[Exception], match: str

@@ -17,6 +17,7 @@ import concurrent.futures.process
 import copyreg
 import functools
 import io
+import math
 import multiprocessing
 import os
 import pickle
@@ -130,19 +131,26 @@ def test_async_function_refused(wrap: Callable[..., Any]) -> None:
     api = wrap.__name__
     with pytest.raises(TypeError) as info:
         wrap(really_async)
+    where = "a thread" if api == "in_thread" else "a worker process"
     assert str(info.value) == (
-        f"{api}(f): f must be a sync function, but tests.test_offload.really_async is async:"
-        f" give it to the pool (or await it) directly, without {api}"
+        f"{api}: f=really_async is not valid: expected a sync function: "
+        f"tests.test_offload.really_async is async, and {api} runs sync code in {where}; "
+        f"e.g. give tests.test_offload.really_async to the pool (or await it) directly, "
+        f"without {api}"
     )
-    with pytest.raises(TypeError, match=rf"^{api}\(f\): f must be a sync callable, got 3$"):
+    with pytest.raises(TypeError, match=rf"^{api}: f=3 is not valid: expected a sync callable; "
+                                        rf"e\.g\. f=math\.sqrt$"):
         wrap(3)
+    assert wrap(math.sqrt)  # the suggested fix
 
 
 async def test_batched_refusal_names_f() -> None:
-    with pytest.raises(TypeError, match=r"^in_process_batched\(f\): f must be a sync callable"):
+    with pytest.raises(TypeError, match=r"^in_process_batched: f=3 is not valid: expected a "
+                                        r"sync callable"):
         async with conveyor.in_process_batched(3):  # type: ignore[arg-type]
             pass  # pragma: no cover
-    with pytest.raises(TypeError, match=r"^in_process_batched\(f\): f must be a sync function"):
+    with pytest.raises(TypeError, match=r"^in_process_batched: f=really_async is not valid: "
+                                        r"expected a sync function"):
         async with conveyor.in_process_batched(really_async):
             pass  # pragma: no cover
 
@@ -161,32 +169,54 @@ def test_knobs_are_keyword_only() -> None:
             conveyor.in_process(pf.square, ex)  # type: ignore[misc]
         with pytest.raises(TypeError, match="positional"):
             conveyor.in_process(pf.square, None, False)  # type: ignore[misc]
-    with pytest.raises(TypeError, match=r"kill_on_cancel must be True or False, got 'no'"):
+    with pytest.raises(TypeError, match=r"^in_process: kill_on_cancel='no' is not valid: "
+                                        r"expected True or False; e\.g\. kill_on_cancel=True$"):
         conveyor.in_process(pf.square, kill_on_cancel="no")  # type: ignore[arg-type]
+    conveyor.in_process(pf.square, kill_on_cancel=True)  # the suggested fix
 
 
 def test_in_process_argument_checks() -> None:
-    with pytest.raises(TypeError, match=r"executor must be a concurrent\.futures\.Executor"):
+    with pytest.raises(TypeError, match=r"^in_process: executor=<object object at .*> is not "
+                                        r"valid: expected a concurrent\.futures\.Executor or "
+                                        r"None; e\.g\. executor=None \(trio-parallel's"):
         conveyor.in_process(pf.square, executor=object())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"limiter must be a trio\.CapacityLimiter or None"):
+    conveyor.in_process(pf.square, executor=None)  # the suggested fix
+    with pytest.raises(TypeError, match=r"^in_process: limiter=2 is not valid: expected a "
+                                        r"trio\.CapacityLimiter or None; "
+                                        r"e\.g\. limiter=trio\.CapacityLimiter\(2\)$"):
         conveyor.in_process(pf.square, limiter=2)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="limiter applies to the default backend only"):
-        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+    conveyor.in_process(pf.square, limiter=trio.CapacityLimiter(2))  # the suggested fix
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        with pytest.raises(ValueError, match=r"^in_process: limiter=<trio\.CapacityLimiter .*> is "
+                                             r"not valid: expected None with an executor: a "
+                                             r"limiter applies to the default backend only; "
+                                             r".*; e\.g\. limiter=None$"):
             conveyor.in_process(pf.square, executor=ex, limiter=trio.CapacityLimiter(1))
-    with pytest.raises(TypeError, match=r"in_thread limiter must be a trio\.CapacityLimiter"):
+        conveyor.in_process(pf.square, executor=ex, limiter=None)  # the suggested fix
+    with pytest.raises(TypeError, match=r"^in_thread: limiter=4 is not valid: expected a "
+                                        r"trio\.CapacityLimiter or None; "
+                                        r"e\.g\. limiter=trio\.CapacityLimiter\(4\)$"):
         conveyor.in_thread(pf.square, limiter=4)  # type: ignore[arg-type]
+    conveyor.in_thread(pf.square, limiter=trio.CapacityLimiter(4))  # the suggested fix
 
 
 async def test_batched_argument_checks() -> None:
-    with pytest.raises(ValueError, match="in_process_batched batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^in_process_batched: batch_size=0 is not valid: "
+                                         r"expected an int >= 1; e\.g\. batch_size=1$"):
         async with conveyor.in_process_batched(pf.square, batch_size=0):
             pass  # pragma: no cover
-    with pytest.raises(ValueError, match="in_process_batched max_batches must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^in_process_batched: max_batches=0 is not valid: "
+                                         r"expected an int >= 1 or None; e\.g\. max_batches=1$"):
         async with conveyor.in_process_batched(pf.square, max_batches=0):
             pass  # pragma: no cover
-    with pytest.raises(TypeError, match=r"batch_size must be an int >= 1, got 2\.5"):
+    with pytest.raises(TypeError, match=r"^in_process_batched: batch_size=2\.5 is not valid: "
+                                        r"expected an int >= 1; e\.g\. batch_size=2$"):
         async with conveyor.in_process_batched(pf.square, batch_size=2.5):  # type: ignore[arg-type]
             pass  # pragma: no cover
+    async with conveyor.in_process_batched(pf.square, batch_size=1, max_batches=1):
+        pass  # the suggested fixes
+    async with conveyor.in_process_batched(pf.square, batch_size=2):
+        pass
 
 
 def test_wrappers_are_coroutine_functions() -> None:

@@ -160,22 +160,24 @@ class Seen(conveyor.Observer):
         return self
 
 
+# In the one shape (tests/_fixes.SHAPE): "param=value is not valid: expected ...; e.g. FIX".
+_NAME = "is not valid: expected a non-empty str naming the pool (metrics, displays); " \
+    "e.g. name='fetch'"
+_LIST = "is not valid: expected a list or tuple of conveyor.Observer instances"
 BAD_NAME_OR_OBSERVERS = [
-    ({"name": ""}, ValueError, "name must be a non-empty str, got ''"),
-    ({"name": None}, TypeError, "name must be a non-empty str, got None"),
-    ({"name": 5}, TypeError, "name must be a non-empty str, got 5"),
-    ({"name": b"pool"}, TypeError, "name must be a non-empty str, got b'pool'"),
-    ({"observers": None}, TypeError,
-     "observers must be a list or tuple of conveyor.Observer, got None"),
-    ({"observers": "abc"}, TypeError,
-     "observers must be a list or tuple of conveyor.Observer, got 'abc'"),
-    ({"observers": {Seen()}}, TypeError, "observers must be a list or tuple of conveyor.Observer"),
-    ({"observers": Seen()}, TypeError, "got one observer <"),
+    ({"name": ""}, ValueError, f"name='' {_NAME}"),
+    ({"name": None}, TypeError, f"name=None {_NAME}"),
+    ({"name": 5}, TypeError, f"name=5 {_NAME}"),
+    ({"name": b"pool"}, TypeError, f"name=b'pool' {_NAME}"),
+    ({"observers": None}, TypeError, f"observers=None {_LIST}; e.g. observers=[]"),
+    ({"observers": "abc"}, TypeError, f"observers='abc' {_LIST}; e.g. observers=[]"),
+    ({"observers": {Seen()}}, TypeError, f"{_LIST}; e.g. observers=[]"),
+    ({"observers": Seen()}, TypeError,
+     "(one observer goes in a list); e.g. observers=[] (here: observers=[Seen(...)])"),
     ({"observers": [Seen(), object()]}, TypeError,
-     "observers[1] must be a conveyor.Observer (a subclass's instance), got <object object"),
+     "(a subclass's instance), not <object object"),
     ({"observers": [Seen]}, TypeError,
-     "observers[0] must be a conveyor.Observer instance, got the class 'Seen'; "
-     "pass an instance: Seen()"),
+     f"{_LIST}, not classes; e.g. observers=[] (here: observers=[Seen()])"),
 ]
 
 

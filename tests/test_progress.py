@@ -130,8 +130,10 @@ def test_default_stream_is_stderr_at_the_time_of_writing(
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"interval": 0}, r"progress interval must be a finite number > 0, got 0"),
-     ({"total": -1}, r"progress total must be >= 0, got -1")],
+    [({"interval": 0}, r"^Progress: interval=0 is not valid: expected None or a finite number "
+                       r"of seconds > 0; e\.g\. interval=1\.0$"),
+     ({"total": -1}, r"^Progress: total=-1 is not valid: expected an int >= 0 or None; "
+                     r"e\.g\. total=0$")],
 )
 def test_progress_refuses_bad_input(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -142,22 +144,29 @@ def test_progress_refuses_bad_input(kwargs: dict[str, float], match: str) -> Non
     ("args", "kwargs", "error", "match"),
     [
         ((), {"interval": "1"}, TypeError,
-         r"^progress interval must be a finite number of seconds > 0 or None, got '1'$"),
-        ((), {"interval": True}, TypeError, r"^progress interval must be a finite number"),
+         r"^Progress: interval='1' is not valid: expected None or a finite number of seconds > "
+         r"0; e\.g\. interval=1\.0$"),
+        ((), {"interval": True}, TypeError, r"^Progress: interval=True is not valid: expected"),
         ((), {"interval": math.nan}, ValueError,
-         r"^progress interval must be a finite number > 0, got nan$"),
-        ((), {"interval": math.inf}, ValueError, r"^progress interval must be a finite number"),
-        ((), {"interval": 10**400}, ValueError, r"^progress interval must be a finite number"),
-        ((), {"interval": -1}, ValueError, r"^progress interval must be a finite number"),
-        ((), {"total": "5"}, TypeError, r"^progress total must be an int >= 0 or None, got '5'$"),
-        ((), {"total": 5.0}, TypeError, r"^progress total must be an int >= 0 or None, got 5.0$"),
-        ((), {"total": True}, TypeError, r"^progress total must be an int >= 0 or None"),
-        ((), {"tty": "yes"}, TypeError, r"^progress tty must be True, False or None, got 'yes'$"),
+         r"^Progress: interval=nan is not valid: expected None or a finite number of seconds"),
+        ((), {"interval": math.inf}, ValueError, r"^Progress: interval=inf is not valid"),
+        ((), {"interval": 10**400}, ValueError, r"^Progress: interval=10+\.\.\. is not valid"),
+        ((), {"interval": -1}, ValueError, r"^Progress: interval=-1 is not valid"),
+        ((), {"total": "5"}, TypeError,
+         r"^Progress: total='5' is not valid: expected an int >= 0 or None; e\.g\. total=5$"),
+        ((), {"total": 5.0}, TypeError,
+         r"^Progress: total=5\.0 is not valid: expected an int >= 0 or None; e\.g\. total=5$"),
+        ((), {"total": True}, TypeError, r"^Progress: total=True is not valid: expected an int"),
+        ((), {"tty": "yes"}, TypeError,
+         r"^Progress: tty='yes' is not valid: expected True, False or None; e\.g\. tty=True$"),
         ((5,), {}, TypeError,
-         r"^progress stream must be a text stream \(e\.g\. sys\.stdout, an open text file\) or "
-         r"None, got 5 \(the number of items goes in total=\.\.\.\)$"),
-        (("out.txt",), {}, TypeError, r"^progress stream must be a text stream"),
-        ((io.BytesIO(),), {}, TypeError, r"^progress stream must be a text stream"),
+         r"^Progress: stream=5 is not valid: expected a text stream \(e\.g\. sys\.stdout, an "
+         r"open text file\) or None; e\.g\. stream=None, total=5 \(the number of items goes in "
+         r"total=\)$"),
+        (("out.txt",), {}, TypeError, r"^Progress: stream='out\.txt' is not valid: expected a "
+                                      r"text stream .*; e\.g\. stream=sys\.stdout$"),
+        ((io.BytesIO(),), {}, TypeError, r"^Progress: stream=<_io\.BytesIO object at .*> is not "
+                                         r"valid: expected a text stream"),
     ],
 )
 async def test_progress_refuses_bad_input_at_the_call_before_any_work(

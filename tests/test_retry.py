@@ -207,13 +207,13 @@ async def returns_false(error: Exception) -> bool:
 
 async def test_an_async_retry_on_is_refused_and_the_advice_works() -> None:
     with pytest.raises(TypeError, match=(
-        r"^Retry retry_on must be exception classes or a predicate f\(exc\) -> bool, a plain "
-        r"\(sync\) callable, got the async function 'returns_false': conveyor calls it "
-        r"without awaiting it, so its coroutine would never run; write it as a plain `def` "
-        r"\(no `async`\)$"
+        r"^Retry: retry_on=returns_false is not valid: expected an exception class, a tuple of "
+        r"them, or a predicate f\(exc\) -> bool, written as a plain `def` \(not `async def`\): "
+        r"conveyor calls it without awaiting it, so an async function's coroutine would never "
+        r"run; e\.g\. retry_on=\(TimeoutError, ConnectionError\)$"
     )):
         Retry(retry_on=returns_false)
-    with pytest.raises(TypeError, match="a plain \\(sync\\) callable"):
+    with pytest.raises(TypeError, match="written as a plain `def`"):
         Retry(retry_on=functools.partial(returns_false))
 
     def plain(error: Exception) -> bool:  # the advice: the same, as a plain def
@@ -428,6 +428,11 @@ async def test_a_budget_holds_in_every_entry_form(
 
 @pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, True, "5"])
 def test_a_bad_budget_is_refused(bad: object) -> None:
-    with pytest.raises((TypeError, ValueError), match="Retry budget must be"):
+    with pytest.raises((TypeError, ValueError), match=(
+        r"^Retry: budget=.* is not valid: expected a finite number of seconds > 0 \(or None: no "
+        r"limit\); e\.g\. budget=(300\.0|5\.0)$"
+    )):
         Retry(budget=bad)  # type: ignore[arg-type]
+    assert Retry(budget=300.0).budget == 300.0  # the suggested fix
+    assert Retry(budget=5.0).budget == 5.0  # the suggested fix for "5"
     assert Retry(budget=0.5).budget == 0.5  # the fix: a finite number of seconds > 0

@@ -469,12 +469,17 @@ async def test_progress_true_writes_to_stderr(
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
-        ({"limiter": 0}, ValueError, r"limiter must be >= 1, got 0"),
-        ({"limiter": "3"}, TypeError, r"limiter must be a trio.CapacityLimiter or an int"),
-        ({"rate": 5}, TypeError, r"rate must be a conveyor.Rate or None, got 5"),
-        ({"per_key": len}, TypeError, r"per_key must be a conveyor.PerKey or None"),
-        ({"adaptive": 4}, TypeError, r"adaptive must be a conveyor.Adaptive or None, got 4"),
-        ({"progress": "yes"}, TypeError, r"progress must be True, False or a conveyor.Progress"),
+        ({"limiter": 0}, ValueError, r"^limiter=0 is not valid: expected an int >= 1, a "
+                                     r"trio\.CapacityLimiter or None; e\.g\. limiter=1$"),
+        ({"limiter": "3"}, TypeError, r"^limiter='3' is not valid: .*; e\.g\. limiter=3$"),
+        ({"rate": 5}, TypeError, r"^rate=5 is not valid: expected a conveyor\.Rate or None; "
+                                 r"e\.g\. rate=conveyor\.Rate\(5\)$"),
+        ({"per_key": len}, TypeError, r"^per_key=len is not valid: expected a conveyor\.PerKey "
+                                      r"or None; e\.g\. per_key=conveyor\.PerKey\(lambda url: "),
+        ({"adaptive": 4}, TypeError, r"^adaptive=4 is not valid: expected a conveyor\.Adaptive or "
+                                     r"None; e\.g\. adaptive=conveyor\.Adaptive\(overload_on="),
+        ({"progress": "yes"}, TypeError, r"^progress='yes' is not valid: expected True, False or "
+                                         r"a conveyor\.Progress; e\.g\. progress=True$"),
     ],
 )
 async def test_limit_options_are_checked_at_the_call(

@@ -472,7 +472,9 @@ async def test_a_string_as_items_is_refused_with_a_fix_that_works(
         lambda: conveyor.run(slow, items),
         lambda: conveyor.map(slow, items),
     ):
-        with pytest.raises(TypeError, match=r"items .* one character at a time; pass \["):
+        with pytest.raises(TypeError, match=r"^items=.* is not valid: expected an iterable of "
+                           r"items, not a \w+, which would be processed one character at a "
+                           r"time; e\.g\. items=\[.*\] \(a single item\)$"):
             await _maybe(call())
     report = await conveyor.run(slow, [items])  # the suggested fix
     assert report.values() == [items]

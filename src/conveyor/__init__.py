@@ -14,8 +14,18 @@ from ._api import run as run
 from ._bars import RichProgress as RichProgress
 from ._bars import TqdmProgress as TqdmProgress
 
-# Resumable runs: run(..., journal=path, key=...).
-from ._journal import JournalError as JournalError
+# Errors: one tree under ConveyorError (see conveyor._errors).
+from ._errors import AttemptTimeout as AttemptTimeout
+from ._errors import ConveyorError as ConveyorError
+from ._errors import ItemsFailed as ItemsFailed
+from ._errors import ItemUnfinished as ItemUnfinished
+from ._errors import JournalError as JournalError
+from ._errors import JournalInvalid as JournalInvalid
+from ._errors import JournalIOError as JournalIOError
+from ._errors import NotPicklableError as NotPicklableError
+from ._errors import RemoteError as RemoteError
+from ._errors import RetryAfter as RetryAfter
+from ._errors import WorkerDied as WorkerDied
 
 # Limits held around every attempt.
 from ._limits import Adaptive as Adaptive
@@ -29,9 +39,6 @@ from ._observe import Observer as Observer
 from ._observe import PoolInfo as PoolInfo
 
 # Heavy work off the event loop: threads and worker processes.
-from ._offload import NotPicklableError as NotPicklableError
-from ._offload import RemoteError as RemoteError
-from ._offload import WorkerDied as WorkerDied
 from ._offload import in_process as in_process
 from ._offload import in_process_batched as in_process_batched
 from ._offload import in_thread as in_thread
@@ -49,7 +56,6 @@ from ._pipeline import pipeline as pipeline
 from ._pipeline import stage as stage
 
 # (the pool, continued)
-from ._pool import AttemptTimeout as AttemptTimeout
 from ._pool import Pool as Pool
 from ._pool_options import PoolOptions as PoolOptions  # run/map/open_pool's **options
 from ._progress import Progress as Progress
@@ -59,8 +65,6 @@ from ._prometheus import PrometheusMetrics as PrometheusMetrics
 
 # What became of each item.
 from ._records import Failed as Failed
-from ._records import ItemsFailed as ItemsFailed
-from ._records import ItemUnfinished as ItemUnfinished
 from ._records import Record as Record
 from ._records import Report as Report
 from ._records import Succeeded as Succeeded
@@ -69,7 +73,6 @@ from ._records import Unfinished as Unfinished
 # Retries.
 from ._retry import Backoff as Backoff
 from ._retry import Retry as Retry
-from ._retry import RetryAfter as RetryAfter
 
 # Observability.
 from ._stats import Percentiles as Percentiles
@@ -94,8 +97,11 @@ __all__ = [  # noqa: RUF022 - grouped by concept, like the imports above
     "Stage",
     "pipeline",
     "stage",
-    # resumable runs
+    # errors (one tree: see conveyor._errors)
+    "ConveyorError",
     "JournalError",
+    "JournalInvalid",
+    "JournalIOError",
     # records
     "Failed",
     "ItemUnfinished",

@@ -19,7 +19,7 @@ from ._final import NoPublicConstructor
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
 from ._limits import build_limits
 from ._observe import Observer
-from ._options import check_fn, check_items, check_options
+from ._options import check_bool, check_count, check_fn, check_items, check_options, invalid
 from ._outbox import OrderedRecords, Records
 from ._pool import Pool, running
 from ._pool_options import PoolOptions, check_name, check_observers, resolve
@@ -90,9 +90,8 @@ def _with_progress(observers: tuple[Observer, ...], progress: object) -> tuple[O
         return observers
     if isinstance(progress, Progress):
         return (progress, *observers)
-    raise TypeError(
-        f"progress must be True, False or a conveyor.Progress, got {progress!r}"
-    )
+    raise invalid("progress", progress, "True, False or a conveyor.Progress",
+                  "progress=True", kind=TypeError)
 
 
 def _total(items: Items) -> int | None:
@@ -255,14 +254,12 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     workers, buffer = resolved["workers"], resolved["buffer"]
     check_items(items)
     journal_spec = check_journal(resolved["journal"], resolved["key"])
-    if not isinstance(ordered, bool):
-        raise TypeError(f"ordered must be True or False, got {ordered!r}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise TypeError(f"window must be an int >= 1, got {window!r}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    check_bool("ordered", ordered)
+    check_count("window", window, minimum=1, allow_none=True)
     if window is not None and not ordered:
-        raise ValueError("window only applies to ordered=True")
+        raise invalid("window", window, "None when ordered=False (the window bounds how far "
+                      "past the oldest unsettled item an ordered map runs)",
+                      f"ordered=True, window={window}")
     check_fn(fn)
     check_options(workers=workers, buffer=buffer, retry=resolved["retry"],
                   timeout=resolved["timeout"], drain=resolved["drain"])

@@ -44,6 +44,7 @@ import trio
 from trio.lowlevel import ParkingLot, checkpoint
 
 from . import _linger
+from ._errors import AttemptTimeout
 from ._limits import Adaptive, Claim, Limit, PerKey
 from ._logs import LOG, logger
 from ._observe import Attempt, Observer, PoolInfo, overrides
@@ -75,10 +76,6 @@ _STATS_EVERY = 0.01
 
 class _StoppedBeforeStart(BaseException):
     """Internal: the pool was stopped while this attempt waited for a limit."""
-
-
-class AttemptTimeout(trio.TooSlowError):
-    """An attempt ran longer than the pool's per-attempt ``timeout``; retried like any error."""
 
 
 class _Job:

@@ -31,7 +31,8 @@ How it is written, and what a crash costs:
   because a crash lost its row.
 
 What is checked when the journal is opened (before any work starts), each a
-:class:`JournalError` naming the file and the fix: a path that is a directory or in no
+:class:`JournalInvalid` (or, for one in use or unreadable, :class:`JournalIOError`; both
+are a :class:`JournalError`) naming the file and the fix: a path that is a directory or in no
 directory; a file another user owns, or that its group or others can write (or such a
 ``-wal``/``-shm`` file), since its pickles run code when loaded; a journal in use by another
 run (an ``flock`` on ``PATH-lock``, which the kernel releases when its process dies); not an
@@ -39,8 +40,8 @@ SQLite file, or a damaged one (``PRAGMA quick_check``); an SQLite database of an
 program; a journal of another format version; a journal written with a different key
 function (:func:`key_fingerprint`). Nothing is ever silently restarted. A new journal is
 created 0600, atomically (the schema is created in one transaction that looks again under
-SQLite's write lock). A write that fails during the run is an :class:`OSError`, not a
-JournalError: it stops the pool and is raised once the pool has ended.
+SQLite's write lock). A write that fails during the run is a :class:`JournalIOError` (an
+:class:`OSError`): it stops the pool and is raised once the pool has ended.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ try:
 except ImportError:  # pragma: no cover - Windows
     _fcntl = None  # type: ignore[assignment]
 
-from ._options import is_async_callable
+from ._errors import JournalError, JournalInvalid, JournalIOError
+from ._options import check_callable, invalid
 from ._pool import Pool, running
 from ._records import Failed, Report, Succeeded, Unfinished
 
@@ -79,7 +81,8 @@ if TYPE_CHECKING:
     from ._engine import Engine
 
 __all__ = [
-    "JournalError", "JournalSpec", "check_journal", "journaled", "open_journaled_pool",
+    "JournalError", "JournalIOError", "JournalInvalid", "JournalSpec", "check_journal",
+    "journaled", "open_journaled_pool",
     "run_journaled",
 ]
 
@@ -139,19 +142,6 @@ T = TypeVar("T")
 Row = tuple[Key, str, int, bytes | None, str | None, float]
 
 
-class JournalError(ValueError):
-    """The journal cannot be used as given: not a journal, damaged, written with another key
-    function, in use by another run, not trusted (another user's, or writable by others), a
-    bad path; or an item's key is bad (it raised, is not a str/int/bytes, or repeats another
-    item's: that item alone fails), or a value cannot be pickled.
-
-    Raised at the call, before any work starts, for a problem with the file; the message
-    names the file and says what to do. A journal that cannot be *written* while a run goes
-    on (disk full, I/O error) is not a JournalError but an :class:`OSError`, chained from
-    SQLite's error: the caller's input was fine, the world failed.
-    """
-
-
 # ---------------------------------------------------------------------------------------------
 # Options
 
@@ -187,33 +177,29 @@ class JournalSpec:
 
 def check_journal(journal: object, key: object) -> JournalSpec | None:
     """Check ``journal=`` and ``key=`` at the call; None when there is no journal."""
+    example = "journal='job.journal'"
     if journal is None:
         if key is not None:
-            raise ValueError(f"key= only applies with journal=PATH, got key={key!r} and no journal")
+            raise invalid("key", key, "None without a journal (key= names each item's record "
+                          "in the journal)", example)
         return None
     if not isinstance(journal, str | os.PathLike):
-        raise TypeError(
-            f"journal must be a file path (str or os.PathLike) or None, got {journal!r}"
-        )
+        raise invalid("journal", journal, "a file path (str or os.PathLike) or None", example,
+                      kind=TypeError)
     path = os.fspath(journal)
-    if not isinstance(path, str) or not path:
-        raise TypeError(f"journal must be a non-empty str path, got {journal!r}")
+    if not isinstance(path, str):
+        raise invalid("journal", journal, "a str path (not bytes)", example, kind=TypeError)
+    if not path:
+        raise invalid("journal", journal, "a non-empty file path", example)
     if "\x00" in path:
-        raise ValueError(f"journal must be a file path without NUL characters, got {path!r}")
+        raise invalid("journal", journal, "a file path without NUL characters", example)
     if os.path.isdir(path):
-        raise ValueError(
-            f"journal must be a file path, got the directory {path!r}; give a file in it, "
-            f"e.g. journal={os.path.join(path, 'job.journal')!r}"
-        )
-    if key is not None and not callable(key):
-        raise TypeError(f"key must be a callable item -> str | int | bytes, or None, got {key!r}")
-    if key is not None and is_async_callable(key):
-        raise TypeError(
-            f"key must be a plain function item -> str | int | bytes, got the async function "
-            f"{key!r}: its coroutine would be the key. Compute the key without awaiting "
-            f"(def key(item): ...)"
-        )
-    return JournalSpec(path, key, key_fingerprint(key))
+        raise invalid("journal", journal, "a file path, not a directory",
+                      f"journal={os.path.join(path, 'job.journal')!r} (a file in it)")
+    key_fn = None if key is None else check_callable(
+        "key", key, "a function item -> str | int | bytes, or None (the item itself)",
+        "key=str")
+    return JournalSpec(path, key_fn, key_fingerprint(key_fn))
 
 
 def key_fingerprint(key: Callable[[Any], Any] | None) -> str:
@@ -372,8 +358,9 @@ class _Db:
             raise _open_problem(self.path, error) from error
 
     def write(self, rows: list[Row]) -> None:
-        """Commit ``rows`` in one transaction; a failure is an :class:`OSError` (the world
-        failed, not the caller's input), chained from SQLite's error."""
+        """Commit ``rows`` in one transaction; a failure is a :class:`JournalIOError` (an
+        :class:`OSError`: the world failed, not the caller's input), chained from SQLite's
+        error."""
         conn = self.conn
         try:
             conn.execute("BEGIN")
@@ -385,7 +372,7 @@ class _Db:
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as error:
-            raise OSError(f"journal {self.path!r}: cannot write to it: {error}") from error
+            raise JournalIOError(f"journal {self.path!r}: cannot write to it: {error}") from error
 
     def close(self) -> None:
         try:
@@ -400,17 +387,17 @@ def _prepare_file(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
     except IsADirectoryError:
-        raise JournalError(
+        raise JournalInvalid(
             f"journal {path!r} is a directory; give a file path, e.g. "
             f"journal={os.path.join(path, 'job.journal')!r}"
         ) from None
     except FileNotFoundError:
-        raise JournalError(
+        raise JournalInvalid(
             f"journal {path!r}: its directory {os.path.dirname(path) or '.'!r} does not exist; "
             f"create it first, or give another journal path"
         ) from None
     except OSError as error:
-        raise JournalError(
+        raise JournalIOError(
             f"journal {path!r}: cannot open it for reading and writing ({error}); give "
             f"another journal path"
         ) from error
@@ -434,13 +421,13 @@ def _check_trust(path: str, target: str, status: os.stat_result, what: str = "")
     (``what``)."""
     name = repr(path) if not what else f"{path!r}: its {what} {target!r}"
     if not stat.S_ISREG(status.st_mode):
-        raise JournalError(f"journal {name} is not a regular file; give another journal path")
+        raise JournalInvalid(f"journal {name} is not a regular file; give another journal path")
     geteuid = getattr(os, "geteuid", None)
     if geteuid is None:  # no owners to compare (Windows)
         return
     me = geteuid()
     if status.st_uid != me:
-        raise JournalError(
+        raise JournalInvalid(
             f"journal {name} belongs to another user ({_user(status.st_uid)}), not to this "
             f"process's user ({_user(me)}). {_WHY_TRUST} If you trust this file, make it "
             f"yours (chown {_user_name(me)} {shlex.quote(target)}), or give another journal "
@@ -451,7 +438,7 @@ def _check_trust(path: str, target: str, status: os.stat_result, what: str = "")
         who = {stat.S_IWGRP: "its group", stat.S_IWOTH: "others"}.get(
             writable, "its group and others"
         )
-        raise JournalError(
+        raise JournalInvalid(
             f"journal {name} can be written by {who} (mode "
             f"{stat.S_IMODE(status.st_mode):04o}). {_WHY_TRUST} Make it private (chmod go-w "
             f"{shlex.quote(target)}; conveyor creates journals 0600), or give another "
@@ -489,7 +476,7 @@ class _Lock:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
         except OSError as error:
-            raise JournalError(
+            raise JournalIOError(
                 f"journal {path!r}: cannot open its lock file {lock_path!r} ({error}); give "
                 f"another journal path"
             ) from error
@@ -500,7 +487,7 @@ class _Lock:
             os.close(fd)
             by = f"process {holder[0]}" if holder and holder[0].isdigit() else "a process"
             since = f", since {holder[1]}" if len(holder) > 1 else ""
-            raise JournalError(
+            raise JournalIOError(
                 f"journal {path!r} is in use by another run ({by}{since}): two runs on "
                 f"one journal would each run the items the other is running. Wait for "
                 f"that run to end (a run that was killed releases it at once), or give "
@@ -508,7 +495,7 @@ class _Lock:
             ) from None
         except OSError as error:
             os.close(fd)
-            raise JournalError(
+            raise JournalIOError(
                 f"journal {path!r}: cannot lock {lock_path!r} ({error}); give another "
                 f"journal path (on a local disk)"
             ) from error
@@ -591,27 +578,27 @@ def _create_or_check(conn: sqlite3.Connection, path: str, fingerprint: str) -> N
         conn.execute("COMMIT")
     tables = _tables(conn)
     if tables != {"conveyor_journal", "conveyor_items"}:
-        raise JournalError(
+        raise JournalInvalid(
             f"journal {path!r} is an SQLite database but not a conveyor journal "
             f"(its tables: {', '.join(sorted(tables))}); conveyor will not write into "
             f"it: give another journal path"
         )
     (check,) = conn.execute("PRAGMA quick_check").fetchone()
     if check != "ok":
-        raise JournalError(
+        raise JournalInvalid(
             f"journal {path!r} is damaged (SQLite quick_check: {check}); move it away "
             f"to start over, or restore it from a copy"
         )
     meta = dict(conn.execute("SELECT name, value FROM conveyor_journal"))
     if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-        raise JournalError(
+        raise JournalInvalid(
             f"journal {path!r} has format {meta.get('format')!r} version "
             f"{meta.get('version')!r}; this conveyor writes {_FORMAT!r} version {_VERSION!r}"
         )
     stored = str(meta.get("key"))
     same = _same_key(stored, fingerprint)
     if same is False:
-        raise JournalError(
+        raise JournalInvalid(
             f"journal {path!r} was written with another key function: {stored!r}, this "
             f"run's is {fingerprint!r} (a name, and a hash of its code and the values it "
             f"uses). Its records would not match these items. Use the key function that "
@@ -626,22 +613,22 @@ def _create_or_check(conn: sqlite3.Connection, path: str, fingerprint: str) -> N
         conn.execute("UPDATE conveyor_journal SET value = ? WHERE name = 'key'", (fingerprint,))
 
 
-def _open_problem(path: str, error: sqlite3.Error) -> JournalError:
+def _open_problem(path: str, error: sqlite3.Error) -> JournalInvalid | JournalIOError:
     """What an SQLite error met while opening or reading the journal means, as a
-    :class:`JournalError`. Only a file SQLite finds is not a database, or damaged, is said
-    to be one: a busy or unreadable journal is never "moved away"."""
+    :class:`JournalInvalid` (not a database, or damaged: only a file SQLite finds so is said
+    to be one) or a :class:`JournalIOError` (busy, unreadable: never "moved away")."""
     code = _code(error)
     if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-        return JournalError(
+        return JournalInvalid(
             f"journal {path!r} is not a conveyor journal, or it is damaged ({error}); "
             f"move it away to start over, or give another journal path"
         )
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
-        return JournalError(
+        return JournalIOError(
             f"journal {path!r} is busy: another program has held a lock on the SQLite file "
             f"for {_BUSY_TIMEOUT:g} s ({error}); try again once it is done"
         )
-    return JournalError(f"journal {path!r}: cannot open or read it ({error})")
+    return JournalIOError(f"journal {path!r}: cannot open or read it ({error})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,7 +687,7 @@ class _Session:
             self._refuse(item, TypeError(f"{error}; the item was not run"))
             return False
         if key in self.seen:
-            self._refuse(item, JournalError(
+            self._refuse(item, JournalInvalid(
                 f"two items have the journal key {key!r} (this one is {item!r}); each item "
                 f"needs its own key, or one would get the other's result on resume: this "
                 f"one was not run"
@@ -803,7 +790,7 @@ class _Session:
                 try:
                     blob = pickle.dumps(record.value, protocol=_PICKLE_PROTOCOL)
                 except Exception as error:
-                    raise JournalError(
+                    raise JournalInvalid(
                         f"journal {self.spec.path!r}: the value of item {record.item!r} cannot "
                         f"be pickled ({type(error).__name__}: {error}); a journaled run needs "
                         f"picklable values"

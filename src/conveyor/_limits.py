@@ -66,8 +66,16 @@ from typing import Any, Generic, Protocol, TypeVar, final, runtime_checkable
 
 import trio
 
-from ._options import check_sync_callable, describe_callable
-from ._retry import plain_predicate
+from ._options import (
+    check_callable,
+    check_count,
+    check_number,
+    check_seconds,
+    check_type,
+    describe_callable,
+    invalid,
+)
+from ._retry import exception_classes, plain_predicate
 
 logger = logging.getLogger("conveyor")
 
@@ -97,30 +105,9 @@ class Limit(Protocol):
         ...
 
 
-def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r:.60}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be an int in {minimum}..{maximum}, got {value!r:.60}")
-    return value
-
-
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number > 0, got {value!r:.60}")
-    try:
-        number = float(value)
-    except OverflowError:  # an int too large for a float
-        number = math.inf
-    if not (number > 0 and math.isfinite(number)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r:.60}")
-    return number
-
-
 # The largest count kept exactly in a float (Rate's burst and Adaptive's limit are floats).
 _MAX_COUNT = 2**53
+_COUNT_EXPECTED = "an int >= 1 (at most 2**53)"
 
 
 # ----------------------------------------------------------------------------------- rate
@@ -193,8 +180,11 @@ class Rate:
     __slots__ = ("_gcra", "burst", "per_second")
 
     def __init__(self, per_second: float, burst: int = 1) -> None:
-        self.per_second = _check_positive("Rate: per_second", per_second)
-        self.burst = _check_int("Rate: burst", burst, 1, _MAX_COUNT)
+        self.per_second: float = check_number(
+            "per_second", per_second, above=0, owner="Rate", example="per_second=10.0")
+        self.burst: int = check_count(
+            "burst", burst, minimum=1, maximum=_MAX_COUNT, owner="Rate",
+            expected=_COUNT_EXPECTED)
         self._gcra = _Gcra(self.per_second, self.burst)
 
     def __repr__(self) -> str:
@@ -261,13 +251,9 @@ def capacity_limit(limiter: trio.CapacityLimiter | int) -> CapacityLimit:
     """
     if isinstance(limiter, trio.CapacityLimiter):
         return CapacityLimit(limiter)
-    if isinstance(limiter, bool) or not isinstance(limiter, int):
-        raise TypeError(
-            f"limiter must be a trio.CapacityLimiter or an int >= 1, got {limiter!r}"
-        )
-    if limiter < 1:
-        raise ValueError(f"limiter must be >= 1, got {limiter!r}")
-    return CapacityLimit(trio.CapacityLimiter(limiter))
+    size = check_count("limiter", limiter, minimum=1,
+                       expected="an int >= 1, a trio.CapacityLimiter or None")
+    return CapacityLimit(trio.CapacityLimiter(size))
 
 
 # -------------------------------------------------------------------------------- per key
@@ -353,17 +339,20 @@ class PerKey(Generic[J]):
         rate: Rate | None = None,
         max_parked: int = 1000,
     ) -> None:
-        check_sync_callable("PerKey: key", key, "a callable item -> hashable key")
-        if limit is not None:
-            _check_int("PerKey: limit", limit, 1)
-        if rate is not None and not isinstance(rate, Rate):
-            raise TypeError(f"PerKey: rate must be a conveyor.Rate or None, got {rate!r}")
+        owner = "PerKey"
+        check_callable("key", key, "a function item -> hashable key",
+                       "key=lambda url: urlsplit(url).hostname", owner=owner)
+        check_count("limit", limit, minimum=1, allow_none=True, owner=owner)
+        check_type("rate", rate, Rate, "a conveyor.Rate or None", _rate_example(rate),
+                   allow_none=True, owner=owner)
         if limit is None and rate is None:
-            raise ValueError("PerKey: give a limit, a rate, or both")
+            raise invalid("limit", limit, "an int >= 1 when rate is None (give a limit, a "
+                          "rate, or both)", "limit=2", owner=owner)
         self.key = key
         self.limit: float = math.inf if limit is None else limit
         self.rate = rate
-        self.max_parked = _check_int("PerKey: max_parked", max_parked, 0)
+        self.max_parked: int = check_count(
+            "max_parked", max_parked, minimum=0, owner=owner)
         self._states: dict[Hashable, _KeyState] = {}
         # (state, time it is fresh again) of idle keys whose rate state is still warm.
         self._idle: deque[tuple[_KeyState, float]] = deque()
@@ -639,28 +628,30 @@ class Adaptive:
         increase: float = 1.0,
         decrease: float = 0.5,
     ) -> None:
-        lo = _check_int("Adaptive: min", min, 1, _MAX_COUNT)
-        hi = _check_int("Adaptive: max", max, 1, _MAX_COUNT)
+        owner = "Adaptive"
+        lo = check_count("min", min, minimum=1, maximum=_MAX_COUNT, owner=owner,
+                         expected=_COUNT_EXPECTED, example="min=1")
+        hi = check_count("max", max, minimum=1, maximum=_MAX_COUNT, owner=owner,
+                         expected=_COUNT_EXPECTED)
         if lo > hi:
-            raise ValueError(f"Adaptive: min must be <= max, got min={lo}, max={hi}")
-        start = lo if initial is None else _check_int("Adaptive: initial", initial, 1)
-        if not lo <= start <= hi:
-            raise ValueError(
-                f"Adaptive: initial must be within min..max ({lo}..{hi}), got {start}"
-            )
-        self.increase = _check_positive("Adaptive: increase", increase)
-        if isinstance(decrease, bool) or not isinstance(decrease, int | float):
-            raise TypeError(f"Adaptive: decrease must be a number in (0, 1), got {decrease!r}")
-        if not 0 < decrease < 1:
-            raise ValueError(f"Adaptive: decrease must be in (0, 1), got {decrease!r}")
-        self.decrease = float(decrease)
-        if latency_target is not None:
-            latency_target = _check_positive("Adaptive: latency_target", latency_target)
-        self.latency_target = latency_target
+            raise invalid("min", lo, f"an int <= max ({hi})", f"min={hi}", owner=owner)
+        start = lo if initial is None else check_count(
+            "initial", initial, minimum=lo, maximum=hi, owner=owner,
+            expected=f"an int within min..max ({lo}..{hi}), or None (min)")
+        self.increase: float = check_number(
+            "increase", increase, above=0, owner=owner, example="increase=1.0")
+        self.decrease: float = check_number(
+            "decrease", decrease, above=0, below=1, owner=owner, example="decrease=0.5")
+        self.latency_target: float | None = check_seconds(
+            "latency_target", latency_target, above=0, allow_none=True, owner=owner,
+            example="latency_target=1.0")
         self.overload_on = overload_on
         self._is_overload = _overload_predicate(overload_on)
         if overload_on is None and latency_target is None:
-            raise ValueError("Adaptive: give overload_on, latency_target, or both")
+            raise invalid("overload_on", overload_on, "an exception class, a tuple of them or "
+                          "a predicate f(exc) -> bool when latency_target is None (give "
+                          "overload_on, latency_target, or both)", "overload_on=TimeoutError",
+                          owner=owner)
         self.min, self.max = lo, hi
         self._value = float(start)
         self._limit = start  # int(self._value)
@@ -761,28 +752,20 @@ class Adaptive:
 
 
 def _overload_predicate(overload_on: OverloadOn) -> Callable[[Exception], bool]:
-    valid = "an exception class, a tuple of them, or a predicate f(exc) -> bool"
     if overload_on is None:
         return lambda error: False
-    if isinstance(overload_on, type):
-        if not issubclass(overload_on, BaseException):
-            raise TypeError(
-                f"Adaptive: overload_on must be {valid}, got the class {overload_on.__name__}"
-            )
-        classes: tuple[type[BaseException], ...] = (overload_on,)
-    elif isinstance(overload_on, tuple):
-        if not overload_on:
-            raise ValueError(f"Adaptive: overload_on must be {valid}, got an empty tuple")
-        for cls in overload_on:
-            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-                raise TypeError(
-                    f"Adaptive: overload_on must hold exception classes, got {cls!r:.60}"
-                )
-        classes = overload_on
-    else:
-        check_sync_callable("Adaptive: overload_on", overload_on, valid)
-        return plain_predicate(overload_on, "Adaptive overload_on")
+    classes = exception_classes("overload_on", overload_on, "Adaptive",
+                                "overload_on=TimeoutError")
+    if classes is None:
+        return plain_predicate(overload_on, "Adaptive overload_on")  # type: ignore[arg-type]
     return lambda error: isinstance(error, classes)
+
+
+def _rate_example(rate: object) -> str:
+    """``rate=10`` suggests ``rate=conveyor.Rate(10)``."""
+    if type(rate) in (int, float) and 0 < rate < 1e9:  # type: ignore[operator]
+        return f"rate=conveyor.Rate({rate!r})"
+    return "rate=conveyor.Rate(10)"
 
 
 def build_limits(
@@ -803,19 +786,13 @@ def build_limits(
     if limiter is not None:
         limits.append(capacity_limit(limiter))  # type: ignore[arg-type]
     if adaptive is not None:
-        if not isinstance(adaptive, Adaptive):
-            raise TypeError(f"adaptive must be a conveyor.Adaptive or None, got {adaptive!r}")
-        limits.append(adaptive)
+        adaptive = check_type("adaptive", adaptive, Adaptive, "a conveyor.Adaptive or None",
+                              "adaptive=conveyor.Adaptive(overload_on=TimeoutError)")
+        limits.append(adaptive)  # type: ignore[arg-type]
     if rate is not None:
-        if not isinstance(rate, Rate):
-            raise TypeError(
-                f"rate must be a conveyor.Rate or None, got {rate!r} "
-                f"(for {rate!r} per second: rate=conveyor.Rate({rate!r}))"
-            )
-        limits.append(rate)
-    if per_key is not None and not isinstance(per_key, PerKey):
-        raise TypeError(
-            f"per_key must be a conveyor.PerKey or None, got {per_key!r} "
-            "(e.g. per_key=conveyor.PerKey(lambda url: urlsplit(url).hostname, limit=2))"
-        )
-    return tuple(limits), per_key, adaptive
+        limits.append(check_type("rate", rate, Rate, "a conveyor.Rate or None",
+                                 _rate_example(rate)))
+    per_key = check_type("per_key", per_key, PerKey, "a conveyor.PerKey or None",
+               "per_key=conveyor.PerKey(lambda url: urlsplit(url).hostname, limit=2)",
+               allow_none=True)
+    return tuple(limits), per_key, adaptive  # type: ignore[return-value]

@@ -48,8 +48,15 @@ import trio_parallel  # type: ignore[import-untyped]  # untyped; its API is smal
 import _conveyor_worker as _worker
 
 from . import _linger
-from ._options import is_async_callable
-from ._pool import AttemptTimeout
+from ._errors import AttemptTimeout, NotPicklableError, RemoteError, WorkerDied
+from ._options import (
+    check_bool,
+    check_callable,
+    check_count,
+    check_type,
+    invalid,
+    is_async_callable,
+)
 
 __all__ = [
     "NotPicklableError",
@@ -69,61 +76,6 @@ _PROTOCOL = _worker.PROTOCOL
 
 # ---------------------------------------------------------------------------------------------
 # Errors
-
-
-class WorkerDied(trio_parallel.BrokenWorkerError):  # type: ignore[misc]
-    """The worker process running a job died before it returned (crash, ``os._exit``, SIGKILL,
-    out of memory).
-
-    Raised by :func:`in_process` with the default backend in place of trio-parallel's
-    ``BrokenWorkerError`` (which it subclasses, so code catching that still works). The job
-    may have run partly, so it is only safe to retry if it is idempotent; the pool's default
-    ``retry_on`` (every ``Exception``) retries it, and trio-parallel starts a fresh worker for
-    the next attempt. Other backends report a dead worker with their own errors, left as they
-    are: ``concurrent.futures.process.BrokenProcessPool`` (that executor then stays broken),
-    or Dask's ``KilledWorker`` (after Dask has itself rescheduled the task elsewhere).
-
-    Attributes:
-        exitcode: the worker's exit code if known (negative: killed by that signal).
-    """
-
-    def __init__(self, message: str, exitcode: int | None = None) -> None:
-        super().__init__(message)
-        self.exitcode = exitcode
-
-    def __reduce__(self) -> tuple[type[WorkerDied], tuple[str, int | None]]:
-        return (type(self), (str(self), self.exitcode))
-
-
-class NotPicklableError(pickle.PicklingError, TypeError):
-    """The function, an argument or a result could not be pickled (or unpickled) on its way
-    to or from a worker process.
-
-    The message says which one and why. A lambda or a function defined inside another
-    function cannot be pickled by reference; the message then shows the fix: define it at
-    module level, and bind extra arguments with :func:`functools.partial`.
-
-    It subclasses both :class:`pickle.PicklingError` and :class:`TypeError`, the two errors
-    :mod:`pickle` raises for these problems, so existing handlers keep working. It would
-    fail the same way on every attempt, so it carries ``retryable = False`` and a pool
-    records it as ``Failed`` at once, whatever ``Retry.retry_on`` says.
-    """
-
-    retryable = False
-
-
-class RemoteError(RuntimeError):
-    """Stands in for an exception raised in a worker process that cannot be raised as it is
-    in the caller.
-
-    Two cases: the exception could not be pickled back (then it is retried like any error),
-    or the function raised ``SystemExit``, ``KeyboardInterrupt`` or another
-    ``BaseException`` that is not an ``Exception``: code running in a worker process cannot
-    end the caller's program, so that call fails with this error instead, which carries
-    ``retryable = False`` (a pool records it as ``Failed`` at once and goes on). Its message
-    names what was raised (``SystemExit(3)``), and its ``__cause__`` holds the worker-side
-    traceback, like any exception coming back from :func:`in_process`.
-    """
 
 
 class _RemoteTraceback(Exception):
@@ -193,10 +145,8 @@ def in_thread(
             not a ``trio.CapacityLimiter``.
     """
     _check_sync_callable("in_thread", f)
-    if limiter is not None and not isinstance(limiter, trio.CapacityLimiter):
-        raise TypeError(
-            f"in_thread limiter must be a trio.CapacityLimiter or None, got {limiter!r}"
-        )
+    check_type("limiter", limiter, trio.CapacityLimiter, "a trio.CapacityLimiter or None",
+               _limiter_example(limiter), allow_none=True, owner="in_thread")
     thread_name = _wrapper_name("in_thread", f)
     isawaitable = inspect.isawaitable
 
@@ -469,15 +419,17 @@ async def in_process_batched(
             ``batch_size`` or ``max_batches`` below 1.
     """
     backend = _Backend.make("in_process_batched", f, executor, kill_on_cancel, limiter)
-    _check_positive_int("in_process_batched batch_size", batch_size)
+    check_count("batch_size", batch_size, minimum=1, owner="in_process_batched")
     if max_batches is None:
         if executor is None:
             total = (limiter or trio_parallel.current_default_worker_limiter()).total_tokens
-            max_batches = int(total) if math.isfinite(total) else os.cpu_count() or 1
+            finite = isinstance(total, int) or math.isfinite(total)  # an int may not fit a float
+            max_batches = int(total) if finite else os.cpu_count() or 1
         else:
             max_batches = os.cpu_count() or 1
     else:
-        _check_positive_int("in_process_batched max_batches", max_batches)
+        check_count("max_batches", max_batches, minimum=1, allow_none=True,
+                    owner="in_process_batched")
 
     batcher: _Batcher[R] = _Batcher(backend, batch_size, max_batches)
     try:
@@ -518,22 +470,20 @@ class _Backend:
         limiter: trio.CapacityLimiter | None,
     ) -> _Backend:
         _check_sync_callable(api, f)
-        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
-            raise TypeError(
-                f"{api} executor must be a concurrent.futures.Executor or None, got {executor!r}"
-            )
+        check_type("executor", executor, concurrent.futures.Executor,
+                   "a concurrent.futures.Executor or None",
+                   "executor=None (trio-parallel's worker processes; or a "
+                   "concurrent.futures.ProcessPoolExecutor)", allow_none=True, owner=api)
         if limiter is not None:
-            if not isinstance(limiter, trio.CapacityLimiter):
-                raise TypeError(
-                    f"{api} limiter must be a trio.CapacityLimiter or None, got {limiter!r}"
-                )
+            check_type("limiter", limiter, trio.CapacityLimiter,
+                       "a trio.CapacityLimiter or None", _limiter_example(limiter), owner=api)
             if executor is not None:
-                raise ValueError(
-                    f"{api} limiter applies to the default backend only; with an executor, "
-                    "size the executor itself (e.g. max_workers)"
+                raise invalid(
+                    "limiter", limiter, "None with an executor: a limiter applies to the "
+                    "default backend only; size the executor itself (its max_workers)",
+                    "limiter=None", owner=api,
                 )
-        if not isinstance(kill_on_cancel, bool):
-            raise TypeError(f"{api} kill_on_cancel must be True or False, got {kill_on_cancel!r}")
+        check_bool("kill_on_cancel", kill_on_cancel, owner=api)
         return cls(f, _describe(f), executor, kill_on_cancel, limiter)
 
     @functools.cached_property
@@ -937,20 +887,20 @@ def _load_reply(reply: _Reply) -> Any:
 
 
 def _check_sync_callable(api: str, f: object) -> None:
-    if not callable(f):
-        raise TypeError(f"{api}(f): f must be a sync callable, got {_short_repr(f)}")
     if is_async_callable(f):
-        raise TypeError(
-            f"{api}(f): f must be a sync function, but {_describe(f)} is async: give it to"
-            f" the pool (or await it) directly, without {api}"
+        raise invalid(
+            "f", f, f"a sync function: {_describe(f)} is async, and {api} runs sync code in "
+            f"a {'thread' if api == 'in_thread' else 'worker process'}",
+            f"give {_describe(f)} to the pool (or await it) directly, without {api}",
+            owner=api, kind=TypeError,
         )
+    check_callable("f", f, "a sync callable", "f=math.sqrt", owner=api)
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+def _limiter_example(limiter: object) -> str:
+    """``limiter=4`` suggests ``limiter=trio.CapacityLimiter(4)``."""
+    size = limiter if type(limiter) is int and 1 <= limiter <= 1_000_000 else 4
+    return f"limiter=trio.CapacityLimiter({size})"
 
 
 def _unwrap_partial(f: object) -> object:

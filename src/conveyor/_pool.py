@@ -29,7 +29,8 @@ from typing import Any, Generic, TypeVar, final
 import trio
 
 from . import _linger
-from ._engine import AttemptTimeout, Engine
+from ._engine import Engine
+from ._errors import AttemptTimeout
 from ._records import Record, Report
 from ._stats import Stats
 

@@ -19,6 +19,7 @@ import trio
 
 from ._limits import Adaptive, PerKey, Rate
 from ._observe import Observer
+from ._options import invalid
 from ._progress import Progress
 from ._retry import Retry
 
@@ -141,33 +142,28 @@ def _unknown_message(api: str, name: str) -> str:
 
 def check_name(name: object) -> None:
     """``name`` is a non-empty str."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a non-empty str, got {name!r:.60}")
-    if not name:
-        raise ValueError("name must be a non-empty str, got ''")
+    if not isinstance(name, str) or not name:
+        raise invalid("name", name, "a non-empty str naming the pool (metrics, displays)",
+                      "name='fetch'", kind=ValueError if isinstance(name, str) else TypeError)
 
 
 def check_observers(observers: object) -> tuple[Observer, ...]:
     """``observers`` is a list or tuple of :class:`conveyor.Observer` instances; returns a
     tuple of them (a later change to the caller's list does not reach the pool)."""
+    expected = "a list or tuple of conveyor.Observer instances"
     if isinstance(observers, Observer):
-        raise TypeError(
-            f"observers must be a list or tuple of conveyor.Observer, got one observer "
-            f"{observers!r:.60}; pass observers=[it]"
-        )
+        raise invalid("observers", observers, expected + " (one observer goes in a list)",
+                      f"observers=[] (here: observers=[{type(observers).__qualname__}(...)])",
+                      kind=TypeError)
     if not isinstance(observers, Sequence) or isinstance(observers, str | bytes | bytearray):
-        raise TypeError(
-            f"observers must be a list or tuple of conveyor.Observer, got {observers!r:.60}"
-        )
-    for position, observer in enumerate(observers):
+        raise invalid("observers", observers, expected, "observers=[]", kind=TypeError)
+    for observer in observers:
         if isinstance(observer, type) and issubclass(observer, Observer):
-            raise TypeError(
-                f"observers[{position}] must be a conveyor.Observer instance, got the class "
-                f"{observer.__qualname__!r}; pass an instance: {observer.__qualname__}()"
-            )
+            raise invalid("observers", observers, expected + ", not classes",
+                          f"observers=[] (here: observers=[{observer.__qualname__}()])",
+                          kind=TypeError)
         if not isinstance(observer, Observer):
-            raise TypeError(
-                f"observers[{position}] must be a conveyor.Observer (a subclass's instance), "
-                f"got {observer!r:.60}"
-            )
+            raise invalid("observers", observers,
+                          expected + f" (a subclass's instance), not {observer!r:.40}",
+                          "observers=[]", kind=TypeError)
     return tuple(observers)

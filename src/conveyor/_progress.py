@@ -27,6 +27,8 @@ from ._observe import Observer, PoolInfo
 if TYPE_CHECKING:
     from ._records import Report
 
+from ._options import check_bool, check_count, check_seconds, invalid
+
 __all__ = ["DROP_ORDER", "Progress", "format_duration", "format_line", "terminal_width"]
 
 
@@ -149,7 +151,7 @@ def terminal_width(stream: object) -> int:
 
 def check_interval(what: str, interval: object, *, none: bool = True) -> None:
     """``interval`` is a finite number of seconds > 0 (not a bool, NaN or inf), or None
-    (when ``none``: the default)."""
+    (when ``none``: the default). (The bars' check; Progress's own is in the one shape.)"""
     if interval is None and none:
         return
     if isinstance(interval, bool) or not isinstance(interval, int | float):
@@ -201,20 +203,17 @@ class Progress(Observer):
             not callable(getattr(stream, "write", None))
             or isinstance(stream, io.RawIOBase | io.BufferedIOBase)
         ):
-            raise TypeError(
-                f"progress stream must be a text stream (e.g. sys.stdout, an open text file) "
-                f"or None, got {stream!r:.60}"
-                + (" (the number of items goes in total=...)" if isinstance(stream, int)
-                   else "")
+            given: object = stream
+            count = type(given) is int and given >= 0
+            raise invalid(
+                "stream", stream, "a text stream (e.g. sys.stdout, an open text file) or None",
+                f"stream=None, total={given!r} (the number of items goes in total=)" if count
+                else "stream=sys.stdout", owner="Progress", kind=TypeError,
             )
-        if total is not None:
-            if isinstance(total, bool) or not isinstance(total, int):
-                raise TypeError(f"progress total must be an int >= 0 or None, got {total!r:.60}")
-            if total < 0:
-                raise ValueError(f"progress total must be >= 0, got {total!r}")
-        check_interval("progress", interval)
-        if tty is not None and not isinstance(tty, bool):
-            raise TypeError(f"progress tty must be True, False or None, got {tty!r:.60}")
+        check_count("total", total, minimum=0, allow_none=True, owner="Progress")
+        check_seconds("interval", interval, above=0, allow_none=True, owner="Progress",
+                      example="interval=1.0")
+        check_bool("tty", tty, allow_none=True, owner="Progress")
         self._stream = stream
         self._total = total
         self._run_total = total  # this pool's: total, else the count of its items if known

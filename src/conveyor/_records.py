@@ -12,12 +12,13 @@ leave ``index`` out and tell the three kinds apart; ``repr`` names the fields.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import outcome
+
+from ._errors import ItemsFailed, ItemUnfinished
 
 if TYPE_CHECKING:
     from ._stats import Stats
@@ -236,33 +237,6 @@ def with_index(record: Succeeded[Any] | Failed, index: int) -> Succeeded[Any] | 
     """``record`` with ``index`` as its input position."""
     made: Succeeded[Any] | Failed = tuple.__new__(type(record), (*record[:-1], index))
     return made
-
-
-class ItemUnfinished(RuntimeError):
-    """Raised by :meth:`Unfinished.unwrap`: the pool stopped before the item settled."""
-
-
-class ItemsFailed(Exception):
-    """Raised by :meth:`Report.raise_for_failures` when some items failed or did not finish.
-
-    ``failed`` and ``unfinished`` are the records; the message names the first few.
-    """
-
-    def __init__(self, failed: Sequence[Failed], unfinished: Sequence[Unfinished]) -> None:
-        self.failed = list(failed)
-        self.unfinished = list(unfinished)
-        parts = []
-        if failed:
-            first = ", ".join(
-                f"{r.item!r} ({type(r.error).__name__}: {r.error})" for r in failed[:3]
-            )
-            more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-            parts.append(f"{len(failed)} failed: {first}{more}")
-        if unfinished:
-            first = ", ".join(repr(r.item) for r in unfinished[:3])
-            more = f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else ""
-            parts.append(f"{len(unfinished)} unfinished: {first}{more}")
-        super().__init__("; ".join(parts))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._options import check_sync_callable, describe_callable
+from ._errors import RetryAfter
+from ._options import (
+    check_callable,
+    check_choice,
+    check_count,
+    check_number,
+    check_seconds,
+    check_type,
+    describe_callable,
+    invalid,
+    show,
+)
 
 __all__ = ["Backoff", "Retry", "RetryAfter", "retry_after_hint"]
 
@@ -25,25 +36,6 @@ logger = logging.getLogger("conveyor")
 DEFAULT_MAX_RETRY_AFTER = 30.0
 
 Jitter = Literal["full", "equal"] | None
-
-
-class RetryAfter(Exception):
-    """Raise this from a task to ask for a retry after ``delay`` seconds.
-
-    It overrides the backoff for that retry, e.g. for an HTTP 429 or 503 with a
-    ``Retry-After`` header. Any other exception with a numeric ``retry_after`` attribute
-    is honoured the same way. Whether the error is retried at all is still decided by
-    ``Retry.retry_on`` and ``Retry.attempts``, and the delay is capped by
-    ``Retry.max_retry_after``.
-    """
-
-    def __init__(self, delay: float, message: str = "") -> None:
-        _check_number("RetryAfter delay", delay, "a finite number of seconds >= 0",
-                      lambda v: v >= 0)
-        if not isinstance(message, str):
-            raise TypeError(f"RetryAfter message must be a str, got {message!r:.60}")
-        super().__init__(message or f"retry after {delay} s")
-        self.retry_after = float(delay)
 
 
 def retry_after_hint(error: BaseException) -> float | None:
@@ -95,22 +87,19 @@ class Backoff:
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_number("Backoff initial", self.initial, "a finite number of seconds >= 0",
-                      lambda v: v >= 0)
-        _check_number("Backoff factor", self.factor, "a finite number >= 1", lambda v: v >= 1)
+        owner = "Backoff"
+        check_seconds("initial", self.initial, minimum=0, owner=owner, example="initial=0.1")
+        check_number("factor", self.factor, minimum=1, owner=owner, example="factor=2.0")
         if self.max is None:
             object.__setattr__(self, "max", max(30.0, self.initial))
-        _check_number(
-            "Backoff max", self.max, f"a finite number of seconds >= initial ({self.initial})",
-            lambda v: v >= self.initial,
-        )
-        if not (self.jitter is None or (isinstance(self.jitter, str)
-                                        and self.jitter in ("full", "equal"))):
-            raise ValueError(f"Backoff jitter must be 'full', 'equal' or None, got {self.jitter!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise TypeError(f"Backoff seed must be an int or None, got {self.seed!r:.60}")
+        check_seconds("max", self.max, minimum=self.initial, owner=owner,
+                      expected=f"a finite number of seconds >= initial ({self.initial})",
+                      example=f"max={max(30.0, self.initial)!r}")
+        check_choice("jitter", self.jitter, ("full", "equal", None), owner=owner)
+        if self.seed is not None and (isinstance(self.seed, bool)
+                                      or not isinstance(self.seed, int)):
+            raise invalid("seed", self.seed, "an int or None", "seed=42", owner=owner,
+                          kind=TypeError)
         object.__setattr__(self, "_rng", random.Random(self.seed))
 
     def delay(self, retry: int) -> float:
@@ -179,24 +168,21 @@ class Retry:
     _check: Callable[[Exception], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
-            raise TypeError(f"Retry attempts must be an int >= 1, got {self.attempts!r:.60}")
-        if self.attempts < 1:
-            raise ValueError(f"Retry attempts must be >= 1 (the first attempt counts), "
-                             f"got {self.attempts}")
-        if self.backoff is not None and not isinstance(self.backoff, Backoff):
-            raise TypeError(f"Retry backoff must be a conveyor.Backoff or None, "
-                            f"got {self.backoff!r:.60}")
+        owner = "Retry"
+        check_count("attempts", self.attempts, minimum=1, owner=owner,
+                    expected="an int >= 1 (the first attempt counts)")
+        check_type("backoff", self.backoff, Backoff, "a conveyor.Backoff or None",
+                   _backoff_example(self.backoff), allow_none=True, owner=owner)
         if self.max_retry_after is None:
             cap = DEFAULT_MAX_RETRY_AFTER if self.backoff is None else self.backoff.max
             object.__setattr__(self, "max_retry_after", cap)
         else:
-            _check_number("Retry max_retry_after", self.max_retry_after,
-                          "a finite number of seconds >= 0 (or None: the backoff's max)",
-                          lambda v: v >= 0)
-        if self.budget is not None:
-            _check_number("Retry budget", self.budget,
-                          "a finite number of seconds > 0 (or None: no limit)", lambda v: v > 0)
+            check_seconds("max_retry_after", self.max_retry_after, minimum=0, owner=owner,
+                          expected="a finite number of seconds >= 0 (or None: the "
+                          "backoff's max)", example="max_retry_after=60.0")
+        check_seconds("budget", self.budget, above=0, allow_none=True, owner=owner,
+                      expected="a finite number of seconds > 0 (or None: no limit)",
+                      example="budget=300.0")
         object.__setattr__(self, "_check", _predicate(self.retry_on))
 
     def should_retry(self, error: Exception, attempts: int) -> bool:
@@ -245,22 +231,10 @@ def _note_predicate_error(
 
 
 def _predicate(retry_on: RetryOn) -> Callable[[Exception], bool]:
-    valid = "exception classes or a predicate f(exc) -> bool"
-    if isinstance(retry_on, type):
-        if not issubclass(retry_on, BaseException):
-            raise TypeError(f"Retry retry_on must be {valid}, got the class {retry_on.__name__}")
-        kinds: type[BaseException] | tuple[type[BaseException], ...] = retry_on
-    elif isinstance(retry_on, tuple):
-        if not retry_on:
-            raise ValueError(f"Retry retry_on must be {valid}, got an empty tuple "
-                             f"(for no retries: Retry(attempts=1) or retry=None)")
-        for kind in retry_on:
-            if not (isinstance(kind, type) and issubclass(kind, BaseException)):
-                raise TypeError(f"Retry retry_on must be {valid}, got {kind!r:.60} in the tuple")
-        kinds = retry_on
-    else:
-        check_sync_callable("Retry retry_on", retry_on, valid)
-        return plain_predicate(retry_on, "retry_on")
+    kinds = exception_classes("retry_on", retry_on, "Retry",
+                              "retry_on=(TimeoutError, ConnectionError)")
+    if kinds is None:
+        return plain_predicate(retry_on, "retry_on")  # type: ignore[arg-type]
 
     def is_kind(error: Exception) -> bool:
         return isinstance(error, kinds)
@@ -290,15 +264,34 @@ def plain_predicate(predicate: Callable[[Exception], object], option: str
     return check
 
 
-def _check_number(
-    name: str, value: object, valid: str, ok: Callable[[float], bool]
-) -> None:
-    """``value`` is an int or float (not a bool), finite, and ``ok``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be {valid}, got {value!r:.60}")
-    try:
-        number = float(value)
-    except OverflowError:  # an int too large for a float
-        raise ValueError(f"{name} must be {valid}, got {value!r:.60}") from None
-    if not math.isfinite(number) or not ok(number):
-        raise ValueError(f"{name} must be {valid}, got {value!r:.60}")
+def _backoff_example(value: object) -> str:
+    """``backoff=2`` suggests ``backoff=conveyor.Backoff(initial=2)``."""
+    if type(value) in (int, float) and 0 <= value <= 3600:  # type: ignore[operator]
+        return f"backoff=conveyor.Backoff(initial={value!r})"
+    return "backoff=conveyor.Backoff(initial=1.0)"
+
+
+def exception_classes(
+    name: str, value: object, owner: str, example: str
+) -> type[BaseException] | tuple[type[BaseException], ...] | None:
+    """Check an option that takes an exception class, a tuple of them, or a plain predicate
+    ``f(exc) -> bool`` (``Retry.retry_on``, ``Adaptive.overload_on``): the class or the
+    tuple, or None for a predicate."""
+    valid = "an exception class, a tuple of them, or a predicate f(exc) -> bool"
+    if isinstance(value, type):
+        if not issubclass(value, BaseException):
+            raise invalid(name, value, f"{valid} ({value.__name__} is not an exception class)",
+                          example, owner=owner, kind=TypeError)
+        return value
+    if isinstance(value, tuple):
+        if not value:
+            raise invalid(name, value, f"{valid}, not an empty tuple", example + (
+                " (for no retries: retry=conveyor.Retry(attempts=1), or retry=None)"
+                if name == "retry_on" else ""), owner=owner)
+        for kind in value:
+            if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+                raise invalid(name, value, f"{valid} ({show(kind)} in the tuple is not an "
+                              f"exception class)", example, owner=owner, kind=TypeError)
+        return value
+    check_callable(name, value, valid, example, owner=owner)
+    return None
