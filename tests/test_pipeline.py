@@ -814,5 +814,5 @@ async def test_observers_see_each_stage_as_a_pool_named_after_it() -> None:
     report = await conveyor.pipeline(double, bad).run([1], observers=[Names()])
     assert report.failed[0].stage == "bad"
     assert sorted(seen) == [("bad", "closed"), ("bad", "failed"), ("double", "closed")]
-    with pytest.raises(TypeError, match="observers=.* is not valid: expected a list or tuple"):
+    with pytest.raises(TypeError, match=r"observers=.* is not valid: expected a list or tuple"):
         conveyor.pipeline(double).map([1], observers=Names())  # type: ignore[arg-type]
