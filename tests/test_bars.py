@@ -215,16 +215,18 @@ async def test_your_bar_after_a_cancelled_pool_still_ends_full(
     ("args", "kwargs", "error", "match"),
     [
         (("bar",), {}, TypeError,
-         r"^TqdmProgress bar must be a tqdm progress bar or None, got 'bar'$"),
+         r"^TqdmProgress: bar='bar' is not valid: expected a tqdm progress bar, or None "
+         r"\(a bar per pool, made here\); e\.g\. bar=None$"),
         ((), {"totl": 5}, TypeError,
-         r"^TqdmProgress got unknown tqdm options 'totl'; tqdm's options are .*\btotal\b"),
-        ((), {"iterable": [1]}, TypeError, r"^TqdmProgress got unknown tqdm options 'iterable'"),
+         r"^TqdmProgress: totl=5 is not valid: expected no such option: tqdm's options are "
+         r".*\btotal\b"),
+        ((), {"iterable": [1]}, TypeError, r"^TqdmProgress: iterable=\[1\] is not valid"),
         ((), {"interval": 0}, ValueError,
-         r"^TqdmProgress interval must be a finite number > 0, got 0$"),
-        ((), {"interval": True}, TypeError, r"^TqdmProgress interval must be a finite number"),
-        ((), {"interval": None}, TypeError,
-         r"^TqdmProgress interval must be a finite number of seconds > 0, got None$"),
-        ((), {"interval": float("nan")}, ValueError, r"^TqdmProgress interval must be"),
+         r"^TqdmProgress: interval=0 is not valid: expected a finite number of seconds > 0; "
+         r"e\.g\. interval=0\.2$"),
+        ((), {"interval": True}, TypeError, r"^TqdmProgress: interval=True is not valid"),
+        ((), {"interval": None}, TypeError, r"^TqdmProgress: interval=None is not valid"),
+        ((), {"interval": float("nan")}, ValueError, r"^TqdmProgress: interval=nan is not valid"),
     ],
 )
 def test_tqdm_progress_refuses_bad_input_at_the_call(
@@ -237,9 +239,9 @@ def test_tqdm_progress_refuses_bad_input_at_the_call(
 def test_options_go_on_your_own_bar_as_the_message_says() -> None:
     out = io.StringIO()
     with tqdm(file=out, disable=True) as bar:
-        with pytest.raises(TypeError, match=r"^TqdmProgress takes either a bar or options for "
-                                            r"the bars it creates, not both \(got bar and "
-                                            r"desc\): set them on your bar$"):
+        with pytest.raises(TypeError, match=r"^TqdmProgress: bar=.* is not valid: expected "
+                                            r"None when options for the bars it makes are "
+                                            r"given \(desc\): set those on your bar instead"):
             conveyor.TqdmProgress(bar, desc="job")
         bar.set_description("job")  # the advice: set it on the bar
         conveyor.TqdmProgress(bar)
@@ -362,17 +364,16 @@ async def test_rich_unknown_total_becomes_the_settled_count_at_the_end() -> None
     ("args", "kwargs", "error", "match"),
     [
         (("display",), {}, TypeError,
-         r"^RichProgress progress must be a rich.progress.Progress or None, got 'display'$"),
+         r"^RichProgress: progress='display' is not valid: expected a rich\.progress\.Progress, "
+         r"or None \(a display made here\); e\.g\. progress=None$"),
         ((), {"description": 5}, TypeError,
-         r"^RichProgress description must be a str or None, got 5$"),
+         r"^RichProgress: description=5 is not valid: expected a str, or None"),
         ((), {"console": sys.stderr}, TypeError,
-         r"^RichProgress console must be a rich.console.Console or None, got <"),
+         r"^RichProgress: console=<.* is not valid: expected a rich\.console\.Console, or None"),
         ((), {"interval": -1}, ValueError,
-         r"^RichProgress interval must be a finite number > 0, got -1$"),
-        ((), {"interval": "1"}, TypeError,
-         r"^RichProgress interval must be a finite number of seconds > 0, got '1'$"),
-        ((), {"interval": None}, TypeError,
-         r"^RichProgress interval must be a finite number of seconds > 0, got None$"),
+         r"^RichProgress: interval=-1 is not valid: expected a finite number of seconds > 0"),
+        ((), {"interval": "1"}, TypeError, r"^RichProgress: interval='1' is not valid"),
+        ((), {"interval": None}, TypeError, r"^RichProgress: interval=None is not valid"),
     ],
 )
 def test_rich_progress_refuses_bad_input_at_the_call(
@@ -384,9 +385,9 @@ def test_rich_progress_refuses_bad_input_at_the_call(
 
 def test_a_console_goes_on_your_own_display_as_the_message_says() -> None:
     out = io.StringIO()
-    with pytest.raises(TypeError, match=r"^RichProgress takes a console only for its own "
-                                        r"display: your progress already has one "
-                                        r"\(Progress\(console=\.\.\.\)\)$"):
+    with pytest.raises(TypeError, match=r"^RichProgress: console=.* is not valid: expected "
+                                        r"None when a progress is given \(it has its own "
+                                        r"console: Progress\(console=\.\.\.\)\)"):
         conveyor.RichProgress(RichDisplay(), console=console(out))
     conveyor.RichProgress(RichDisplay(console=console(out)))  # the advice
 

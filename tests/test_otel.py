@@ -398,18 +398,23 @@ async def test_metrics_only_and_traces_only(
 
 @pytest.mark.parametrize("name", ["item_spans", "traces", "metrics"])
 def test_flags_must_be_bools(name: str) -> None:
-    with pytest.raises(TypeError, match=rf"OpenTelemetry {name} must be True or False, got 1"):
+    with pytest.raises(TypeError, match=rf"^OpenTelemetry: {name}=1 is not valid: expected "):
         conveyor.OpenTelemetry(**{name: 1})
 
 
 def test_providers_are_checked() -> None:
-    with pytest.raises(TypeError, match=r"tracer_provider must be an opentelemetry\.trace\.Tr"):
+    with pytest.raises(TypeError, match=r"tracer_provider=.* is not valid: expected an "
+                                        r"opentelemetry\.trace\.TracerProvider, or None"):
         conveyor.OpenTelemetry(tracer_provider=object())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"meter_provider must be an opentelemetry\.metrics\.Me"):
+    with pytest.raises(TypeError, match=r"meter_provider=.* is not valid: expected an "
+                                        r"opentelemetry\.metrics\.MeterProvider, or None"):
         conveyor.OpenTelemetry(meter_provider=InMemoryMetricReader())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"item_spans=True needs traces=True"):
+    with pytest.raises(ValueError, match=r"item_spans=True is not valid: expected False when "
+                                         r"traces=False \(item spans are spans\); e\.g\. "
+                                         r"item_spans=False$"):
         conveyor.OpenTelemetry(item_spans=True, traces=False)
-    conveyor.OpenTelemetry(item_spans=True)  # the fix
+    conveyor.OpenTelemetry(item_spans=False, traces=False)  # the fix
+    conveyor.OpenTelemetry(item_spans=True)  # or traces on
 
 
 def test_without_the_api_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

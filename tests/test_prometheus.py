@@ -312,9 +312,10 @@ def test_a_second_metrics_on_one_registry_is_refused_and_each_suggested_fix_work
     registry: CollectorRegistry,
 ) -> None:
     first = conveyor.PrometheusMetrics(registry)
-    with pytest.raises(ValueError, match=r"registry already holds conveyor's series "
-                       r"\(conveyor_.*another PrometheusMetrics.*\.unregister\(\).*"
-                       r"registry=prometheus_client\.CollectorRegistry\(\)"):
+    with pytest.raises(ValueError, match=r"^PrometheusMetrics: registry=.* is not valid: "
+                       r"expected a registry without conveyor's series \(conveyor_.*another "
+                       r"PrometheusMetrics.*\.unregister\(\).*"
+                       r"e\.g\. registry=prometheus_client\.CollectorRegistry\(\)$"):
         conveyor.PrometheusMetrics(registry)
     conveyor.PrometheusMetrics(registry=prometheus_client.CollectorRegistry())  # fix: another
     first.unregister()  # fix: unregister the other first
@@ -325,20 +326,23 @@ def test_a_second_metrics_on_one_registry_is_refused_and_each_suggested_fix_work
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"registry": "default"}, TypeError, r"registry must be a prometheus_client\."
-                                             r"CollectorRegistry.*got 'default'"),
-        ({"registry": prometheus_client.Counter}, TypeError, r"registry must be"),
-        ({"buckets": 1.0}, TypeError, r"buckets must be upper bounds.*got 1.0 \(not a seq"),
-        ({"buckets": "0.1"}, TypeError, r"buckets must be .*got '0.1' \(not a sequence\)"),
-        ({"buckets": ()}, ValueError, r"buckets must be .*got \(\) \(empty\)"),
-        ({"buckets": (0.1, True)}, TypeError, r"buckets .*\(not all numbers \(a bool"),
-        ({"buckets": (0.1, "1")}, TypeError, r"buckets .*\(not all numbers"),
-        ({"buckets": (0.1, math.nan)}, ValueError, r"buckets .*\(not all finite and > 0"),
+        ({"registry": "default"}, TypeError, r"^PrometheusMetrics: registry='default' is not "
+                                             r"valid: expected a prometheus_client\."
+                                             r"CollectorRegistry, or None"),
+        ({"registry": prometheus_client.Counter}, TypeError, r"registry=.* is not valid"),
+        ({"buckets": 1.0}, TypeError, r"buckets=1.0 is not valid: expected upper bounds.*"
+                                      r"\(not a sequence\); "
+                                      r"e\.g\. buckets=\(0\.01, 0\.1, 1, 10\)$"),
+        ({"buckets": "0.1"}, TypeError, r"buckets='0.1' is not valid: .*\(not a sequence\)"),
+        ({"buckets": ()}, ValueError, r"buckets=\(\) is not valid: .*\(empty\)"),
+        ({"buckets": (0.1, True)}, TypeError, r"buckets=.*\(not all numbers \(a bool"),
+        ({"buckets": (0.1, "1")}, TypeError, r"buckets=.*\(not all numbers"),
+        ({"buckets": (0.1, math.nan)}, ValueError, r"buckets=.*\(not all finite and > 0"),
         ({"buckets": (0.1, math.inf)}, ValueError, r"\+Inf is always added"),
-        ({"buckets": (0, 1)}, ValueError, r"buckets .*\(not all finite and > 0"),
-        ({"buckets": (-1, 1)}, ValueError, r"buckets .*\(not all finite and > 0"),
-        ({"buckets": (1, 0.5)}, ValueError, r"buckets .*\(not strictly increasing\)"),
-        ({"buckets": (1, 1)}, ValueError, r"buckets .*\(not strictly increasing\)"),
+        ({"buckets": (0, 1)}, ValueError, r"buckets=.*\(not all finite and > 0"),
+        ({"buckets": (-1, 1)}, ValueError, r"buckets=.*\(not all finite and > 0"),
+        ({"buckets": (1, 0.5)}, ValueError, r"buckets=.*\(not strictly increasing\)"),
+        ({"buckets": (1, 1)}, ValueError, r"buckets=.*\(not strictly increasing\)"),
     ],
 )
 def test_bad_arguments_are_refused_at_the_call(

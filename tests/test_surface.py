@@ -118,10 +118,7 @@ KNOWN_OPEN: set[tuple[str, str, str]] = {
 # Merged in parallel with the one shape: these refuse bad input at the call, naming the
 # parameter (checked), but in their own words, not yet in the one shape (open: to convert
 # to conveyor._options' checks).
-SHAPE_OPEN = {
-    "TqdmProgress", "RichProgress", "PrometheusMetrics", "OpenTelemetry",
-    "stage", "Batch", "pipeline", "Pipeline.run", "Pipeline.map", "Pipeline.open",
-}
+SHAPE_OPEN = {"stage", "Batch", "pipeline", "Pipeline.run", "Pipeline.map", "Pipeline.open"}
 
 
 def known_open(target: str, param: str, label: str) -> bool:

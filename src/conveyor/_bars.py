@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ._observe import Observer, PoolInfo
-from ._progress import check_interval
+from ._options import check_seconds, invalid
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -88,24 +88,26 @@ class TqdmProgress(Observer):
     def __init__(self, bar: Any = None, *, interval: float = 0.2, **tqdm_kwargs: Any) -> None:
         std = _require("tqdm.std", "TqdmProgress")
         if bar is not None and not isinstance(bar, std.tqdm):
-            raise TypeError(
-                f"TqdmProgress bar must be a tqdm progress bar or None, got {bar!r:.60}"
-            )
+            raise invalid("bar", bar, "a tqdm progress bar, or None (a bar per pool, made here)",
+                          "bar=None", owner="TqdmProgress", kind=TypeError)
         if bar is not None and tqdm_kwargs:
-            raise TypeError(
-                f"TqdmProgress takes either a bar or options for the bars it creates, not "
-                f"both (got bar and {', '.join(sorted(tqdm_kwargs))}): set them on your bar"
+            raise invalid(
+                "bar", bar, f"None when options for the bars it makes are given "
+                f"({', '.join(sorted(tqdm_kwargs))}): set those on your bar instead",
+                "bar=None", owner="TqdmProgress", kind=TypeError,
             )
         known = set(inspect.signature(std.tqdm.__init__).parameters) - {
             "self", "iterable", "kwargs"
         }
         unknown = sorted(set(tqdm_kwargs) - known)
         if unknown:
-            raise TypeError(
-                f"TqdmProgress got unknown tqdm options {', '.join(map(repr, unknown))}; "
-                f"tqdm's options are {', '.join(sorted(known))}"
+            raise invalid(
+                unknown[0], tqdm_kwargs[unknown[0]],
+                f"no such option: tqdm's options are {', '.join(sorted(known))}",
+                "desc='items' (a tqdm option)", owner="TqdmProgress", kind=TypeError,
             )
-        check_interval("TqdmProgress", interval, none=False)
+        check_seconds("interval", interval, above=0, owner="TqdmProgress",
+                      example="interval=0.2")
         self.bar = bar
         self.snapshot_every = interval
         self._options = tqdm_kwargs
@@ -222,26 +224,24 @@ class RichProgress(Observer):
     ) -> None:
         rich_progress = _require("rich.progress", "RichProgress")
         if progress is not None and not isinstance(progress, rich_progress.Progress):
-            raise TypeError(
-                f"RichProgress progress must be a rich.progress.Progress or None, "
-                f"got {progress!r:.60}"
-            )
+            raise invalid("progress", progress,
+                          "a rich.progress.Progress, or None (a display made here)",
+                          "progress=None", owner="RichProgress", kind=TypeError)
         if description is not None and not isinstance(description, str):
-            raise TypeError(
-                f"RichProgress description must be a str or None, got {description!r:.60}"
-            )
+            raise invalid("description", description, "a str, or None (the pool's name)",
+                          "description='items'", owner="RichProgress", kind=TypeError)
         if console is not None:
             if progress is not None:
-                raise TypeError(
-                    "RichProgress takes a console only for its own display: your "
-                    "progress already has one (Progress(console=...))"
+                raise invalid(
+                    "console", console, "None when a progress is given (it has its own "
+                    "console: Progress(console=...))", "console=None", owner="RichProgress",
+                    kind=TypeError,
                 )
             if not isinstance(console, _require("rich.console", "RichProgress").Console):
-                raise TypeError(
-                    f"RichProgress console must be a rich.console.Console or None, "
-                    f"got {console!r:.60}"
-                )
-        check_interval("RichProgress", interval, none=False)
+                raise invalid("console", console, "a rich.console.Console, or None",
+                              "console=None", owner="RichProgress", kind=TypeError)
+        check_seconds("interval", interval, above=0, owner="RichProgress",
+                      example="interval=0.2")
         self.progress = progress
         self.description = description
         self.snapshot_every = interval

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._observe import Attempt, Observer, PoolInfo
+from ._options import check_bool, invalid
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -132,8 +133,7 @@ class OpenTelemetry(Observer):
         metrics: bool = True,
     ) -> None:
         for name, value in (("item_spans", item_spans), ("traces", traces), ("metrics", metrics)):
-            if not isinstance(value, bool):
-                raise TypeError(f"OpenTelemetry {name} must be True or False, got {value!r:.60}")
+            check_bool(name, value, owner="OpenTelemetry")
         try:
             from opentelemetry import metrics as otel_metrics
             from opentelemetry import trace as otel_trace
@@ -144,20 +144,23 @@ class OpenTelemetry(Observer):
         if tracer_provider is not None and not isinstance(
             tracer_provider, otel_trace.TracerProvider
         ):
-            raise TypeError(
-                "OpenTelemetry tracer_provider must be an opentelemetry.trace.TracerProvider "
-                f"or None (the global one), got {tracer_provider!r:.60}"
+            raise invalid(
+                "tracer_provider", tracer_provider,
+                "an opentelemetry.trace.TracerProvider, or None (the global one)",
+                "tracer_provider=None", owner="OpenTelemetry", kind=TypeError,
             )
         if meter_provider is not None and not isinstance(
             meter_provider, otel_metrics.MeterProvider
         ):
-            raise TypeError(
-                "OpenTelemetry meter_provider must be an opentelemetry.metrics.MeterProvider "
-                f"or None (the global one), got {meter_provider!r:.60}"
+            raise invalid(
+                "meter_provider", meter_provider,
+                "an opentelemetry.metrics.MeterProvider, or None (the global one)",
+                "meter_provider=None", owner="OpenTelemetry", kind=TypeError,
             )
         if item_spans and not traces:
-            raise ValueError(
-                "OpenTelemetry item_spans=True needs traces=True (item spans are spans)"
+            raise invalid(
+                "item_spans", item_spans, "False when traces=False (item spans are spans)",
+                "item_spans=False", owner="OpenTelemetry",
             )
         self.item_spans = item_spans
         self._tracer = (

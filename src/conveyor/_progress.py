@@ -149,24 +149,6 @@ def terminal_width(stream: object) -> int:
     return columns if columns > 0 else 80
 
 
-def check_interval(what: str, interval: object, *, none: bool = True) -> None:
-    """``interval`` is a finite number of seconds > 0 (not a bool, NaN or inf), or None
-    (when ``none``: the default). (The bars' check; Progress's own is in the one shape.)"""
-    if interval is None and none:
-        return
-    if isinstance(interval, bool) or not isinstance(interval, int | float):
-        raise TypeError(
-            f"{what} interval must be a finite number of seconds > 0"
-            f"{' or None' if none else ''}, got {interval!r:.60}"
-        )
-    try:
-        finite = math.isfinite(interval)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not (finite and interval > 0):
-        raise ValueError(f"{what} interval must be a finite number > 0, got {interval!r:.60}")
-
-
 class Progress(Observer):
     """The live progress line: an observer that writes a pool's counters as one line.
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._observe import Attempt, Observer, PoolInfo
+from ._options import invalid
 from ._stats import Stats
 
 if TYPE_CHECKING:
@@ -111,10 +112,11 @@ def _label_values(info: PoolInfo) -> tuple[str, ...]:
 def _check_buckets(buckets: object) -> tuple[float, ...]:
     """The bucket bounds as floats, or a TypeError/ValueError naming what is wrong."""
 
-    def refuse(kind: type[Exception], problem: str) -> Exception:
-        return kind(
-            f"buckets must be upper bounds in seconds, finite, > 0 and strictly increasing, "
-            f"e.g. (0.01, 0.1, 1, 10); got {buckets!r:.80} ({problem})"
+    def refuse(kind: type[TypeError] | type[ValueError], problem: str) -> Exception:
+        return invalid(
+            "buckets", buckets,
+            f"upper bounds in seconds, finite, > 0 and strictly increasing ({problem})",
+            "buckets=(0.01, 0.1, 1, 10)", owner="PrometheusMetrics", kind=kind,
         )
 
     if isinstance(buckets, str | bytes) or not isinstance(buckets, Iterable):
@@ -259,9 +261,11 @@ class PrometheusMetrics(Observer):
         if registry is None:
             registry = prometheus_client.REGISTRY
         elif not isinstance(registry, prometheus_client.CollectorRegistry):
-            raise TypeError(
-                f"registry must be a prometheus_client.CollectorRegistry (or None: the "
-                f"global REGISTRY), got {registry!r:.80}"
+            raise invalid(
+                "registry", registry,
+                "a prometheus_client.CollectorRegistry, or None (the global REGISTRY)",
+                "registry=prometheus_client.CollectorRegistry()", owner="PrometheusMetrics",
+                kind=TypeError,
             )
         self._bounds = _check_buckets(buckets)
         self._series: dict[tuple[str, ...], _Series] = {}
@@ -270,11 +274,12 @@ class PrometheusMetrics(Observer):
             registry.register(self)
         except ValueError as error:
             taken = ", ".join(sorted(getattr(error, "duplicates", ()))[:2])
-            raise ValueError(
-                f"registry already holds conveyor's series ({taken}, ...): another "
-                f"PrometheusMetrics is registered there; use one per registry and pass it "
-                f"to every pool, call .unregister() on the other first, or pass "
-                f"registry=prometheus_client.CollectorRegistry()"
+            raise invalid(
+                "registry", registry,
+                f"a registry without conveyor's series ({taken}, ...): another "
+                f"PrometheusMetrics is registered there (use one per registry and pass it to "
+                f"every pool, or call .unregister() on the other first)",
+                "registry=prometheus_client.CollectorRegistry()", owner="PrometheusMetrics",
             ) from None
 
     def __repr__(self) -> str:
