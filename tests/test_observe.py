@@ -367,3 +367,20 @@ def test_index_is_not_part_of_equality() -> None:
     assert Succeeded("x", 1, 1, index=3) == Succeeded("x", 1, 1)
     assert Succeeded("x", 1, 1, index=3).index == 3
     assert Succeeded("x", 1, 1).index == -1
+
+
+async def test_last_report_keeps_the_account_after_ctrl_c(autojump_clock: trio.abc.Clock) -> None:
+    last = conveyor.LastReport()
+
+    async def fn(item: int) -> int:
+        await trio.sleep(item)
+        if item == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises where the program is
+        return item
+
+    with pytest.raises(KeyboardInterrupt):
+        await conveyor.run(fn, range(6), workers=6, observers=[last])
+    assert last.report is not None
+    stats = last.report.stats
+    assert stats.succeeded == 3 and len(last.report.unfinished) == 3  # 0, 1, 2 done at t<3
+    assert stats.submitted == stats.succeeded + stats.failed + stats.unfinished
