@@ -118,7 +118,7 @@ KNOWN_OPEN: set[tuple[str, str, str]] = {
 # Merged in parallel with the one shape: these refuse bad input at the call, naming the
 # parameter (checked), but in their own words, not yet in the one shape (open: to convert
 # to conveyor._options' checks).
-SHAPE_OPEN = {"stage", "Batch", "pipeline", "Pipeline.run", "Pipeline.map", "Pipeline.open"}
+SHAPE_OPEN = {"pipeline"}  # its `*stages`: a stage that is not one, two stages of one name
 
 
 def known_open(target: str, param: str, label: str) -> bool:
@@ -475,7 +475,7 @@ async def pipeline_run_case(param: str, value: Any) -> None:
         report = await _pipe().run(items, **options)
     except (TypeError, ValueError) as error:
         raise Refused(error) from None
-    assert settled(report) == 3
+    assert settled(report) == (len(items) if isinstance(items, list) else 3)  # a fix: [item]
 
 
 async def pipeline_map_case(param: str, value: Any) -> None:

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import math
 import os
 import traceback
 from collections import deque
@@ -50,9 +49,19 @@ from ._final import NoPublicConstructor
 from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._observe import Observer
-from ._options import check_drain, check_fn, check_items, check_options, describe_callable
+from ._options import (
+    check_bool,
+    check_count,
+    check_drain,
+    check_fn,
+    check_items,
+    check_options,
+    check_seconds,
+    describe_callable,
+    invalid,
+)
 from ._pool import Pool, sole_error
-from ._pool_options import check_observers
+from ._pool_options import check_name, check_observers
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -89,21 +98,10 @@ class Batch:
     split: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int):
-            raise TypeError(f"Batch: size must be an int >= 1, got {self.size!r:.60}")
-        if self.size < 1:
-            raise ValueError(f"Batch: size must be an int >= 1, got {self.size!r}")
-        wait = self.max_wait
-        if isinstance(wait, bool) or not isinstance(wait, int | float):
-            raise TypeError(
-                f"Batch: max_wait must be a finite number of seconds >= 0, got {wait!r:.60}"
-            )
-        if not math.isfinite(wait) or wait < 0:
-            raise ValueError(
-                f"Batch: max_wait must be a finite number of seconds >= 0, got {wait!r}"
-            )
-        if not isinstance(self.split, bool):
-            raise TypeError(f"Batch: split must be True or False, got {self.split!r:.60}")
+        check_count("size", self.size, minimum=1, owner="Batch", example="size=500")
+        check_seconds("max_wait", self.max_wait, minimum=0, owner="Batch",
+                      example="max_wait=0.05")
+        check_bool("split", self.split, owner="Batch")
 
 
 @final
@@ -193,22 +191,22 @@ def stage(
         check_fn(fn)
     if name is None:
         name = describe_callable(fn).rpartition(".")[2]  # "fetch", not "main.<locals>.fetch"
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r:.60}")
+    check_name(name)
     check_options(workers=workers, buffer=buffer, retry=retry, timeout=timeout, drain=0.0)
     build_limits(limiter=limiter, rate=rate, per_key=per_key, adaptive=adaptive)
     if batch is not None:
         if not isinstance(batch, Batch):
-            raise TypeError(f"batch must be a conveyor.Batch or None, got {batch!r:.60}")
+            raise invalid("batch", batch, "a conveyor.Batch, or None", "batch=conveyor.Batch(500)",
+                          kind=TypeError)
         if fanout:
-            raise ValueError(
-                f"batch: the batch function {name!r} must return one value per item, not "
-                f"yield (an async generator function cannot be a batching stage)"
+            raise invalid(
+                "batch", batch, f"None for {name!r}, an async generator function (a batch "
+                f"function returns one value per item; it cannot yield)", "batch=None",
             )
         if per_key is not None:
-            raise ValueError(
-                "per_key cannot be used with batch: a batch holds items of many keys; "
-                "put the per-key limit on a stage of its own"
+            raise invalid(
+                "per_key", per_key, "None on a batching stage (a batch holds items of many "
+                "keys): put the per-key limit on a stage of its own", "per_key=None",
             )
     if batch is not None and buffer is None:
         buffer = workers  # batches waiting for a worker: enough to keep every worker busy
@@ -326,13 +324,9 @@ class Pipeline(metaclass=NoPublicConstructor):
         check_drain(drain)
         spec = check_journal(journal, key)
         checked = check_observers(observers)
-        if not isinstance(ordered, bool):
-            raise TypeError(f"ordered must be True or False, got {ordered!r:.60}")
+        check_bool("ordered", ordered)
         if window is not None:
-            if isinstance(window, bool) or not isinstance(window, int):
-                raise TypeError(f"window must be an int >= 1, got {window!r:.60}")
-            if window < 1:
-                raise ValueError(f"window must be an int >= 1, got {window!r}")
+            check_count("window", window, minimum=1)
         else:
             window = 2 * sum(s.capacity for s in self.stages)
         run = _Run(self, drain, window=window, ordered=ordered, observers=checked)
