@@ -6,7 +6,6 @@ defaults, in ``_pool_options.py``), and check them at the call, before any work 
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sized
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from types import TracebackType
@@ -16,6 +15,7 @@ import trio
 
 from ._engine import Engine
 from ._final import NoPublicConstructor
+from ._host import BareHost
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
 from ._limits import build_limits
 from ._observe import Observer
@@ -348,48 +348,33 @@ class MapStream(Generic[T], metaclass=NoPublicConstructor):
         return self._pool.report()
 
 
-class _Host:
-    """The pool of a bare ``async for record in conveyor.map(...)`` loop, in a system task.
+class _Host(BareHost):
+    """The pool of a bare ``async for record in conveyor.map(...)`` loop, in a system task
+    (see ``_host``); the caller's loop reads the pool's records directly (no channel between
+    them: it costs what the ``async with`` form costs)."""
 
-    A nursery must not stay open across the caller's loop (leaving it early would exit
-    cancel scopes out of order), so the pool runs in a system task, and the caller's
-    ``async for`` reads the pool's records directly (no channel between them: it costs
-    what the ``async with`` form costs). This object is all the task holds: never the
-    reader, so that dropping the reader (leaving the loop) finalises it at once.
-    """
-
-    __slots__ = ("_feed", "_journal", "done", "failure", "pool", "scope", "token")
+    __slots__ = ("_feed", "_journal", "pool")
+    task_name = "conveyor.map"
 
     def __init__(self, pool: Engine, feed: Items, journal: JournalSpec | None) -> None:
+        super().__init__()
         self.pool = pool
         self._journal = journal
         self._feed: Items | None = feed
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-        self.failure: BaseException | None = None
-        self.token = trio.lowlevel.current_trio_token()
 
-    def start(self) -> None:
-        trio.lowlevel.spawn_system_task(
-            self._run, context=contextvars.copy_context(), name="conveyor.map"
-        )
+    async def body(self) -> None:
+        feed, self._feed = self._feed, None
+        async with journaled(self.pool, self._journal, feed) as fed, running(self.pool, fed):
+            pass
 
-    async def _run(self) -> None:
-        try:
-            feed, self._feed = self._feed, None
-            with self.scope:
-                async with (
-                    journaled(self.pool, self._journal, feed) as fed,
-                    running(self.pool, fed),
-                ):
-                    pass
-        except BaseException as exc:  # a system task must not raise: hand it over
-            self.failure = exc
-        finally:
-            self.done.set()
-            # The reader waits for the pool's end; if the pool never ran (the journal was
-            # refused), that end is now.
-            self.pool.end_output()
+    def ended(self) -> None:
+        # The reader waits for the pool's end; if the pool never ran (the journal was
+        # refused), that end is now.
+        self.pool.end_output()
+
+    def halt(self) -> None:
+        self.pool.stopping = True
+        self.scope.cancel()
 
     def left(self, pending: dict[int, Record] | None) -> None:
         """The caller left its loop: no new attempt from now on, then stop the pool.
@@ -409,29 +394,6 @@ class _Host:
         if pending:
             self.pool.box.give_back(pending)
         self.scope.cancel()
-
-    async def end(self) -> NoReturn:
-        await self.done.wait()
-        failure = self.failure
-        self.failure = None
-        if failure is not None and not isinstance(failure, trio.Cancelled):
-            raise failure
-        raise StopAsyncIteration
-
-    async def interrupted(self) -> None:
-        """The reader was cancelled or failed while waiting: stop the pool, wait for it.
-
-        An error of the pool's own (from ``items``) is raised rather than the cancel: a
-        cancel must not swallow it.
-        """
-        self.pool.stopping = True
-        self.scope.cancel()
-        with trio.CancelScope(shield=True):
-            await self.done.wait()
-        failure = self.failure
-        if failure is not None and not isinstance(failure, trio.Cancelled):
-            self.failure = None
-            raise failure
 
 
 class _Bare:

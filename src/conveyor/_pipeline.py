@@ -19,7 +19,6 @@ capacity of items, its unread output included (backpressure back to intake).
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import functools
 import inspect
@@ -46,6 +45,7 @@ from trio.lowlevel import ParkingLot
 from ._api import open_pool
 from ._batch import call_batch, collect
 from ._final import NoPublicConstructor
+from ._host import BareHost
 from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._observe import Observer
@@ -1346,44 +1346,33 @@ class PipelineStream(metaclass=NoPublicConstructor):
         return self._run.report()
 
 
-class _Host:
+class _Host(BareHost):
     """The run of a bare ``async for record in pipe.map(...)`` loop, in a system task (a
-    nursery must not stay open across the caller's loop; see ``conveyor.map``)."""
+    nursery must not stay open across the caller's loop; see ``_host``)."""
 
-    __slots__ = ("done", "failure", "items", "journal", "run", "scope", "token")
+    __slots__ = ("items", "journal", "run")
+    task_name = "conveyor.pipeline"
 
     def __init__(self, run: _Run, items: Items, journal: JournalSpec | None) -> None:
+        super().__init__()
         self.run = run
         self.journal = journal
         self.items: Items | None = items
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-        self.failure: BaseException | None = None
-        self.token = trio.lowlevel.current_trio_token()
 
-    def start(self) -> None:
-        trio.lowlevel.spawn_system_task(
-            self._main, context=contextvars.copy_context(), name="conveyor.pipeline"
-        )
+    async def body(self) -> None:
+        items, self.items = self.items, None
+        assert items is not None
+        run = self.run
+        async with journaled(run.as_pool(), self.journal, items) as fed, run.running(fed):
+            pass
 
-    async def _main(self) -> None:
-        try:
-            items, self.items = self.items, None
-            assert items is not None
-            with self.scope:
-                run = self.run
-                async with (
-                    journaled(run.as_pool(), self.journal, items) as fed,
-                    run.running(fed),
-                ):
-                    pass
-        except BaseException as exc:  # a system task must not raise: hand it over
-            self.failure = exc
-        finally:
-            self.run.tasks_done = True
-            self.done.set()
-            if self.run.reader_lot:
-                self.run.reader_lot.unpark_all()
+    def ended(self) -> None:
+        self.run.tasks_done = True
+        if self.run.reader_lot:
+            self.run.reader_lot.unpark_all()
+
+    def halt(self) -> None:
+        self.run.stop()
 
     def left(self, reader: _Reader) -> None:
         """The caller left its loop (called from ``__del__``): stop the run soon."""
@@ -1396,23 +1385,6 @@ class _Host:
     def _stop(self) -> None:
         if not self.done.is_set():
             self.run.stop()
-
-    async def end(self) -> NoReturn:
-        await self.done.wait()
-        failure, self.failure = self.failure, None
-        if failure is not None and not isinstance(failure, trio.Cancelled):
-            raise failure
-        raise StopAsyncIteration
-
-    async def interrupted(self) -> None:
-        """The reader was cancelled or failed while waiting: stop the run, wait for it."""
-        self.run.stop()
-        with trio.CancelScope(shield=True):
-            await self.done.wait()
-        failure = self.failure
-        if failure is not None and not isinstance(failure, trio.Cancelled):
-            self.failure = None
-            raise failure
 
 
 class _BareReader(_Reader):
