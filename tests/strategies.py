@@ -128,6 +128,9 @@ class Wide:
     key_raises: frozenset[int] = frozenset()  # the key function raises for these items
     retry_on: Callback = "class"  # retry_on: classes, a predicate, one raising for some
     raising: frozenset[int] = frozenset()  # the raising predicates raise for these items
+    # observers=: none; a ledger of events and a LastReport; the same behind an observer
+    # that raises in every event (issue 11: the observer seam)
+    observe: Literal["none", "ledger", "raising"] = "none"
 
     def step(self, item: int, attempt: int) -> Step:
         plan = self.plans[item]
@@ -212,4 +215,5 @@ def wides(
         key_raises=draw(some_items) if callbacks and keys is not None else frozenset(),
         retry_on=retry_on,
         raising=draw(some_items) if callbacks else frozenset(),
+        observe=draw(st.sampled_from(["none", "ledger", "raising"])),
     )

@@ -268,7 +268,89 @@ def wide_options(w: Wide) -> dict[str, Any]:
             return item % keys
 
         options["per_key"] = conveyor.PerKey(key, limit=1)
+    if w.observe != "none":
+        ledger = [EventLedger(), conveyor.LastReport()]
+        options["observers"] = [RaisingObserver(), *ledger] if w.observe == "raising" else ledger
     return options
+
+
+class EventLedger(conveyor.Observer):
+    """Counts a pool's events (the wide scenario's observer)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def _count(self, event: str) -> None:
+        self.counts[event] = self.counts.get(event, 0) + 1
+
+    def attempt_started(self, attempt: conveyor.Attempt) -> None:
+        self._count("started")
+
+    def attempt_ended(
+        self, attempt: conveyor.Attempt, error: BaseException | None, duration: float
+    ) -> None:
+        self._count("ended")
+
+    def succeeded(self, record: Succeeded[Any]) -> None:
+        self._count("succeeded")
+
+    def failed(self, record: conveyor.Failed) -> None:
+        self._count("failed")
+
+    def unfinished(self, record: conveyor.Unfinished) -> None:
+        self._count("unfinished")
+
+    def closed(self, report: conveyor.Report) -> None:
+        self._count("closed")
+
+
+class RaisingObserver(conveyor.Observer):
+    """Raises in every event: the pool must lose nothing for it."""
+
+    def attempt_started(self, attempt: conveyor.Attempt) -> None:
+        raise ObserverError("attempt_started")
+
+    def attempt_ended(
+        self, attempt: conveyor.Attempt, error: BaseException | None, duration: float
+    ) -> None:
+        raise ObserverError("attempt_ended")
+
+    def succeeded(self, record: Succeeded[Any]) -> None:
+        raise ObserverError("succeeded")
+
+    def failed(self, record: conveyor.Failed) -> None:
+        raise ObserverError("failed")
+
+    def unfinished(self, record: conveyor.Unfinished) -> None:
+        raise ObserverError("unfinished")
+
+    def closed(self, report: conveyor.Report) -> None:
+        raise ObserverError("closed")
+
+
+class ObserverError(Exception):
+    """Raised by RaisingObserver."""
+
+
+def check_observers(options: dict[str, Any]) -> None:
+    """The observers were told everything, however the pool ended: closed once, with a
+    report whose counts are those of the events (a raising observer before them changes
+    nothing)."""
+    observers = options.get("observers")
+    if not observers:
+        return
+    ledger, last = observers[-2], observers[-1]
+    assert last.report is not None, "closed never came"
+    stats = last.report.stats
+    counts = ledger.counts
+    assert counts.get("closed") == 1, counts
+    assert stats.submitted == stats.succeeded + stats.failed + stats.unfinished, stats
+    assert counts.get("succeeded", 0) == stats.succeeded, (counts, stats)
+    assert counts.get("failed", 0) == stats.failed, (counts, stats)
+    assert counts.get("unfinished", 0) == stats.unfinished, (counts, stats)
+    assert counts.get("started", 0) == counts.get("ended", 0) == stats.attempts, (counts, stats)
+    indexes = [r.index for r in last.report.records()]
+    assert len(set(indexes)) == len(indexes), indexes
 
 
 def check_wide(w: Wide) -> None:
@@ -513,6 +595,7 @@ def check_wide(w: Wide) -> None:
     if w.keys is not None:
         assert max_per_key <= 1
 
+    check_observers(options)
     if w.form == "run" and report is None:
         return  # a cancelled or failed run() returns no account
     if w.form in MAP_FORMS:
