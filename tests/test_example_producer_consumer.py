@@ -8,6 +8,7 @@ is in exactly one of succeeded / failed / unfinished, none is counted twice, non
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -32,8 +33,12 @@ async def test_sigint_stops_producers_drains_and_accounts_for_every_item() -> No
     assert process.stdout is not None
     lines: list[str] = []
     try:
+        # At least two stats lines, and an item already failed for good (about 1% of items
+        # do, so a short run may have none yet: wait for it rather than hope).
         with trio.fail_after(60):
-            while sum(line.startswith("stats:") for line in lines) < 2:
+            while sum(line.startswith("stats:") for line in lines) < 2 or not any(
+                re.search(r"\(failed [1-9]", line) for line in lines
+            ):
                 line = await read_line(process.stdout)
                 assert line, f"the example ended early: {lines}"
                 lines.append(line)
