@@ -105,6 +105,60 @@ async def main():
     assert len(report.succeeded) == N and not report.failed and not report.unfinished
 trio.run(main)
 """
+# Three no-op stages, 20 workers each, 100 between stages (benchmarks/pipeline.py): the
+# seed-001 recipe chained by hand in asyncio (three bounded queues, worker groups, join stage
+# after stage, cancel), against conveyor.pipeline (one record per input, per-stage stats).
+_ASYNCIO_PIPELINE = """
+import asyncio, sys
+N = int(sys.argv[1])
+async def work(x):
+    return x + 1
+async def main():
+    queues = [asyncio.Queue(100) for _ in range(3)]
+    results = []
+    async def worker(k):
+        inbox = queues[k]
+        outbox = queues[k + 1] if k + 1 < 3 else None
+        while True:
+            x = await inbox.get()
+            try:
+                y = await work(x)
+                if outbox is not None:
+                    await outbox.put(y)
+                else:
+                    results.append(y)
+            finally:
+                inbox.task_done()
+    tasks = [asyncio.create_task(worker(k)) for k in range(3) for _ in range(20)]
+    for i in range(N):
+        await queues[0].put(i)
+    for q in queues:
+        await q.join()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(results) == N
+asyncio.run(main())
+"""
+_CONVEYOR_PIPELINE = """
+import sys, trio, conveyor
+N = int(sys.argv[1])
+async def work(x):
+    return x + 1
+pipe = conveyor.pipeline(*(
+    conveyor.stage(work, name=f"s{{k}}", workers=20, buffer=100) for k in range(3)))
+async def main():
+    {body}
+trio.run(main)
+"""
+PIPELINE_RUN = (
+    "report = await pipe.run(range(N))\n"
+    "    assert len(report.succeeded) == N and not report.failed and not report.unfinished"
+)
+PIPELINE_MAP = (
+    "count = 0\n    async for _ in pipe.map(range(N)):\n        count += 1\n"
+    "    assert count == N, count"
+)
 # The global providers, no SDK: the API's no-op spans and instruments.
 OTEL_API = "otel = conveyor.OpenTelemetry()"
 # The SDK, nothing exported: spans are made and dropped (an exporter's cost comes on top),
@@ -138,6 +192,7 @@ ASYNCIO_NOOP = "asyncio (seed 000), no-op"
 ASYNCIO_CP = "asyncio (seed 000), 1 checkpoint"
 MAP_WITH = "conveyor.map, async with, no-op"
 RUN_NOOP = "conveyor.run, no-op"
+ASYNCIO_PIPE = "asyncio pipeline by hand, 3 no-op stages"
 
 CASES: tuple[InstrCase, ...] = (
     InstrCase(ASYNCIO_NOOP, _ASYNCIO.format(work=NOOP)),
@@ -174,6 +229,17 @@ CASES: tuple[InstrCase, ...] = (
         _CONVEYOR_OTEL.format(work=NOOP, otel=OTEL_SDK.format(extra="")),
         ASYNCIO_NOOP,
         also=RUN_NOOP,
+    ),
+    InstrCase(ASYNCIO_PIPE, _ASYNCIO_PIPELINE),
+    InstrCase(
+        "conveyor.pipeline .run, 3 no-op stages",
+        _CONVEYOR_PIPELINE.format(body=PIPELINE_RUN),
+        ASYNCIO_PIPE,
+    ),
+    InstrCase(
+        "conveyor.pipeline .map, bare async for, 3 no-op stages",
+        _CONVEYOR_PIPELINE.format(body=PIPELINE_MAP),
+        ASYNCIO_PIPE,
     ),
 )
 

@@ -44,7 +44,7 @@ def default_buffer(workers: int) -> int:
     return max(256, workers)
 
 
-def _make_pool(
+def make_engine(
     fn: Callable[[Any], Awaitable[T]],
     options: PoolOptions,
     *,
@@ -140,7 +140,7 @@ async def run(
     resolved = resolve("run", options)
     check_items(items)
     journal_spec = check_journal(resolved["journal"], resolved["key"])
-    pool = _make_pool(fn, resolved, total=_total(items))
+    pool = make_engine(fn, resolved, total=_total(items))
     if journal_spec is not None:
         return await run_journaled(pool, items, journal_spec)
     async with running(pool, items):
@@ -177,7 +177,7 @@ def open_pool(
     """
     resolved = resolve("open_pool", options)
     journal_spec = check_journal(resolved["journal"], resolved["key"])
-    pool = _make_pool(fn, resolved)
+    pool = make_engine(fn, resolved)
     return _OpenPool(pool, journal_spec)
 
 
@@ -264,7 +264,7 @@ def map(  # the contract's name; it shadows the builtin inside this module only
     check_options(workers=workers, buffer=buffer, retry=resolved["retry"],
                   timeout=resolved["timeout"], drain=resolved["drain"])
     size = default_buffer(workers) if buffer is None else buffer
-    pool = _make_pool(
+    pool = make_engine(
         fn, resolved, total=_total(items),
         # Unordered: workers wait when this many records are unread (bounded memory).
         # Ordered: the window bounds everything already.

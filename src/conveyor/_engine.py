@@ -38,7 +38,7 @@ from collections.abc import (
     Sequence,
 )
 from types import CoroutineType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 from trio.lowlevel import ParkingLot, checkpoint
@@ -78,15 +78,16 @@ class _StoppedBeforeStart(BaseException):
     """Internal: the pool was stopped while this attempt waited for a limit."""
 
 
-class _Job:
+class Job:
     """One accepted item on its way through the pool (reused across its attempts).
 
     ``enqueued``: when it (re-)entered the work channel, for sampled jobs only (queue
     wait). ``claim``: set while a per-key limit has resent it with a claim on its key.
+    ``origin``: what a pipeline knows of the item (its input); None in a plain pool.
     """
 
     __slots__ = (
-        "attempts", "claim", "enqueued", "item", "last_error", "seq", "started",
+        "attempts", "claim", "enqueued", "item", "last_error", "origin", "seq", "started",
     )
 
     def __init__(self, item: Any, seq: int) -> None:
@@ -97,6 +98,37 @@ class _Job:
         self.claim: Claim | None = None
         self.enqueued = 0.0
         self.started = 0.0  # when its first attempt started (with a Retry budget only)
+        self.origin: Any = None
+
+
+class Link(Protocol):
+    """Where a pipeline stage's engine sends what settles, instead of its outbox.
+
+    A stage of a pipeline is an engine whose ``link`` is set: a success goes on to the next
+    stage (or to the pipeline's ledger, from the last stage) while the item still holds its
+    place in this stage (so a stage's bound covers the output it cannot hand on yet); a
+    failure or an unfinished item goes to the pipeline's ledger. See ``_stages``.
+    """
+
+    def pass_nowait(self, job: Job, value: Any) -> bool:
+        """Hand ``value`` on without waiting; False when it must wait (then :meth:`pass_on`)."""
+        ...
+
+    async def pass_on(self, job: Job, value: Any) -> None:
+        """Hand ``value`` on, waiting for room. Cancelled: the value is accounted for."""
+        ...
+
+    def failed(self, job: Job, record: Failed) -> None:
+        """``job`` gave up in this stage."""
+        ...
+
+    def unfinished(self, job: Job, record: Unfinished) -> None:
+        """``job`` was still in this stage when it ended."""
+        ...
+
+    def ended(self) -> None:
+        """This stage's tasks have ended: nothing more will come out of it."""
+        ...
 
 
 
@@ -134,9 +166,9 @@ class Engine:
         self.timeout = timeout
         self.budget = None if retry is None else retry.budget
         self.drain = drain
-        self.send, self.receive = trio.open_memory_channel[_Job](buffer)
+        self.send, self.receive = trio.open_memory_channel[Job](buffer)
         # Ledger: accepted and not yet settled, in submission order.
-        self.outstanding: dict[int, _Job] = {}
+        self.outstanding: dict[int, Job] = {}
         self.next_seq = 0
         self.intake_closed = False
         self.send_closed = False
@@ -144,10 +176,10 @@ class Engine:
         self.started = False
         self.tasks_done = False
         # Retry scheduler: (due time, seq, job); seq breaks ties in submission order.
-        self.heap: list[tuple[float, int, _Job]] = []
+        self.heap: list[tuple[float, int, Job]] = []
         # Retries that are due while fresh items wait in the channel: workers take these
         # first (a retry already holds its slot; it should not queue behind the backlog).
-        self.due: deque[_Job] = deque()
+        self.due: deque[Job] = deque()
         self.scheduler_lot = ParkingLot()
         # The output side: settled records not handed out yet, and their readers.
         self.box = Outbox(keep_seq=ordered, limit=outbox_limit)
@@ -200,6 +232,8 @@ class Engine:
 
         # The journal's intake gate for submit(): False when it settled the item itself.
         self.gate: Callable[[Any], bool] | None = None
+        # A pipeline stage: where what settles goes instead of the outbox (see Link).
+        self.link: Link | None = None
 
         # Observers (see _observe): the log first. At start, each event's list holds the
         # bound methods of the observers that override it; empty lists cost nothing.
@@ -314,14 +348,14 @@ class Engine:
         self.intake_low = -1
         self.intake_lot.unpark_all()
 
-    def accept(self, item: Any) -> _Job:
+    def accept(self, item: Any) -> Job:
         if self.intake_closed:
             raise trio.ClosedResourceError(self.closed_message())
         if not self.started:
             raise RuntimeError("submit() is only possible inside the pool's `async with` block")
         return self.take(item)
 
-    def unaccept(self, job: _Job) -> None:
+    def unaccept(self, job: Job) -> None:
         del self.outstanding[job.seq]
         self.submitted -= 1
         if self.intake_closed and not self.outstanding:
@@ -358,11 +392,11 @@ class Engine:
                 return
         self.close()
 
-    def take(self, item: Any) -> _Job:
+    def take(self, item: Any) -> Job:
         """Put an item in the ledger (never refused: for ``items``, or after submit's checks)."""
         seq = self.next_seq
         self.next_seq = seq + 1
-        job = _Job(item, seq)
+        job = Job(item, seq)
         if seq < self.sample_below or not seq & _SAMPLE_MASK:
             job.enqueued = self.now()
         self.outstanding[seq] = job
@@ -414,7 +448,7 @@ class Engine:
                 break
             seq = self.next_seq
             self.next_seq = seq + 1
-            job = _Job(item, seq)
+            job = Job(item, seq)
             if seq < sample_below or not seq & _SAMPLE_MASK:
                 job.enqueued = current_time()
             outstanding[seq] = job
@@ -477,6 +511,7 @@ class Engine:
         outbox_limit = box.limit
         keep_seq = box.keep_seq
         due = self.due
+        link = self.link
         coroutine_type = CoroutineType
         make = tuple.__new__
         succeeded_type = Succeeded
@@ -550,14 +585,29 @@ class Engine:
                 if type(value) is coroutine_type:  # a forgotten await
                     self.attempt_failed(job, _not_awaited(value))
                     continue
-                del outstanding[seq]
                 self.succeeded += 1
-                # Succeeded(item, value, attempts, index), made in one C call
-                record = make(succeeded_type, (job.item, value, job.attempts, seq))
-                # The settle step of a success, inlined (give_up is the one of a failure).
-                outbox.append((seq, record) if keep_seq else record)
-                if box.waiting:
-                    box.wake()
+                if link is None:
+                    del outstanding[seq]
+                    # Succeeded(item, value, attempts, index), made in one C call
+                    record = make(succeeded_type, (job.item, value, job.attempts, seq))
+                    # The settle step of a success, inlined (give_up is the one of a failure).
+                    outbox.append((seq, record) if keep_seq else record)
+                    if box.waiting:
+                        box.wake()
+                else:
+                    # A pipeline stage: on to the next stage, the item keeping its place
+                    # here until it is handed on (a cancelled pass_on accounts for it).
+                    if self.on_succeeded:
+                        self.told_succeeded(
+                            make(succeeded_type, (job.item, value, job.attempts, seq))
+                        )
+                    if not link.pass_nowait(job, value):
+                        try:
+                            await link.pass_on(job, value)
+                        finally:
+                            del outstanding[seq]
+                    else:
+                        del outstanding[seq]
                 if self.stats_waiting:
                     self.wake_stats()
                 if self.intake_waiting and len(outstanding) <= self.intake_low:
@@ -576,7 +626,7 @@ class Engine:
                     break
                 await box.space.park()
 
-    async def admit(self, per_key: PerKey[Any], job: _Job) -> object | None:
+    async def admit(self, per_key: PerKey[Any], job: Job) -> object | None:
         """Ask the per-key limit for ``job``: a token, or None (parked, or failed)."""
         claim = job.claim
         if claim is not None:
@@ -594,14 +644,14 @@ class Engine:
             self.parked += 1
         return token
 
-    def resend(self, job: _Job, claim: Claim, due: float) -> None:
+    def resend(self, job: Job, claim: Claim, due: float) -> None:
         """The per-key limit hands a parked job back: into the channel at ``due``."""
         job.claim = claim
         self.claims_in_heap += 1
         heapq.heappush(self.heap, (due, job.seq, job))
         self.scheduler_lot.unpark_all()
 
-    async def guarded_attempt(self, job: _Job, key_token: object | None, sample: bool) -> Any:
+    async def guarded_attempt(self, job: Job, key_token: object | None, sample: bool) -> Any:
         """One attempt inside the limits: acquired in order, released in reverse order.
 
         Cancellation-safe: a cancelled acquire holds nothing, and whatever was acquired is
@@ -663,7 +713,7 @@ class Engine:
                 self.per_key.release(key_token, error)
             error = None  # no reference cycle through the traceback
 
-    async def timed(self, job: _Job) -> Any:
+    async def timed(self, job: Job) -> Any:
         """``fn(item)`` within the attempt's time, else :class:`AttemptTimeout`.
 
         The attempt's time ends at the per-attempt ``timeout`` or at the end of the item's
@@ -720,7 +770,7 @@ class Engine:
         for on_ended in self.on_ended:
             _notify(on_ended, attempt, error, duration)
 
-    def attempt_failed(self, job: _Job, error: Exception) -> None:
+    def attempt_failed(self, job: Job, error: Exception) -> None:
         """An attempt raised ``error``: schedule a retry, or settle the item as Failed.
 
         An error the policy would retry while the pool is stopping leaves the item
@@ -770,7 +820,7 @@ class Engine:
             self.attempt_ended(attempt, error)
         self.give_up(job, error)
 
-    def give_up(self, job: _Job, error: BaseException) -> None:
+    def give_up(self, job: Job, error: BaseException) -> None:
         """Settle ``job`` as Failed with ``error`` (the one settle step of a failure)."""
         job.last_error = error
         record = Failed(
@@ -780,7 +830,10 @@ class Engine:
         for on_failed in self.on_failed:
             _notify(on_failed, record)
         del self.outstanding[job.seq]
-        self.box.put(job.seq, record)
+        if self.link is None:
+            self.box.put(job.seq, record)
+        else:
+            self.link.failed(job, record)
         if self.stats_waiting:
             self.wake_stats()
         if self.intake_waiting and len(self.outstanding) <= self.intake_low:
@@ -915,6 +968,8 @@ class Engine:
         self.tasks_done = True
         self.box.end()
         self.wake_stats()
+        if self.link is not None:
+            self.link.ended()
 
     def finalize(self) -> None:
         """Settle whatever is still outstanding as Unfinished (in submission order)."""
@@ -934,16 +989,18 @@ class Engine:
         self.parked = self.claims_in_heap = 0
         if not self.outstanding:
             return
-        unfinished = [
-            Unfinished(job.item, job.attempts, job.last_error, job.seq)
-            for job in self.outstanding.values()
-        ]
+        jobs = list(self.outstanding.values())
+        unfinished = [Unfinished(job.item, job.attempts, job.last_error, job.seq) for job in jobs]
         self.outstanding.clear()
         self.heap.clear()
         self.unfinished.extend(unfinished)
         for on_unfinished in self.on_unfinished:
             for record in unfinished:
                 _notify(on_unfinished, record)
+        link = self.link
+        if link is not None:
+            for job, record in zip(jobs, unfinished, strict=True):
+                link.unfinished(job, record)
 
     @property
     def stats(self) -> Stats:

@@ -24,7 +24,6 @@ import functools
 import inspect
 import logging
 import os
-import traceback
 from collections import deque
 from collections.abc import (
     AsyncIterable,
@@ -38,12 +37,10 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, cast, final
 
-import outcome
 import trio
 from trio.lowlevel import ParkingLot
 
-from ._api import open_pool
-from ._batch import call_batch, collect
+from ._api import make_engine
 from ._final import NoPublicConstructor
 from ._host import BareHost
 from ._journal import JournalSpec, check_journal, journaled
@@ -60,13 +57,15 @@ from ._options import (
     describe_callable,
     invalid,
 )
-from ._pool import Pool, sole_error
-from ._pool_options import check_name, check_observers
+from ._pool import running as running_pool
+from ._pool import sole_error
+from ._pool_options import check_name, check_observers, resolve
 
 if TYPE_CHECKING:
     from ._engine import Engine
 from ._records import Failed, Record, Report, Succeeded, Unfinished, with_index
 from ._retry import Retry
+from ._stages import Stopped, make_stage
 from ._stats import Stats
 
 __all__ = ["Batch", "Pipeline", "PipelineRun", "PipelineStream", "Stage", "pipeline", "stage"]
@@ -74,6 +73,7 @@ __all__ = ["Batch", "Pipeline", "PipelineRun", "PipelineStream", "Stage", "pipel
 Items = Iterable[Any] | AsyncIterable[Any]
 
 logger = logging.getLogger("conveyor")
+_make = tuple.__new__
 
 
 # ---------------------------------------------------------------------------- declaring
@@ -360,10 +360,6 @@ class Pipeline(metaclass=NoPublicConstructor):
 # ---------------------------------------------------------------------------- the ledger
 
 
-class _Stopped(Exception):
-    """Internal: the stage takes no more items (the pipeline is stopping)."""
-
-
 class _Input:
     """One input on its way through the pipeline (the pipeline's ledger entry)."""
 
@@ -377,405 +373,6 @@ class _Input:
         self.outputs: list[Any] = []
         self.failure: Failed | None = None
         self.unfinished: Unfinished | None = None
-
-
-class _Entry:
-    """One item inside a stage: its input, and what it was as it entered the stage."""
-
-    __slots__ = ("item", "origin")
-
-    def __init__(self, origin: _Input, item: Any) -> None:
-        self.origin = origin
-        self.item = item
-
-
-class _Room:
-    """How many items a stage holds, its unread output included (see module docstring)."""
-
-    __slots__ = ("_lot", "capacity", "closed", "used")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self.closed = False
-        self._lot = ParkingLot()
-
-    async def take(self) -> None:
-        while self.used >= self.capacity and not self.closed:
-            await self._lot.park()
-        if self.closed:
-            raise _Stopped
-        self.used += 1
-
-    def give(self, n: int = 1) -> None:
-        self.used -= n
-        if self._lot:
-            self._lot.unpark(count=n)
-
-    def close(self) -> None:
-        self.closed = True
-        self._lot.unpark_all()
-
-
-def _fan_out(fn: Callable[[Any], AsyncIterable[Any]]) -> Callable[[Any], Awaitable[list[Any]]]:
-    """A task function collecting what ``fn(item)`` yields (sent on once it ends)."""
-
-    async def fan_out(item: Any) -> list[Any]:
-        generator = fn(item)
-        outputs = []
-        try:
-            async for value in generator:
-                outputs.append(value)
-        finally:
-            aclose = getattr(generator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        return outputs
-
-    return fan_out
-
-
-class _BatchCall:
-    """The task function of a batching stage's pool: one call per batch, an outcome per item.
-
-    A call that raises an error ``retry`` would retry is raised (the pool retries the whole
-    batch); another error, with ``split``, splits the batch (``call_batch``); without it,
-    the error is raised and the pool fails the batch (every item gets it).
-    """
-
-    __slots__ = ("fn", "retry", "split")
-
-    def __init__(self, fn: Callable[[list[Any]], Any], split: bool, retry: Retry | None) -> None:
-        self.fn = fn
-        self.split = split
-        self.retry = retry
-
-    def retried(self, error: Exception) -> bool:
-        return self.retry is not None and self.retry.should_retry(error, 0)
-
-    async def __call__(self, items: list[Any]) -> list[outcome.Outcome[Any]]:
-        raised: list[Exception] = []
-        fn = self.fn
-
-        async def whole(batch: list[Any]) -> Any:
-            try:
-                answer = fn(batch)
-                if inspect.isawaitable(answer):
-                    answer = await answer
-            except Exception as error:
-                raised.append(error)
-                raise
-            return answer
-
-        outcomes = await call_batch(whole, items, split=False)
-        if not raised:
-            return outcomes
-        error = raised[0]
-        if not self.split or len(items) < 2 or self.retried(error):
-            raise error
-        # Not retryable: isolate the items that make it fail.
-        half = len(items) // 2
-        split_on = self._split_on
-        first = await call_batch(fn, items[:half], split=True, split_on=split_on)
-        return first + await call_batch(fn, items[half:], split=True, split_on=split_on)
-
-    def _split_on(self, error: Exception) -> bool:
-        return not self.retried(error)
-
-
-class _StageRun:
-    """One stage while the pipeline runs: its pool, its room, its entries by pool index."""
-
-    def __init__(self, run: _Run, k: int, spec: Stage) -> None:
-        self.run = run
-        self.k = k
-        self.spec = spec
-        self.name = spec.name
-        self.last = k == len(run.pipe.stages) - 1
-        self.room = _Room(spec.capacity)
-        self.entries: dict[int, Any] = {}  # pool index -> _Entry, or list[_Entry] (batch)
-        self.next_index = 0
-        self.pool: Pool[Any] | None = None
-        # submit_nowait is sure to find room in the work channel while the stage holds at
-        # most this many items (its `buffer`); a batching stage always waits (see _submit).
-        buffer = spec.options["buffer"]
-        workers = spec.options["workers"]
-        self.nowait_below = -1 if spec.batch else max(256, workers) if buffer is None else buffer
-        # Item counts (a batching stage counts items, not batches).
-        self.submitted = 0
-        self.succeeded = 0
-        self.failed = 0
-        self.unfinished = 0
-        batch = spec.batch
-        self.batch = batch
-        if batch is not None:
-            self.batch_send, self.batch_receive = trio.open_memory_channel[_Entry](batch.size)
-            self.batcher_scope = trio.CancelScope()
-
-    def make_fn(self) -> Callable[[Any], Awaitable[Any]]:
-        spec = self.spec
-        if spec.batch is not None:
-            return _BatchCall(spec.fn, spec.batch.split, spec.options["retry"])
-        if spec.fanout:
-            return _fan_out(spec.fn)
-        return spec.fn
-
-    # -- in
-
-    async def put(self, entry: _Entry, *, room_held: bool = False) -> None:
-        """Send ``entry`` into this stage, waiting while it is full (unless the caller
-        already holds its room). Raises _Stopped when the stage takes no more items; on any
-        exception the item is not in the stage (the caller accounts for it)."""
-        if not room_held:
-            await self.room.take()
-        try:
-            if self.batch is not None:
-                try:
-                    await self.batch_send.send(entry)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    raise _Stopped from None
-            else:
-                await self._submit(entry, entry.item)
-        except BaseException:
-            self.room.give()
-            raise
-        self.submitted += 1
-
-    async def _submit(self, entries: Any, item: Any) -> None:
-        pool = self.pool
-        assert pool is not None
-        index = self.next_index
-        self.next_index = index + 1  # consumed even if refused, as the pool's own is
-        self.entries[index] = entries
-        if self.room.used <= self.nowait_below:
-            # The work channel (size `buffer`) holds fewer items than this stage does, so it
-            # has room: no wait, and no task switch per item. The pool gives the item the
-            # next index, as it would in submit().
-            try:
-                pool.submit_nowait(item)
-            except BaseException as exc:
-                del self.entries[index]
-                if isinstance(exc, trio.ClosedResourceError):
-                    raise _Stopped from None
-                raise
-            return
-        try:
-            await pool.submit(item)
-        except BaseException as exc:
-            del self.entries[index]
-            if isinstance(exc, trio.ClosedResourceError):
-                raise _Stopped from None
-            raise
-
-    def refused(self, origin: _Input, item: Any) -> None:
-        """An item on its way into this stage that never got in: Unfinished here."""
-        self.submitted += 1
-        self.unfinished += 1
-        self.run.branch_unfinished(origin, self.name, item, 0, None)
-
-    async def batcher(self) -> None:
-        """Group the items sent to a batching stage into batches for its pool."""
-        batch = self.batch
-        assert batch is not None
-        size, max_wait = batch.size, batch.max_wait
-        pool = self.pool
-        assert pool is not None
-        with self.batcher_scope:
-            while True:
-                entries = await collect(self.batch_receive, size, max_wait)
-                if not entries:
-                    break
-                try:
-                    await self._submit(entries, [e.item for e in entries])
-                except _Stopped:
-                    self.unsent(entries)
-                    return
-                except BaseException:
-                    self.unsent(entries)
-                    raise
-            pool.close()
-
-    def unsent(self, entries: list[_Entry]) -> None:
-        """Items taken into a batching stage but never submitted to its pool."""
-        self.room.give(len(entries))
-        for entry in entries:
-            self.submitted -= 1  # refused() counts it again
-            self.refused(entry.origin, entry.item)
-
-    def close_intake(self) -> None:
-        """The stage before has ended: no more items for this one."""
-        if self.batch is not None:
-            self.batch_send.close()
-        else:
-            assert self.pool is not None
-            self.pool.close()
-
-    # -- out
-
-    async def forward(self) -> None:
-        """Read this stage's records as they settle and send each output on."""
-        pool = self.pool
-        assert pool is not None
-        # The common case inlined (a plain stage's success): the entry goes on as it is,
-        # carrying the new value (measured: a third less per item and stage).
-        simple = self.batch is None and not self.spec.fanout
-        entries = self.entries
-        room = self.room
-        run = self.run
-        nxt = None if self.last else run.stages[self.k + 1]
-        async for record in pool.results():
-            if simple and type(record) is Succeeded:
-                entry = entries.pop(record.index, None)
-                if entry is not None:
-                    if entry.item is not record.item:  # pragma: no cover - a bug
-                        entries[record.index] = entry
-                        self.account(record)  # raises, naming it
-                    room.give()
-                    self.succeeded += 1
-                    origin = entry.origin
-                    origin.attempts += record.attempts
-                    if nxt is None:
-                        origin.outputs.append(record.value)
-                        run.branch_done(origin)
-                        continue
-                    entry.item = record.value
-                    try:
-                        await nxt.put(entry)
-                    except _Stopped:
-                        nxt.refused(origin, entry.item)
-                    except BaseException:
-                        nxt.refused(origin, entry.item)
-                        raise
-                continue
-            passes = self.account(record)
-            for i, (origin, outputs) in enumerate(passes):
-                try:
-                    await self.send_on(origin, outputs)
-                except BaseException:
-                    for other, rest in passes[i + 1:]:
-                        self.strand(other, rest)
-                    raise
-        if not self.last and not self.run.stopping:
-            self.run.stages[self.k + 1].close_intake()
-
-    def account(self, record: Record) -> list[tuple[_Input, list[Any]]]:
-        """Settle ``record``'s items in this stage; return the outputs to send on, by input."""
-        entries = self.entries.pop(record.index, None)
-        if entries is None:
-            return []  # already settled (a failure is in both results() and the report)
-        group: list[_Entry] = entries if self.batch is not None else [entries]
-        if self.batch is None and entries.item is not record.item:  # pragma: no cover
-            raise AssertionError(
-                f"pipeline stage {self.name!r}: the record of index {record.index} is not the "
-                f"item submitted with it (a bug in conveyor: please report it)"
-            )
-        self.room.give(len(group))
-        run = self.run
-        passes: list[tuple[_Input, list[Any]]] = []
-        if type(record) is Succeeded:
-            if self.batch is not None:
-                for entry, result in zip(group, record.value, strict=True):
-                    if type(result) is outcome.Value:
-                        self.succeeded += 1
-                        entry.origin.attempts += record.attempts
-                        passes.append((entry.origin, [result.value]))
-                    else:
-                        self.failed += 1
-                        run.branch_failed(
-                            entry.origin, self.name, entry.item, result.error, record.attempts,
-                            "".join(traceback.format_exception(result.error)),
-                        )
-            else:
-                self.succeeded += 1
-                origin = group[0].origin
-                origin.attempts += record.attempts
-                passes.append(
-                    (origin, list(record.value) if self.spec.fanout else [record.value])
-                )
-        elif type(record) is Failed:
-            for entry in group:
-                self.failed += 1
-                run.branch_failed(
-                    entry.origin, self.name, entry.item, record.error, record.attempts,
-                    record.traceback,
-                )
-        elif type(record) is Unfinished:
-            for entry in group:
-                self.unfinished += 1
-                run.branch_unfinished(
-                    entry.origin, self.name, entry.item, record.attempts, record.last_error
-                )
-        return passes
-
-    async def send_on(self, origin: _Input, outputs: list[Any]) -> None:
-        """One branch's outputs from this stage: on to the next stage (waiting for room)."""
-        if self.last or not outputs:
-            self.strand(origin, outputs)
-            return
-        run = self.run
-        nxt = run.stages[self.k + 1]
-        origin.alive += len(outputs) - 1
-        for i, value in enumerate(outputs):
-            try:
-                await nxt.put(_Entry(origin, value))
-            except _Stopped:
-                nxt.refused(origin, value)
-            except BaseException:
-                # Cancelled while waiting for room: this output and the rest were on their
-                # way to the next stage: Unfinished there.
-                for rest in outputs[i:]:
-                    nxt.refused(origin, rest)
-                raise
-
-    def strand(self, origin: _Input, outputs: list[Any]) -> None:
-        """One branch's outputs, without waiting: the end of the pipeline for the last
-        stage; for another, Unfinished in the next stage (the pipeline has stopped)."""
-        run = self.run
-        if self.last:
-            origin.outputs.extend(outputs)
-            run.branch_done(origin)
-            return
-        if not outputs:
-            run.branch_done(origin)
-            return
-        nxt = run.stages[self.k + 1]
-        origin.alive += len(outputs) - 1
-        for value in outputs:
-            nxt.refused(origin, value)
-
-    def sweep(self) -> None:
-        """After the pools have ended: settle what this stage's forwarder did not read."""
-        pool = self.pool
-        if pool is not None:
-            report = pool.report()
-            records: list[Record] = [*report.succeeded, *report.failed, *report.unfinished]
-            for record in records:
-                for origin, outputs in self.account(record):
-                    self.strand(origin, outputs)
-        for entries in list(self.entries.values()):  # pragma: no cover - a bug if any
-            for entry in entries if isinstance(entries, list) else [entries]:
-                self.room.give()
-                self.unfinished += 1
-                self.run.branch_unfinished(entry.origin, self.name, entry.item, 0, None)
-        self.entries.clear()
-        if self.batch is not None:
-            waiting = []
-            while True:
-                try:
-                    waiting.append(self.batch_receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-            self.unsent(waiting)
-
-    def stats(self) -> Stats:
-        pool_stats = self.pool.stats if self.pool is not None else Stats()
-        return dataclasses.replace(
-            pool_stats,
-            submitted=self.submitted,
-            succeeded=self.succeeded,
-            failed=self.failed,
-            unfinished=self.unfinished,
-        )
 
 
 class _Run:
@@ -794,7 +391,9 @@ class _Run:
         self.observers = observers
         self.drain = drain
         self.fans_out = pipe.fans_out
-        self.stages = [_StageRun(self, k, s) for k, s in enumerate(pipe.stages)]
+        self.stages = [make_stage(self, k, s) for k, s in enumerate(pipe.stages)]
+        for st, nxt in zip(self.stages, self.stages[1:], strict=False):
+            st.next = nxt
         self.next_input = 0
         self.taken = 0
         self.inputs: dict[int, _Input] = {}
@@ -858,6 +457,23 @@ class _Run:
         if origin.alive == 0:
             self.settle(origin)
 
+    def finish(self, origin: _Input, value: Any) -> None:
+        """A branch of ``origin`` came out of the last stage with ``value``."""
+        if self.fans_out:
+            origin.outputs.append(value)
+            self.branch_done(origin)
+            return
+        # One branch per input: it settles now (the common case, written out).
+        del self.inputs[origin.index]
+        self.succeeded += 1
+        # Succeeded(item, value, attempts, index), made in one C call
+        record = _make(Succeeded, (origin.item, value, origin.attempts, origin.index))
+        if self.observe is not None:
+            self.observe(record)
+        self.outbox.append(record)
+        if self.reader_lot:
+            self.reader_lot.unpark_all()
+
     def branch_failed(
         self, origin: _Input, stage: str, item: Any, error: BaseException, attempts: int,
         text: str,
@@ -911,18 +527,15 @@ class _Run:
             await trio.lowlevel.checkpoint()
             return  # settled by the journal
         first = self.stages[0]
-        try:
-            await first.room.take()
-        except _Stopped:
-            raise trio.ClosedResourceError(self._closed_message()) from None
         origin = self.take(item)
         try:
-            await first.put(_Entry(origin, item), room_held=True)
+            if not first.accept_nowait(origin, item):
+                await first.accept(origin, item)
         except BaseException as exc:
             # Not accepted (cancelled, or the pipeline stopped meanwhile), as with a pool.
             del self.inputs[origin.index]
             self.taken -= 1
-            if isinstance(exc, _Stopped):
+            if isinstance(exc, Stopped):
                 raise trio.ClosedResourceError(self._closed_message()) from None
             raise
 
@@ -944,6 +557,8 @@ class _Run:
             async_iterator = aiter(items)
         else:
             sync_iterator = iter(items)
+        accept_nowait = first.accept_nowait
+        take = self.take
         with self.feed_scope:
             try:
                 while True:
@@ -953,30 +568,25 @@ class _Run:
                         except trio.WouldBlock:
                             await window.acquire()
                     try:
-                        await first.room.take()
-                    except BaseException:
-                        if window is not None:
-                            window.release()
-                        raise
-                    try:
+                        await first.wait_room()
                         if async_iterator is not None:
                             item = await anext(async_iterator)
                         else:
                             item = next(sync_iterator)
                     except BaseException:
-                        first.room.give()
                         if window is not None:
                             window.release()
                         raise
-                    origin = self.take(item)
+                    origin = take(item)
                     try:
-                        await first.put(_Entry(origin, item), room_held=True)
+                        if not accept_nowait(origin, item):
+                            await first.accept(origin, item)
                     except BaseException:
-                        first.refused(origin, item)
+                        first.refuse(origin, item)
                         raise
             except (StopIteration, StopAsyncIteration):
                 pass
-            except _Stopped:
+            except Stopped:
                 return
             except Exception as exc:
                 self.feed_error = exc
@@ -1004,12 +614,7 @@ class _Run:
         self.intake_closed = True
         self.feed_scope.cancel()
         for st in self.stages:
-            st.room.close()
-            if st.pool is not None:
-                st.pool.stop(self.drain if drain is None else drain)
-            if st.batch is not None:
-                st.batcher_scope.cancel()
-                st.batch_send.close()
+            st.stop(self.drain if drain is None else drain)
         if self.reader_lot:
             self.reader_lot.unpark_all()
 
@@ -1026,11 +631,14 @@ class _Run:
             try:
                 async with AsyncExitStack() as stack:
                     for st in self.stages:
-                        opts = dict(st.spec.options)
-                        st.pool = await stack.enter_async_context(
-                            open_pool(st.make_fn(), drain=self.drain, name=st.name,
-                                      observers=self.observers, **opts)
-                        )
+                        options = resolve("stage", {
+                            **st.spec.options, "drain": self.drain, "name": st.name,
+                            "observers": self.observers,
+                        })
+                        engine = make_engine(st.make_fn(), options)
+                        engine.link = st.link()
+                        st.engine = engine
+                        await stack.enter_async_context(running_pool(engine))
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.tasks, feed)
                         try:
@@ -1057,18 +665,18 @@ class _Run:
                 error = None
 
     async def tasks(self, feed: Items | None) -> None:
-        """The forwarders, the batchers and the feeder; when they have all ended, every
-        stage's pool has ended too, and the readers are told."""
+        """The feeder and the batchers, until every stage's engine has ended; then the
+        readers are told."""
         try:
             async with trio.open_nursery() as nursery:
                 for st in self.stages:
-                    nursery.start_soon(st.forward)
-                    if st.batch is not None:
-                        nursery.start_soon(st.batcher)
+                    nursery.start_soon(st.tasks)
                 if feed is not None:
                     nursery.start_soon(self.feed, feed)
                 elif self.intake_closed:
                     self.stages[0].close_intake()
+                for st in self.stages:
+                    await st.done.wait()
         finally:
             self.tasks_done = True
             if self.reader_lot:

@@ -1,0 +1,559 @@
+"""A pipeline's stages while it runs: each an engine, linked straight to the next one.
+
+Shape (see docs/design.md, "Pipelines: how it is built")::
+
+    feed / submit() ─► stage 0 ─► stage 1 ─► ... ─► stage n-1 ─► the pipeline's ledger
+                       (engine)   (engine, or a collector and a batcher in front of one)
+
+A stage's engine has a :class:`~conveyor._engine.Link` in place of its outbox: when an
+attempt succeeds, the worker that ran it hands the value into the next stage's work channel
+itself (``send_nowait``; it waits for room only when the next stage is full), or, in the last
+stage, settles the input in the pipeline's ledger. There is no task between two stages, no
+record per item and stage, and no lookup: the :class:`~conveyor._engine.Job` carries its
+input (``job.origin``, the pipeline's ``_Input``) from stage to stage.
+
+The item keeps its place in its stage until it has been handed on, so a stage never holds
+more than its ``buffer + workers`` items, the output it cannot hand on yet included: a full
+stage holds up the one before it, back to intake. A value that cannot be handed on because
+the pipeline is stopping is ``Unfinished`` in the next stage, with no attempt there.
+
+A batching stage has a :class:`~conveyor._batch.Collector` in front of its engine: items are
+put in with a list append, a batcher task takes batches out by size or time and makes each a
+job of the engine (its items and their inputs in two lists); the engine's worker calls the
+batch function once per batch and hands each item's answer on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import traceback
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio.lowlevel import ParkingLot
+
+from ._batch import Collector, call_batch_flat
+from ._engine import Engine, Job
+from ._records import Failed, Unfinished
+from ._retry import Retry
+from ._stats import Stats
+
+if TYPE_CHECKING:
+    from ._pipeline import Stage, _Input, _Run
+
+__all__ = ["BatchStage", "StageRun", "Stopped", "make_stage"]
+
+
+class Stopped(Exception):
+    """Internal: the stage takes no more items (the pipeline is stopping)."""
+
+
+def make_stage(run: _Run, k: int, spec: Stage) -> StageRun:
+    """The running form of stage ``k``: a batching one if ``spec`` has ``batch``."""
+    if spec.batch is not None:
+        return BatchStage(run, k, spec)
+    return StageRun(run, k, spec)
+
+
+class StageRun:
+    """One stage while the pipeline runs: its engine, and the door into it."""
+
+    def __init__(self, run: _Run, k: int, spec: Stage) -> None:
+        self.run = run
+        self.k = k
+        self.spec = spec
+        self.name = spec.name
+        self.engine: Engine | None = None
+        self.next: StageRun | None = None  # set by the run once every stage exists
+        self.done = trio.Event()  # this stage's tasks have ended
+        self.refused_count = 0  # items that never got in (the pipeline had stopped)
+
+    # -- in
+
+    def make_fn(self) -> Callable[[Any], Awaitable[Any]]:
+        """The task function of this stage's engine."""
+        if self.spec.fanout:
+            return _fan_out(self.spec.fn)
+        fn: Callable[[Any], Awaitable[Any]] = self.spec.fn
+        return fn
+
+    def link(self) -> _Link:
+        """What this stage's engine hands its settled items to."""
+        if self.spec.fanout:
+            return _FanOutLink(self)
+        return _Link(self)
+
+    def accept_nowait(self, origin: _Input, item: Any) -> bool:
+        """Put ``item`` (of ``origin``) into this stage if it has room now; False if not.
+
+        Raises:
+            Stopped: the stage takes no more items (nothing was taken).
+        """
+        engine = self.engine
+        assert engine is not None
+        if engine.intake_closed:
+            raise Stopped
+        if len(engine.outstanding) >= engine.capacity:
+            return False
+        job = engine.take(item)
+        job.origin = origin
+        try:
+            engine.send.send_nowait(job)
+        except trio.WouldBlock:
+            engine.unaccept(job)
+            return False
+        return True
+
+    async def accept(self, origin: _Input, item: Any) -> None:
+        """Put ``item`` into this stage, waiting for room. Raises :class:`Stopped` when the
+        stage takes no more items; on any exception the item is not in the stage (the caller
+        accounts for it)."""
+        engine = self.engine
+        assert engine is not None
+        while not self.accept_nowait(origin, item):
+            if len(engine.outstanding) >= engine.capacity:
+                await self.wait_room(engine.capacity - 1)
+                continue
+            # Room in the ledger but not in the channel (workers not started yet).
+            job = engine.take(item)
+            job.origin = origin
+            try:
+                await engine.send.send(job)
+            except BaseException as exc:
+                engine.unaccept(job)
+                if isinstance(exc, trio.ClosedResourceError):
+                    raise Stopped from None
+                raise
+            return
+
+    async def wait_room(self, low: int | None = None) -> None:
+        """Wait until this stage has room for one more item (woken at ``low`` held).
+
+        Raises:
+            Stopped: the stage takes no more items.
+        """
+        engine = self.engine
+        assert engine is not None
+        if len(engine.outstanding) < engine.capacity:
+            if engine.intake_closed:
+                raise Stopped
+            return
+        try:
+            await engine.wait_for_room(engine.feeder_low if low is None else low)
+        except trio.ClosedResourceError:
+            raise Stopped from None
+
+    def refuse(self, origin: _Input, item: Any) -> None:
+        """An item on its way into this stage that never got in: Unfinished here."""
+        self.refused_count += 1
+        self.run.branch_unfinished(origin, self.name, item, 0, None)
+
+    def close_intake(self) -> None:
+        """The stage before has ended (or intake closed): no more items for this one."""
+        assert self.engine is not None
+        self.engine.close()
+
+    def stop(self, drain: float) -> None:
+        if self.engine is not None:
+            self.engine.stop(drain)
+
+    # -- the stage's own tasks
+
+    async def tasks(self) -> None:
+        """Tasks of the stage beside its engine's (a batching stage's batcher)."""
+
+    def ended(self) -> None:
+        """The engine's tasks have ended: close the next stage (nothing more comes)."""
+        self.done.set()
+        nxt = self.next
+        if nxt is not None and not self.run.stopping:
+            nxt.close_intake()
+
+    def sweep(self) -> None:
+        """After the pipeline's engines have ended: settle what is left in front of them."""
+
+    def stats(self) -> Stats:
+        """This stage's counters: items of this stage (refused ones are unfinished)."""
+        engine = self.engine
+        stats = engine.stats if engine is not None else Stats()
+        refused = self.refused_count
+        if not refused:
+            return stats
+        return dataclasses.replace(
+            stats, submitted=stats.submitted + refused, unfinished=stats.unfinished + refused
+        )
+
+
+class _Link:
+    """The link of a plain stage's engine: a success goes into the next stage as it is."""
+
+    __slots__ = ("fans_out", "finish", "name", "next", "run", "stage")
+
+    def __init__(self, stage: StageRun) -> None:
+        self.stage = stage
+        self.run = stage.run
+        self.name = stage.name
+        self.next = stage.next
+        self.finish = self.run.finish
+        self.fans_out = self.run.fans_out
+
+    def pass_nowait(self, job: Job, value: Any) -> bool:
+        origin = job.origin
+        nxt = self.next
+        if nxt is None:
+            origin.attempts += job.attempts
+            self.finish(origin, value)
+            return True
+        try:
+            if not nxt.accept_nowait(origin, value):
+                return False
+        except Stopped:
+            nxt.refuse(origin, value)
+        origin.attempts += job.attempts
+        return True
+
+    async def pass_on(self, job: Job, value: Any) -> None:
+        origin = job.origin
+        origin.attempts += job.attempts
+        nxt = self.next
+        assert nxt is not None
+        try:
+            await nxt.accept(origin, value)
+        except Stopped:
+            nxt.refuse(origin, value)
+        except BaseException:
+            nxt.refuse(origin, value)  # cancelled on its way: Unfinished there
+            raise
+
+    def failed(self, job: Job, record: Failed) -> None:
+        self.run.branch_failed(
+            job.origin, self.name, job.item, record.error, record.attempts, record.traceback
+        )
+
+    def unfinished(self, job: Job, record: Unfinished) -> None:
+        self.run.branch_unfinished(
+            job.origin, self.name, job.item, record.attempts, record.last_error
+        )
+
+    def ended(self) -> None:
+        self.stage.ended()
+
+
+class _FanOutLink(_Link):
+    """A fan-out stage's link: each output of an attempt is a branch of the same input."""
+
+    __slots__ = ()
+
+    def pass_nowait(self, job: Job, value: Any) -> bool:
+        origin = job.origin
+        if self.next is not None and value:
+            return False  # outputs to hand on, maybe waiting: pass_on
+        origin.attempts += job.attempts
+        if value:
+            origin.outputs.extend(value)  # the last stage: the input's final outputs
+        self.run.branch_done(origin)
+        return True
+
+    async def pass_on(self, job: Job, value: Any) -> None:
+        outputs: list[Any] = value
+        origin = job.origin
+        origin.attempts += job.attempts
+        nxt = self.next
+        assert nxt is not None
+        origin.alive += len(outputs) - 1
+        for i, output in enumerate(outputs):
+            try:
+                if not nxt.accept_nowait(origin, output):
+                    await nxt.accept(origin, output)
+            except Stopped:
+                nxt.refuse(origin, output)
+            except BaseException:
+                # Cancelled while waiting for room: this output and the rest were on their
+                # way to the next stage: Unfinished there.
+                for rest in outputs[i:]:
+                    nxt.refuse(origin, rest)
+                raise
+
+
+def _fan_out(fn: Callable[[Any], AsyncIterable[Any]]) -> Callable[[Any], Awaitable[list[Any]]]:
+    """A task function collecting what ``fn(item)`` yields (sent on once it ends)."""
+
+    async def fan_out(item: Any) -> list[Any]:
+        generator = fn(item)
+        outputs = []
+        try:
+            async for value in generator:
+                outputs.append(value)
+        finally:
+            aclose = getattr(generator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return outputs
+
+    return fan_out
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+class BatchStage(StageRun):
+    """A batching stage: a collector in front of an engine whose items are batches.
+
+    It holds at most ``capacity`` items (``Stage.capacity``): those in the collector, and
+    those of the batches in its engine until each is handed on. Its counts are of items.
+    """
+
+    def __init__(self, run: _Run, k: int, spec: Stage) -> None:
+        super().__init__(run, k, spec)
+        batch = spec.batch
+        assert batch is not None
+        self.batch = batch
+        self.collector: Collector[tuple[_Input, Any]] = Collector(batch.size, batch.max_wait)
+        self.capacity = spec.capacity
+        self.used = 0
+        self.closed = False
+        self.room_lot = ParkingLot()
+        self.batcher_scope = trio.CancelScope()
+        self.submitted = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.unfinished = 0
+
+    def make_fn(self) -> Callable[[Any], Awaitable[Any]]:
+        return _BatchCall(self.spec.fn, self.batch.split, self.spec.options["retry"])
+
+    def link(self) -> _Link:
+        return _BatchLink(self)
+
+    def accept_nowait(self, origin: _Input, item: Any) -> bool:
+        if self.closed:
+            raise Stopped
+        if self.used >= self.capacity:
+            return False
+        self.used += 1
+        self.submitted += 1
+        self.collector.put((origin, item))
+        return True
+
+    async def accept(self, origin: _Input, item: Any) -> None:
+        while not self.accept_nowait(origin, item):
+            await self.room_lot.park()
+
+    async def wait_room(self, low: int | None = None) -> None:
+        while self.used >= self.capacity and not self.closed:
+            await self.room_lot.park()
+        if self.closed:
+            raise Stopped
+
+    def give(self, n: int) -> None:
+        """``n`` items left the stage: room for as many."""
+        self.used -= n
+        if self.room_lot:
+            self.room_lot.unpark(count=n)
+
+    def refuse(self, origin: _Input, item: Any) -> None:
+        self.submitted += 1
+        self.unfinished += 1
+        self.run.branch_unfinished(origin, self.name, item, 0, None)
+
+    def close_intake(self) -> None:
+        self.collector.close()
+
+    def stop(self, drain: float) -> None:
+        self.closed = True
+        self.room_lot.unpark_all()
+        self.batcher_scope.cancel()
+        self.collector.close()
+        super().stop(drain)
+
+    async def tasks(self) -> None:
+        """The batcher: batches out of the collector, each a job of the engine."""
+        engine = self.engine
+        assert engine is not None
+        with self.batcher_scope:
+            while True:
+                pairs = await self.collector.take()
+                if not pairs:
+                    break
+                try:
+                    if len(engine.outstanding) >= engine.capacity:
+                        await engine.wait_for_room(engine.capacity - 1)
+                    if engine.intake_closed:  # stopped: take() would start a worker
+                        raise trio.ClosedResourceError
+                    job = engine.take([item for _, item in pairs])
+                    job.origin = [origin for origin, _ in pairs]
+                    try:
+                        try:
+                            engine.send.send_nowait(job)
+                        except trio.WouldBlock:
+                            await engine.send.send(job)
+                    except BaseException:
+                        engine.unaccept(job)  # not in the engine: unsent, below
+                        raise
+                except BaseException as exc:
+                    self.unsent(pairs)
+                    if isinstance(exc, trio.ClosedResourceError):
+                        return
+                    raise
+            engine.close()
+
+    def unsent(self, pairs: list[tuple[_Input, Any]]) -> None:
+        """Items taken into the stage but never made a batch of the engine."""
+        self.give(len(pairs))
+        for origin, item in pairs:
+            self.submitted -= 1  # refuse() counts it again
+            self.refuse(origin, item)
+
+    def sweep(self) -> None:
+        self.unsent(self.collector.drain())
+
+    def stats(self) -> Stats:
+        engine = self.engine
+        stats = engine.stats if engine is not None else Stats()
+        return dataclasses.replace(
+            stats,
+            submitted=self.submitted,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            unfinished=self.unfinished,
+        )
+
+
+class _BatchLink(_Link):
+    """A batching stage's link: a batch's answer, item by item, on to the next stage."""
+
+    __slots__ = ()
+    stage: BatchStage
+
+    def pass_nowait(self, job: Job, value: Any) -> bool:
+        if self.next is not None:
+            return False
+        stage = self.stage
+        origins: list[_Input] = job.origin
+        stage.give(len(origins))
+        run = self.run
+        for origin, item, answer in zip(origins, job.item, value, strict=True):
+            if isinstance(answer, Exception):
+                self.item_failed(origin, item, answer, job.attempts)
+                continue
+            stage.succeeded += 1
+            origin.attempts += job.attempts
+            run.finish(origin, answer)
+        return True
+
+    async def pass_on(self, job: Job, value: Any) -> None:
+        stage = self.stage
+        origins: list[_Input] = job.origin
+        items: list[Any] = job.item
+        nxt = self.next
+        assert nxt is not None
+        n = len(origins)
+        i = 0
+        try:
+            while i < n:
+                origin, answer = origins[i], value[i]
+                if isinstance(answer, Exception):
+                    self.item_failed(origin, items[i], answer, job.attempts)
+                    i += 1
+                    continue
+                try:
+                    if not nxt.accept_nowait(origin, answer):
+                        await nxt.accept(origin, answer)
+                except Stopped:
+                    nxt.refuse(origin, answer)
+                stage.succeeded += 1
+                origin.attempts += job.attempts
+                i += 1
+        except BaseException:
+            # Cancelled on its way: this answer and the ones not handed on yet are
+            # Unfinished in the next stage (each a success of this stage).
+            for j in range(i, n):
+                origin, answer = origins[j], value[j]
+                if isinstance(answer, Exception):
+                    self.item_failed(origin, items[j], answer, job.attempts)
+                else:
+                    stage.succeeded += 1
+                    nxt.refuse(origin, answer)
+            raise
+        finally:
+            stage.give(n)
+
+    def item_failed(self, origin: _Input, item: Any, error: Exception, attempts: int) -> None:
+        self.stage.failed += 1
+        self.run.branch_failed(
+            origin, self.name, item, error, attempts,
+            "".join(traceback.format_exception(error)),
+        )
+
+    def failed(self, job: Job, record: Failed) -> None:
+        stage = self.stage
+        stage.give(len(job.origin))
+        for origin, item in zip(job.origin, job.item, strict=True):
+            stage.failed += 1
+            self.run.branch_failed(
+                origin, self.name, item, record.error, record.attempts, record.traceback
+            )
+
+    def unfinished(self, job: Job, record: Unfinished) -> None:
+        stage = self.stage
+        stage.give(len(job.origin))
+        for origin, item in zip(job.origin, job.item, strict=True):
+            stage.unfinished += 1
+            self.run.branch_unfinished(
+                origin, self.name, item, record.attempts, record.last_error
+            )
+
+
+class _BatchCall:
+    """The task function of a batching stage's engine: one call per batch, an answer per
+    item (its value, or an ``Exception`` instance: ``call_batch_flat``).
+
+    A call that raises an error ``retry`` would retry is raised (the engine retries the
+    whole batch); another error, with ``split``, splits the batch in halves (each half
+    retried by the policy on its own, so a 503 met while isolating a poison row does not
+    fail the good rows); without ``split``, the error is raised and every item gets it.
+    """
+
+    __slots__ = ("fn", "retry", "split")
+
+    def __init__(self, fn: Callable[[list[Any]], Any], split: bool, retry: Retry | None) -> None:
+        self.fn = fn
+        self.split = split
+        self.retry = retry
+
+    def retried(self, error: Exception) -> bool:
+        return self.retry is not None and self.retry.should_retry(error, 0)
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        raised: list[Exception] = []
+        fn = self.fn
+
+        async def whole(batch: list[Any]) -> Any:
+            try:
+                answer = fn(batch)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+            except Exception as error:
+                raised.append(error)
+                raise
+            return answer
+
+        answers = await call_batch_flat(whole, items, split=False)
+        if not raised:
+            return answers
+        error = raised[0]
+        if not self.split or len(items) < 2 or self.retried(error):
+            raise error
+        # Not retryable: isolate the items that make it fail.
+        half = len(items) // 2
+        split_on = self._split_on
+        retry = self.retry
+        first = await call_batch_flat(fn, items[:half], split=True, split_on=split_on,
+                                      retry=retry)
+        return first + await call_batch_flat(fn, items[half:], split=True, split_on=split_on,
+                                             retry=retry)
+
+    def _split_on(self, error: Exception) -> bool:
+        return not self.retried(error)
