@@ -301,6 +301,35 @@ class Engine:
                 raise trio.ClosedResourceError(self.closed_message()) from None
             raise
 
+    def hand_in(self, item: Any, origin: Any) -> bool:
+        """Accept ``item`` (of a pipeline's input ``origin``) if there is room now: a
+        pipeline's hop from the stage before, or its intake. False: full, nothing taken.
+
+        Raises:
+            trio.ClosedResourceError: intake is closed (nothing taken).
+        """
+        if self.intake_closed:
+            raise trio.ClosedResourceError(self.closed_message())
+        outstanding = self.outstanding
+        if len(outstanding) >= self.capacity:
+            return False
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        job = Job(item, seq)
+        job.origin = origin
+        if seq < self.sample_below or not seq & _SAMPLE_MASK:
+            job.enqueued = self.now()
+        outstanding[seq] = job
+        self.submitted += 1
+        if self.spawned < self.workers:
+            self.spawn_workers()
+        try:
+            self.send.send_nowait(job)
+        except trio.WouldBlock:
+            self.unaccept(job)
+            return False
+        return True
+
     def close(self) -> None:
         """No more items: the pool finishes what it holds, then ends. Idempotent."""
         self.intake_closed = True

@@ -370,7 +370,7 @@ class _Input:
         self.item = item
         self.alive = 1  # branches not settled yet (a fan-out adds branches)
         self.attempts = 0
-        self.outputs: list[Any] = []
+        self.outputs: list[Any] | None = None  # a fan-out's outputs, made when needed
         self.failure: Failed | None = None
         self.unfinished: Unfinished | None = None
 
@@ -406,6 +406,7 @@ class _Run:
         self.unfinished: list[Unfinished] = []
         self.succeeded = 0
         self.reader_lot = ParkingLot()
+        self.readers_waiting = 0  # parked in reader_lot (a plain int: read per input)
         self.started = False
         self.done = False
         self.tasks_done = False
@@ -460,6 +461,8 @@ class _Run:
     def finish(self, origin: _Input, value: Any) -> None:
         """A branch of ``origin`` came out of the last stage with ``value``."""
         if self.fans_out:
+            if origin.outputs is None:
+                origin.outputs = []
             origin.outputs.append(value)
             self.branch_done(origin)
             return
@@ -471,7 +474,7 @@ class _Run:
         if self.observe is not None:
             self.observe(record)
         self.outbox.append(record)
-        if self.reader_lot:
+        if self.readers_waiting:
             self.reader_lot.unpark_all()
 
     def branch_failed(
@@ -507,7 +510,8 @@ class _Run:
             self.unfinished.append(origin.unfinished)
             return
         else:
-            value = origin.outputs if self.fans_out else origin.outputs[0]
+            outputs = origin.outputs if origin.outputs is not None else []
+            value = outputs if self.fans_out else outputs[0]
             record = Succeeded(origin.item, value, origin.attempts, index=origin.index)
             self.succeeded += 1
         if self.observe is not None:
@@ -529,8 +533,7 @@ class _Run:
         first = self.stages[0]
         origin = self.take(item)
         try:
-            if not first.accept_nowait(origin, item):
-                await first.accept(origin, item)
+            await first.accept(item, origin)
         except BaseException as exc:
             # Not accepted (cancelled, or the pipeline stopped meanwhile), as with a pool.
             del self.inputs[origin.index]
@@ -557,7 +560,8 @@ class _Run:
             async_iterator = aiter(items)
         else:
             sync_iterator = iter(items)
-        accept_nowait = first.accept_nowait
+        hand_in = first.hand_in
+        has_room = first.has_room
         take = self.take
         with self.feed_scope:
             try:
@@ -568,7 +572,8 @@ class _Run:
                         except trio.WouldBlock:
                             await window.acquire()
                     try:
-                        await first.wait_room()
+                        if not has_room():
+                            await first.wait_room()
                         if async_iterator is not None:
                             item = await anext(async_iterator)
                         else:
@@ -579,8 +584,11 @@ class _Run:
                         raise
                     origin = take(item)
                     try:
-                        if not accept_nowait(origin, item):
-                            await first.accept(origin, item)
+                        if not hand_in(item, origin):
+                            await first.accept(item, origin)
+                    except trio.ClosedResourceError:  # from hand_in: the stage has stopped
+                        first.refuse(origin, item)
+                        raise Stopped from None
                     except BaseException:
                         first.refuse(origin, item)
                         raise
@@ -635,9 +643,13 @@ class _Run:
                             **st.spec.options, "drain": self.drain, "name": st.name,
                             "observers": self.observers,
                         })
-                        engine = make_engine(st.make_fn(), options)
-                        engine.link = st.link()
-                        st.engine = engine
+                        st.engine = make_engine(st.make_fn(), options)
+                    for st in self.stages:
+                        st.bind()
+                    for st in self.stages:
+                        engine = st.engine
+                        assert engine is not None
+                        engine.link = st.link()  # after every door is bound
                         await stack.enter_async_context(running_pool(engine))
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.tasks, feed)
@@ -783,7 +795,12 @@ class _Reader:
             await self._wait(self._park)
 
     async def _park(self) -> None:
-        await self._run.reader_lot.park()
+        run = self._run
+        run.readers_waiting += 1
+        try:
+            await run.reader_lot.park()
+        finally:
+            run.readers_waiting -= 1
 
     async def _wait(self, wait: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -85,36 +85,32 @@ class StageRun:
             return _FanOutLink(self)
         return _Link(self)
 
-    def accept_nowait(self, origin: _Input, item: Any) -> bool:
-        """Put ``item`` (of ``origin``) into this stage if it has room now; False if not.
-
-        Raises:
-            Stopped: the stage takes no more items (nothing was taken).
-        """
+    def bind(self) -> None:
+        """This stage's engine exists: bind its door (``hand_in``)."""
         engine = self.engine
         assert engine is not None
-        if engine.intake_closed:
-            raise Stopped
-        if len(engine.outstanding) >= engine.capacity:
-            return False
-        job = engine.take(item)
-        job.origin = origin
-        try:
-            engine.send.send_nowait(job)
-        except trio.WouldBlock:
-            engine.unaccept(job)
-            return False
-        return True
+        self.hand_in: Callable[[Any, _Input], bool] = engine.hand_in
 
-    async def accept(self, origin: _Input, item: Any) -> None:
-        """Put ``item`` into this stage, waiting for room. Raises :class:`Stopped` when the
-        stage takes no more items; on any exception the item is not in the stage (the caller
-        accounts for it)."""
+    def has_room(self) -> bool:
+        """Whether one more item would get in now."""
         engine = self.engine
         assert engine is not None
-        while not self.accept_nowait(origin, item):
+        return len(engine.outstanding) < engine.capacity
+
+    async def accept(self, item: Any, origin: _Input) -> None:
+        """Put ``item`` (of ``origin``) into this stage, waiting for room. Raises
+        :class:`Stopped` when the stage takes no more items; on any exception the item is
+        not in the stage (the caller accounts for it)."""
+        engine = self.engine
+        assert engine is not None
+        while True:
+            try:
+                if self.hand_in(item, origin):
+                    return
+            except trio.ClosedResourceError:
+                raise Stopped from None
             if len(engine.outstanding) >= engine.capacity:
-                await self.wait_room(engine.capacity - 1)
+                await self.wait_room()  # woken once half its buffer is free: in bulk
                 continue
             # Room in the ledger but not in the channel (workers not started yet).
             job = engine.take(item)
@@ -189,28 +185,29 @@ class StageRun:
 class _Link:
     """The link of a plain stage's engine: a success goes into the next stage as it is."""
 
-    __slots__ = ("fans_out", "finish", "name", "next", "run", "stage")
+    __slots__ = ("finish", "name", "next", "next_in", "run", "stage")
 
     def __init__(self, stage: StageRun) -> None:
         self.stage = stage
         self.run = stage.run
         self.name = stage.name
         self.next = stage.next
+        self.next_in = None if stage.next is None else stage.next.hand_in
         self.finish = self.run.finish
-        self.fans_out = self.run.fans_out
 
     def pass_nowait(self, job: Job, value: Any) -> bool:
         origin = job.origin
-        nxt = self.next
-        if nxt is None:
+        next_in = self.next_in
+        if next_in is None:
             origin.attempts += job.attempts
             self.finish(origin, value)
             return True
         try:
-            if not nxt.accept_nowait(origin, value):
+            if not next_in(value, origin):
                 return False
-        except Stopped:
-            nxt.refuse(origin, value)
+        except trio.ClosedResourceError:
+            assert self.next is not None
+            self.next.refuse(origin, value)
         origin.attempts += job.attempts
         return True
 
@@ -220,7 +217,7 @@ class _Link:
         nxt = self.next
         assert nxt is not None
         try:
-            await nxt.accept(origin, value)
+            await nxt.accept(value, origin)
         except Stopped:
             nxt.refuse(origin, value)
         except BaseException:
@@ -251,8 +248,10 @@ class _FanOutLink(_Link):
         if self.next is not None and value:
             return False  # outputs to hand on, maybe waiting: pass_on
         origin.attempts += job.attempts
-        if value:
-            origin.outputs.extend(value)  # the last stage: the input's final outputs
+        if value:  # the last stage: the input's final outputs
+            if origin.outputs is None:
+                origin.outputs = []
+            origin.outputs.extend(value)
         self.run.branch_done(origin)
         return True
 
@@ -265,8 +264,7 @@ class _FanOutLink(_Link):
         origin.alive += len(outputs) - 1
         for i, output in enumerate(outputs):
             try:
-                if not nxt.accept_nowait(origin, output):
-                    await nxt.accept(origin, output)
+                await nxt.accept(output, origin)
             except Stopped:
                 nxt.refuse(origin, output)
             except BaseException:
@@ -327,9 +325,17 @@ class BatchStage(StageRun):
     def link(self) -> _Link:
         return _BatchLink(self)
 
-    def accept_nowait(self, origin: _Input, item: Any) -> bool:
+    def bind(self) -> None:
+        self.hand_in = self.put
+
+    def put(self, item: Any, origin: _Input) -> bool:
+        """Put ``item`` into the collector if the stage has room now (its ``hand_in``).
+
+        Raises:
+            trio.ClosedResourceError: the stage takes no more items.
+        """
         if self.closed:
-            raise Stopped
+            raise trio.ClosedResourceError("the pipeline is stopping")
         if self.used >= self.capacity:
             return False
         self.used += 1
@@ -337,8 +343,16 @@ class BatchStage(StageRun):
         self.collector.put((origin, item))
         return True
 
-    async def accept(self, origin: _Input, item: Any) -> None:
-        while not self.accept_nowait(origin, item):
+    def has_room(self) -> bool:
+        return self.used < self.capacity
+
+    async def accept(self, item: Any, origin: _Input) -> None:
+        while True:
+            try:
+                if self.put(item, origin):
+                    return
+            except trio.ClosedResourceError:
+                raise Stopped from None
             await self.room_lot.park()
 
     async def wait_room(self, low: int | None = None) -> None:
@@ -459,9 +473,9 @@ class _BatchLink(_Link):
                     i += 1
                     continue
                 try:
-                    if not nxt.accept_nowait(origin, answer):
-                        await nxt.accept(origin, answer)
-                except Stopped:
+                    if not nxt.hand_in(answer, origin):
+                        await nxt.accept(answer, origin)
+                except (Stopped, trio.ClosedResourceError):
                     nxt.refuse(origin, answer)
                 stage.succeeded += 1
                 origin.attempts += job.attempts
