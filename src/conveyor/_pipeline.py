@@ -42,7 +42,7 @@ import outcome
 import trio
 from trio.lowlevel import ParkingLot
 
-from ._api import open_pool
+from ._api import _total, _with_progress, open_pool
 from ._batch import call_batch, collect
 from ._final import NoPublicConstructor
 from ._host import BareHost
@@ -62,6 +62,7 @@ from ._options import (
 )
 from ._pool import Pool, sole_error
 from ._pool_options import check_name, check_observers
+from ._progress import PipelineProgress, Progress
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -274,6 +275,7 @@ class Pipeline(metaclass=NoPublicConstructor):
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
         observers: Sequence[Observer] = (),
+        progress: bool | Progress = False,
     ) -> Report:
         """Run every input through every stage and return the account: one record per
         input (see :class:`Report`; ``report.stages`` has each stage's own stats).
@@ -289,11 +291,17 @@ class Pipeline(metaclass=NoPublicConstructor):
 
         ``observers``: given to every stage's pool, which is named after its stage
         (``PoolInfo.name``).
+
+        ``progress``: as for :func:`conveyor.run` (``True`` or a :class:`conveyor.Progress`),
+        one line for the whole pipeline: its inputs (done of ``len(items)`` when known) and
+        each stage by name with its own counts (done, in flight, queued, retries, failed).
         """
         check_items(items)
         check_drain(drain)
         spec = check_journal(journal, key)
-        run = _Run(self, drain, observers=check_observers(observers))
+        checked = check_observers(observers)
+        run = _Run(self, drain, observers=checked, progress=_with_progress((), progress),
+                   total=_total(items))
         async with journaled(run.as_pool(), spec, items) as feed:
             assert feed is not None
             async with run.running(feed):
@@ -310,6 +318,7 @@ class Pipeline(metaclass=NoPublicConstructor):
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
         observers: Sequence[Observer] = (),
+        progress: bool | Progress = False,
     ) -> PipelineStream:
         """Stream one record per input as it settles (``async for``, or ``async with``).
 
@@ -318,18 +327,21 @@ class Pipeline(metaclass=NoPublicConstructor):
         input order; later inputs keep flowing through every stage behind a slow one,
         within the window. Leaving the loop early stops the pipeline. ``journal`` and
         ``key`` as for :meth:`run` (inputs from the journal are yielded too, in their place
-        when ordered).
+        when ordered). ``progress`` as for :meth:`run`; its final line is written also
+        when the caller leaves the loop early.
         """
         check_items(items)
         check_drain(drain)
         spec = check_journal(journal, key)
         checked = check_observers(observers)
+        shown = _with_progress((), progress)
         check_bool("ordered", ordered)
         if window is not None:
             check_count("window", window, minimum=1)
         else:
             window = 2 * sum(s.capacity for s in self.stages)
-        run = _Run(self, drain, window=window, ordered=ordered, observers=checked)
+        run = _Run(self, drain, window=window, ordered=ordered, observers=checked,
+                   progress=shown, total=_total(items))
         return PipelineStream._create(run, items, spec)
 
     def open(
@@ -339,6 +351,7 @@ class Pipeline(metaclass=NoPublicConstructor):
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
         observers: Sequence[Observer] = (),
+        progress: bool | Progress = False,
     ) -> AbstractAsyncContextManager[PipelineRun]:
         """Open the pipeline and feed it by hand::
 
@@ -351,10 +364,13 @@ class Pipeline(metaclass=NoPublicConstructor):
 
         ``journal`` and ``key`` as for :meth:`run`: an input submitted that the journal
         holds as succeeded is not run; its record comes at once, with the stored value.
+        ``progress`` as for :meth:`run` (the inputs submitted so far: no total).
         """
         check_drain(drain)
         spec = check_journal(journal, key)
-        return _OpenRun(_Run(self, drain, observers=check_observers(observers)), spec)
+        checked = check_observers(observers)
+        shown = _with_progress((), progress)
+        return _OpenRun(_Run(self, drain, observers=checked, progress=shown), spec)
 
 
 # ---------------------------------------------------------------------------- the ledger
@@ -789,9 +805,13 @@ class _Run:
         window: int | None = None,
         ordered: bool = False,
         observers: tuple[Observer, ...] = (),
+        progress: tuple[Observer, ...] = (),
+        total: int | None = None,
     ) -> None:
         self.pipe = pipe
         self.observers = observers
+        self.progress = PipelineProgress(progress)  # the pipeline's own line (progress=)
+        self.total = total  # inputs that will run, when known (the journal may set it)
         self.drain = drain
         self.fans_out = pipe.fans_out
         self.stages = [_StageRun(self, k, s) for k, s in enumerate(pipe.stages)]
@@ -1021,6 +1041,7 @@ class _Run:
             raise RuntimeError("a pipeline run runs once: call pipe.open() again for a new one")
         self.started = True
         self.t0 = trio.current_time()
+        self.progress.open(self.pipe.stages, self.total, lambda: self.stats, self.stage_stats)
         error: BaseException | None = None
         try:
             try:
@@ -1033,6 +1054,7 @@ class _Run:
                         )
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.tasks, feed)
+                        nursery.start_soon(self.progress.tick)  # until tasks() ends
                         try:
                             yield self
                         except BaseException as exc:
@@ -1048,6 +1070,7 @@ class _Run:
         finally:
             self.caller_error = None
             self.finalize()
+            self.progress.close(self.report)
         if self.feed_error is not None and (error is None or isinstance(error, trio.Cancelled)):
             error, self.feed_error = self.feed_error, None
         if error is not None:
@@ -1070,6 +1093,7 @@ class _Run:
                 elif self.intake_closed:
                     self.stages[0].close_intake()
         finally:
+            self.progress.stop()
             self.tasks_done = True
             if self.reader_lot:
                 self.reader_lot.unpark_all()
@@ -1407,13 +1431,20 @@ class _JournalSeam:
     """What ``_journal.journaled`` needs of a pool's engine, for a pipeline run: it filters
     intake (``gate``, ``settle_unrun``), is told of each record (``observe_settled``), reads
     the unfinished ones from ``report()`` at the end, and stops the run if it cannot write.
-    ``total`` (the number of items that will run, for a progress display) is kept, unused."""
+    ``total`` (the number of items that will run) is the run's, the progress line's total."""
 
-    __slots__ = ("_run", "total")
+    __slots__ = ("_run",)
 
     def __init__(self, run: _Run) -> None:
         self._run = run
-        self.total: int | None = None
+
+    @property
+    def total(self) -> int | None:
+        return self._run.total
+
+    @total.setter
+    def total(self, total: int | None) -> None:
+        self._run.total = total  # the inputs that will run: the progress line's total
 
     def observe_settled(self, observe: Callable[[Record], None]) -> None:
         self._run.observe = observe
