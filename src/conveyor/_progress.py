@@ -21,7 +21,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol, TextIO
+from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 
 import trio
 
@@ -141,9 +141,10 @@ def format_line(
         line = " | ".join(text for _, text in fields)
         if len(line) <= limit:
             return line
-        if name == "stage_details" and stages is not None:
-            brief = iter([format_stage(n, counts, brief=True) for n, counts in stages.items()])
-            fields = [(field, next(brief) if field == "stages" else text)
+        if name in _STAGE_DETAIL and stages is not None:
+            detail = _STAGE_DETAIL[name]
+            parts = iter([format_stage(n, counts, detail) for n, counts in stages.items()])
+            fields = [(field, next(parts) if field == "stages" else text)
                       for field, text in fields]
         fields = [field for field in fields if field[0] != name]
     return " | ".join(text for _, text in fields)[:limit]
@@ -161,21 +162,29 @@ count itself is never dropped, only cut when even it does not fit.
 """
 
 PIPELINE_DROP_ORDER = (
-    "elapsed", "stage_details", "label", "stages", "rate", "eta", "unfinished", "failed",
+    "elapsed", "stage_details", "label", "stage_failures", "rate", "stages", "eta",
+    "unfinished", "failed",
 )
-"""What a pipeline's line loses on a narrow terminal, first to last: the elapsed time, then
-each stage's details (its part keeps done, failed and unfinished), the ``conveyor`` label,
-then the stages' parts, then as :data:`DROP_ORDER`. ``stage_details`` shortens the stages'
-parts; the others are fields of :func:`format_line`."""
+"""What a pipeline's line loses on a narrow terminal, first to last: the elapsed time; each
+stage's in flight, queued and retries (``stage_details``: ``fetch: 1,300 done, 1 failed``);
+the ``conveyor`` label; each stage's failures (``stage_failures``: ``fetch 1,300``, how
+many it has done); the rate; the stages' parts; then as :data:`DROP_ORDER`: the ETA, the
+unfinished and failed inputs. The count of inputs done is never dropped."""
+
+StageDetail = Literal["full", "brief", "done"]
+_STAGE_DETAIL: dict[str, StageDetail] = {"stage_details": "brief", "stage_failures": "done"}
 
 
-def format_stage(name: str, counts: _Counts, brief: bool = False) -> str:
-    """A pipeline stage's part of the line: ``fetch: 1,300 done, 20 in flight, 40 queued,
-    7 retries, 1 failed, 2 unfinished`` (its own items; counts of 0 left out, but for
-    ``done``: succeeded, failed and unfinished). ``brief``: only done, failed and
-    unfinished (a narrow terminal)."""
-    parts = [f"{counts.succeeded + counts.failed + counts.unfinished:,} done"]
-    if not brief:
+def format_stage(name: str, counts: _Counts, detail: StageDetail = "full") -> str:
+    """A pipeline stage's part of the line, its own items: ``fetch: 1,300 done, 20 in
+    flight, 40 queued, 7 retries, 1 failed, 2 unfinished`` (counts of 0 left out, but for
+    ``done``: succeeded, failed and unfinished). Narrower: ``detail="brief"``, ``fetch:
+    1,300 done, 1 failed, 2 unfinished``; ``detail="done"``, ``fetch 1,300``."""
+    done = counts.succeeded + counts.failed + counts.unfinished
+    if detail == "done":
+        return f"{name} {done:,}"
+    parts = [f"{done:,} done"]
+    if detail == "full":
         parts += [f"{n:,} {what}" for n, what in (
             (counts.in_flight, "in flight"), (counts.queued, "queued"),
             (counts.retried, "retries"),
