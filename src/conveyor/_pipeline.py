@@ -50,6 +50,7 @@ from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._observe import Observer
 from ._options import (
+    SHAPE,
     check_bool,
     check_count,
     check_drain,
@@ -221,31 +222,50 @@ def stage(
 def pipeline(*stages: Stage | Callable[..., Any]) -> Pipeline:
     """A pipeline of ``stages`` (each a :func:`conveyor.stage`, or a plain task function:
     a stage with the default options). Run it with :meth:`Pipeline.run`,
-    :meth:`Pipeline.map` or :meth:`Pipeline.open`; it can be run any number of times."""
+    :meth:`Pipeline.map` or :meth:`Pipeline.open`; it can be run any number of times.
+
+    Refused here (``stages=... is not valid``): no stage, a stage that is neither a
+    :func:`conveyor.stage` nor a task function, two stages of one name."""
     if not stages:
-        raise ValueError("pipeline needs at least one stage: pipeline(stage(fn), ...)")
-    made = tuple(s if isinstance(s, Stage) else _as_stage(s) for s in stages)
+        raise invalid("stages", stages, f"at least one stage: {_A_STAGE}",
+                      "conveyor.pipeline(conveyor.stage(fn))", owner="pipeline")
+    made = tuple(s if isinstance(s, Stage) else _as_stage(s, k, len(stages))
+                 for k, s in enumerate(stages))
     seen: set[str] = set()
     for s in made:
         if s.name in seen:
-            raise ValueError(
-                f"two stages are named {s.name!r}: give each a distinct name "
-                f"(stage(fn, name=...))"
+            raise invalid(
+                "stages", made, f"distinct stage names, but two stages are named {s.name!r}",
+                f"conveyor.pipeline(conveyor.stage(fn, name={s.name!r}), "
+                f"conveyor.stage(fn, name={s.name + '_2'!r})) (each stage its own name=)",
+                owner="pipeline",
             )
         seen.add(s.name)
     return Pipeline._create(made)
 
 
-def _as_stage(fn: object) -> Stage:
+_A_STAGE = "a conveyor.stage(...) or a task function (async def fn(item))"
+
+
+def _as_stage(fn: object, k: int = 0, count: int = 1) -> Stage:
     """A plain task function given to :func:`pipeline`: a stage with the defaults."""
+    where = f" (stage {k + 1} of {count})" if count > 1 else ""
     if not callable(fn):
-        raise TypeError(
-            f"stages must be conveyor.stage(...) or task functions, got {fn!r:.60}"
-        )
+        raise invalid("stages", fn, f"each stage {_A_STAGE}, not an object of type "
+                      f"{type(fn).__name__}{where}",
+                      "conveyor.pipeline(conveyor.stage(fn))", owner="pipeline",
+                      kind=TypeError)
     try:
         return stage(fn)
     except (TypeError, ValueError) as error:
-        raise type(error)(f"stages: {error}") from None
+        refused = SHAPE.match(str(error))
+        why = refused["expected"] if refused else str(error)
+        note = f" (fn here: {refused['fix'].removeprefix('fn=')})" if refused else ""
+        raise invalid(
+            "stages", fn, f"each stage {_A_STAGE}; as a task function{where}: {why}",
+            f"conveyor.pipeline(conveyor.stage(fn)){note}", owner="pipeline",
+            kind=type(error),
+        ) from None
 
 
 @final
