@@ -428,3 +428,33 @@ async def test_on_a_terminal_every_line_fits_its_width(
     assert len(lines) == 5  # snapshots at 1, 2, 3 and 4 s, the final line at 4.5 s
     assert all(len(line) <= 59 for line in lines)
     assert lines[-1] == "6/6 100.0% | 1.33/s | failed 1 | fetch 6 | parse 6"  # each: done
+
+
+async def test_a_resumed_run_counts_the_inputs_left_to_run(tmp_path: Any) -> None:
+    """With a journal that holds some inputs, the total is the inputs that will run (the
+    journal's count), not ``len(items)``. Real clock: the journal's SQLite runs in a
+    thread."""
+    fail_three = True
+
+    async def flaky(x: int) -> int:
+        await trio.lowlevel.checkpoint()
+        if x == 3 and fail_three:
+            raise ValueError("three")
+        return x
+
+    async def store(x: int) -> int:
+        await trio.lowlevel.checkpoint()
+        return x
+
+    pipe = conveyor.pipeline(flaky, store)
+    journal = tmp_path / "job.journal"
+    stream = Lines()
+    await pipe.run(range(6), journal=journal, progress=Kept(stream, interval=60))
+    assert stream.lines[-1].startswith("conveyor | 6/6 100.0% | ")
+    fail_three = False
+    stream = Lines()
+    progress = Kept(stream, interval=60)
+    report = await pipe.run(range(6), journal=journal, progress=progress)
+    assert progress.infos[0].total == 1  # 5 held as succeeded; only input 3 runs again
+    assert stream.lines[-1].startswith("conveyor | 1/1 100.0% | ")
+    assert stage_parts(stream.lines[-1]) == expected_parts(report)

@@ -218,7 +218,9 @@ def terminal_width(stream: object) -> int:
 class Progress(Observer):
     """The live progress line: an observer that writes a pool's counters as one line.
 
-    ``progress=True`` on ``run``, ``map`` and ``open_pool`` is ``progress=Progress()``; a
+    ``progress=True`` on ``run``, ``map`` and ``open_pool`` (and on a pipeline's ``run``,
+    ``map`` and ``open``: one line for its inputs and each stage) is
+    ``progress=Progress()``; a
     ``Progress`` is also an :class:`~conveyor.Observer` like any other: ``opened`` takes the
     pool's item count as the total, ``snapshot`` (every ``interval``) writes the line,
     ``closed`` writes the final line, the pool's final account, also after a cancel.
