@@ -4,7 +4,9 @@ Every parameter check raises ``[Owner: ]param=value is not valid: expected WHAT;
 (``conveyor._options.SHAPE``). Where FIX is code (``workers=2``, ``retry=conveyor.Retry(
 attempts=3)``, ``ordered=True, window=4``, optionally followed by a note in parentheses),
 :func:`suggested_fix` turns it into keyword arguments, so a test can make the corrected
-call and check it is accepted.
+call and check it is accepted. Where the parameter is variadic (``pipeline(*stages)``), FIX is
+the whole corrected call (``conveyor.pipeline(conveyor.stage(fn))``): :func:`suggested_call`
+makes it.
 """
 
 from __future__ import annotations
@@ -69,3 +71,24 @@ def suggested_fix(message: str) -> dict[str, Any] | None:
             for k in call.keywords
         }
     return None
+
+
+def _without_note(fix: str) -> list[str]:
+    """``fix``, then ``fix`` without each trailing note in parentheses, longest first."""
+    return [fix] + [fix[:i] for i in range(len(fix) - 1, 0, -1)
+                    if fix.startswith(" (", i) and fix.endswith(")")]
+
+
+def suggested_call(message: str, **names: Any) -> Any:
+    """The call the message suggests as its fix (a whole expression, as for a variadic
+    parameter), evaluated with ``names`` (what the fix names that only the caller has, such
+    as ``fn``); a TypeError or ValueError it raises comes out (the fix refused too).
+    AssertionError when the fix is not one expression."""
+    fix = parts(message)["fix"]
+    for code in _without_note(fix):
+        try:
+            tree = ast.parse(code, mode="eval")
+        except SyntaxError:
+            continue
+        return eval(compile(tree, "<fix>", "eval"), {**NAMESPACE, **names})
+    raise AssertionError(f"the fix is not an expression: {fix!r}")

@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 
 import conveyor
 from tests import _procfuncs
-from tests._fixes import SHAPE, suggested_fix
+from tests._fixes import SHAPE, suggested_call, suggested_fix
 
 # ------------------------------------------------------------------------- the bad values
 
@@ -118,7 +118,11 @@ KNOWN_OPEN: set[tuple[str, str, str]] = {
 # Merged in parallel with the one shape: these refuse bad input at the call, naming the
 # parameter (checked), but in their own words, not yet in the one shape (open: to convert
 # to conveyor._options' checks).
-SHAPE_OPEN = {"pipeline"}  # its `*stages`: a stage that is not one, two stages of one name
+SHAPE_OPEN: set[str] = set()
+
+# A variadic parameter (``pipeline(*stages)``) is not one keyword to try: the fix is the
+# whole corrected call, made with ``fn`` a task function (tests._fixes.suggested_call).
+CALL_FIX = {"pipeline"}
 
 
 def known_open(target: str, param: str, label: str) -> bool:
@@ -599,6 +603,14 @@ async def check_refusal(target: Target, param: str, label: str, error: Exception
     match = SHAPE.match(message)
     assert match is not None, f"{where}: not in the one shape: {message!r}"
     assert match["param"] == param, f"{where}: names {match['param']!r}: {message!r}"
+    if target.name in CALL_FIX:
+        try:
+            made = suggested_call(message, fn=Work())
+        except (TypeError, ValueError) as refused:
+            raise AssertionError(f"{where}: the suggested fix {match['fix']!r} is refused "
+                                 f"too: {refused}") from None
+        await _pipe_settled(made)
+        return
     try:
         fix = suggested_fix(message)
     except Exception:  # code that names what only the caller has (fn=MyClass(...))
@@ -721,3 +733,30 @@ def test_every_pool_option_is_a_case_of_each_entry_point() -> None:
     assert {"workers", "journal", "name", "observers"} <= options
     for entry in ("run", "map", "open_pool"):
         assert options <= {param for target, param in CASES if target.name == entry}
+
+
+PIPELINE_REFUSALS = [
+    ("no stage", ()),
+    ("not a stage", (5,)),
+    ("not a stage, second of two", (_async_true, None)),
+    ("a class", (int,)),
+    ("two stages of one name", (_async_true, conveyor.stage(Work(), name="_async_true"))),
+]
+
+
+@pytest.mark.parametrize(("label", "stages"), PIPELINE_REFUSALS,
+                         ids=[label for label, _ in PIPELINE_REFUSALS])
+def test_pipeline_refuses_its_stages_in_the_one_shape_with_a_fix_that_works(
+    label: str, stages: tuple[Any, ...],
+) -> None:
+    """``pipeline(*stages)``'s own refusals, which one bad value for ``stages`` cannot all
+    reach (no stage, two of one name): the one shape, and the call it suggests runs."""
+    (target,) = [t for t in TARGETS if t.name == "pipeline"]
+    with pytest.raises((TypeError, ValueError)) as caught:
+        conveyor.pipeline(*stages)
+    assert str(caught.value).startswith("pipeline: stages=")
+
+    async def main() -> None:
+        await check_refusal(target, "stages", label, caught.value)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -76,13 +76,13 @@ def make_engine(
         per_key=per_key,
         adaptive=adaptive,
         name=options["name"],
-        observers=_with_progress(observers, options["progress"]),
+        observers=with_progress(observers, options["progress"]),
     )
     engine.total = total  # PoolInfo.total: a gated or journaled feed has no len()
     return engine
 
 
-def _with_progress(observers: tuple[Observer, ...], progress: object) -> tuple[Observer, ...]:
+def with_progress(observers: tuple[Observer, ...], progress: object) -> tuple[Observer, ...]:
     """The observers, and the progress line (``progress=``) as one more of them."""
     if progress is True:
         progress = Progress()
@@ -94,7 +94,7 @@ def _with_progress(observers: tuple[Observer, ...], progress: object) -> tuple[O
                   "progress=True", kind=TypeError)
 
 
-def _total(items: Items) -> int | None:
+def items_total(items: Items) -> int | None:
     """The number of items when ``items`` knows it (a list, a range...), for progress."""
     if isinstance(items, Sized) and not isinstance(items, AsyncIterable):
         try:
@@ -140,7 +140,7 @@ async def run(
     resolved = resolve("run", options)
     check_items(items)
     journal_spec = check_journal(resolved["journal"], resolved["key"])
-    pool = make_engine(fn, resolved, total=_total(items))
+    pool = make_engine(fn, resolved, total=items_total(items))
     if journal_spec is not None:
         return await run_journaled(pool, items, journal_spec)
     async with running(pool, items):
@@ -265,7 +265,7 @@ def map(  # the contract's name; it shadows the builtin inside this module only
                   timeout=resolved["timeout"], drain=resolved["drain"])
     size = default_buffer(workers) if buffer is None else buffer
     pool = make_engine(
-        fn, resolved, total=_total(items),
+        fn, resolved, total=items_total(items),
         # Unordered: workers wait when this many records are unread (bounded memory).
         # Ordered: the window bounds everything already.
         outbox_limit=None if ordered else workers + size,

@@ -25,7 +25,7 @@ observer and method and otherwise ignored: a broken dashboard never loses an ite
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,12 @@ class PoolInfo:
     per item (1 without a retry policy). ``total``: the number of items when it is known up
     front (``len(items)``), else None. ``stats``: a function returning a fresh
     :class:`~conveyor.Stats` snapshot (for observers that read gauges when scraped).
+
+    ``stages``: None for a pool. For a whole pipeline (what ``progress=`` of
+    :meth:`conveyor.Pipeline.run`, ``map`` and ``open`` is told: ``name`` ``"pipeline"``,
+    ``stats`` and ``total`` counting its inputs, ``workers`` the sum of its stages',
+    ``retry_attempts`` the most of any stage), a function returning each stage's own
+    :class:`~conveyor.Stats` now, by stage name, in stage order.
     """
 
     name: str
@@ -52,6 +58,7 @@ class PoolInfo:
     retry_attempts: int
     total: int | None
     stats: Callable[[], Stats]
+    stages: Callable[[], Mapping[str, Stats]] | None = None
 
 
 @dataclass(slots=True, eq=False)

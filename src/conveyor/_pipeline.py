@@ -40,13 +40,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast, final
 import trio
 from trio.lowlevel import ParkingLot
 
-from ._api import make_engine
+from ._api import items_total, make_engine, with_progress
 from ._final import NoPublicConstructor
 from ._host import BareHost
 from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._observe import Observer
 from ._options import (
+    SHAPE,
     check_bool,
     check_count,
     check_drain,
@@ -60,6 +61,7 @@ from ._options import (
 from ._pool import running as running_pool
 from ._pool import sole_error
 from ._pool_options import check_name, check_observers, resolve
+from ._progress import PipelineProgress, Progress
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -220,31 +222,50 @@ def stage(
 def pipeline(*stages: Stage | Callable[..., Any]) -> Pipeline:
     """A pipeline of ``stages`` (each a :func:`conveyor.stage`, or a plain task function:
     a stage with the default options). Run it with :meth:`Pipeline.run`,
-    :meth:`Pipeline.map` or :meth:`Pipeline.open`; it can be run any number of times."""
+    :meth:`Pipeline.map` or :meth:`Pipeline.open`; it can be run any number of times.
+
+    Refused here (``stages=... is not valid``): no stage, a stage that is neither a
+    :func:`conveyor.stage` nor a task function, two stages of one name."""
     if not stages:
-        raise ValueError("pipeline needs at least one stage: pipeline(stage(fn), ...)")
-    made = tuple(s if isinstance(s, Stage) else _as_stage(s) for s in stages)
+        raise invalid("stages", stages, f"at least one stage: {_A_STAGE}",
+                      "conveyor.pipeline(conveyor.stage(fn))", owner="pipeline")
+    made = tuple(s if isinstance(s, Stage) else _as_stage(s, k, len(stages))
+                 for k, s in enumerate(stages))
     seen: set[str] = set()
     for s in made:
         if s.name in seen:
-            raise ValueError(
-                f"two stages are named {s.name!r}: give each a distinct name "
-                f"(stage(fn, name=...))"
+            raise invalid(
+                "stages", made, f"distinct stage names, but two stages are named {s.name!r}",
+                f"conveyor.pipeline(conveyor.stage(fn, name={s.name!r}), "
+                f"conveyor.stage(fn, name={s.name + '_2'!r})) (each stage its own name=)",
+                owner="pipeline",
             )
         seen.add(s.name)
     return Pipeline._create(made)
 
 
-def _as_stage(fn: object) -> Stage:
+_A_STAGE = "a conveyor.stage(...) or a task function (async def fn(item))"
+
+
+def _as_stage(fn: object, k: int = 0, count: int = 1) -> Stage:
     """A plain task function given to :func:`pipeline`: a stage with the defaults."""
+    where = f" (stage {k + 1} of {count})" if count > 1 else ""
     if not callable(fn):
-        raise TypeError(
-            f"stages must be conveyor.stage(...) or task functions, got {fn!r:.60}"
-        )
+        raise invalid("stages", fn, f"each stage {_A_STAGE}, not an object of type "
+                      f"{type(fn).__name__}{where}",
+                      "conveyor.pipeline(conveyor.stage(fn))", owner="pipeline",
+                      kind=TypeError)
     try:
         return stage(fn)
     except (TypeError, ValueError) as error:
-        raise type(error)(f"stages: {error}") from None
+        refused = SHAPE.match(str(error))
+        why = refused["expected"] if refused else str(error)
+        note = f" (fn here: {refused['fix'].removeprefix('fn=')})" if refused else ""
+        raise invalid(
+            "stages", fn, f"each stage {_A_STAGE}; as a task function{where}: {why}",
+            f"conveyor.pipeline(conveyor.stage(fn)){note}", owner="pipeline",
+            kind=type(error),
+        ) from None
 
 
 @final
@@ -274,6 +295,7 @@ class Pipeline(metaclass=NoPublicConstructor):
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
         observers: Sequence[Observer] = (),
+        progress: bool | Progress = False,
     ) -> Report:
         """Run every input through every stage and return the account: one record per
         input (see :class:`Report`; ``report.stages`` has each stage's own stats).
@@ -289,11 +311,17 @@ class Pipeline(metaclass=NoPublicConstructor):
 
         ``observers``: given to every stage's pool, which is named after its stage
         (``PoolInfo.name``).
+
+        ``progress``: as for :func:`conveyor.run` (``True`` or a :class:`conveyor.Progress`),
+        one line for the whole pipeline: its inputs (done of ``len(items)`` when known) and
+        each stage by name with its own counts (done, in flight, queued, retries, failed).
         """
         check_items(items)
         check_drain(drain)
         spec = check_journal(journal, key)
-        run = _Run(self, drain, observers=check_observers(observers))
+        checked = check_observers(observers)
+        run = _Run(self, drain, observers=checked, progress=with_progress((), progress),
+                   total=items_total(items))
         async with journaled(run.as_pool(), spec, items) as feed:
             assert feed is not None
             async with run.running(feed):
@@ -310,6 +338,7 @@ class Pipeline(metaclass=NoPublicConstructor):
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
         observers: Sequence[Observer] = (),
+        progress: bool | Progress = False,
     ) -> PipelineStream:
         """Stream one record per input as it settles (``async for``, or ``async with``).
 
@@ -318,18 +347,21 @@ class Pipeline(metaclass=NoPublicConstructor):
         input order; later inputs keep flowing through every stage behind a slow one,
         within the window. Leaving the loop early stops the pipeline. ``journal`` and
         ``key`` as for :meth:`run` (inputs from the journal are yielded too, in their place
-        when ordered).
+        when ordered). ``progress`` as for :meth:`run`; its final line is written also
+        when the caller leaves the loop early.
         """
         check_items(items)
         check_drain(drain)
         spec = check_journal(journal, key)
         checked = check_observers(observers)
+        shown = with_progress((), progress)
         check_bool("ordered", ordered)
         if window is not None:
             check_count("window", window, minimum=1)
         else:
             window = 2 * sum(s.capacity for s in self.stages)
-        run = _Run(self, drain, window=window, ordered=ordered, observers=checked)
+        run = _Run(self, drain, window=window, ordered=ordered, observers=checked,
+                   progress=shown, total=items_total(items))
         return PipelineStream._create(run, items, spec)
 
     def open(
@@ -339,6 +371,7 @@ class Pipeline(metaclass=NoPublicConstructor):
         journal: str | os.PathLike[str] | None = None,
         key: Callable[[Any], str | int | bytes] | None = None,
         observers: Sequence[Observer] = (),
+        progress: bool | Progress = False,
     ) -> AbstractAsyncContextManager[PipelineRun]:
         """Open the pipeline and feed it by hand::
 
@@ -351,10 +384,13 @@ class Pipeline(metaclass=NoPublicConstructor):
 
         ``journal`` and ``key`` as for :meth:`run`: an input submitted that the journal
         holds as succeeded is not run; its record comes at once, with the stored value.
+        ``progress`` as for :meth:`run` (the inputs submitted so far: no total).
         """
         check_drain(drain)
         spec = check_journal(journal, key)
-        return _OpenRun(_Run(self, drain, observers=check_observers(observers)), spec)
+        checked = check_observers(observers)
+        shown = with_progress((), progress)
+        return _OpenRun(_Run(self, drain, observers=checked, progress=shown), spec)
 
 
 # ---------------------------------------------------------------------------- the ledger
@@ -386,9 +422,13 @@ class _Run:
         window: int | None = None,
         ordered: bool = False,
         observers: tuple[Observer, ...] = (),
+        progress: tuple[Observer, ...] = (),
+        total: int | None = None,
     ) -> None:
         self.pipe = pipe
         self.observers = observers
+        self.progress = PipelineProgress(progress)  # the pipeline's own line (progress=)
+        self.total = total  # inputs that will run, when known (the journal may set it)
         self.drain = drain
         self.fans_out = pipe.fans_out
         self.stages = [make_stage(self, k, s) for k, s in enumerate(pipe.stages)]
@@ -634,6 +674,7 @@ class _Run:
             raise RuntimeError("a pipeline run runs once: call pipe.open() again for a new one")
         self.started = True
         self.t0 = trio.current_time()
+        self.progress.open(self.pipe.stages, self.total, lambda: self.stats, self.stage_stats)
         error: BaseException | None = None
         try:
             try:
@@ -653,6 +694,7 @@ class _Run:
                         await stack.enter_async_context(running_pool(engine))
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.tasks, feed)
+                        nursery.start_soon(self.progress.tick)  # until tasks() ends
                         try:
                             yield self
                         except BaseException as exc:
@@ -668,6 +710,7 @@ class _Run:
         finally:
             self.caller_error = None
             self.finalize()
+            self.progress.close(self.report)
         if self.feed_error is not None and (error is None or isinstance(error, trio.Cancelled)):
             error, self.feed_error = self.feed_error, None
         if error is not None:
@@ -690,6 +733,7 @@ class _Run:
                 for st in self.stages:
                     await st.done.wait()
         finally:
+            self.progress.stop()
             self.tasks_done = True
             if self.reader_lot:
                 self.reader_lot.unpark_all()
@@ -1032,13 +1076,20 @@ class _JournalSeam:
     """What ``_journal.journaled`` needs of a pool's engine, for a pipeline run: it filters
     intake (``gate``, ``settle_unrun``), is told of each record (``observe_settled``), reads
     the unfinished ones from ``report()`` at the end, and stops the run if it cannot write.
-    ``total`` (the number of items that will run, for a progress display) is kept, unused."""
+    ``total`` (the number of items that will run) is the run's, the progress line's total."""
 
-    __slots__ = ("_run", "total")
+    __slots__ = ("_run",)
 
     def __init__(self, run: _Run) -> None:
         self._run = run
-        self.total: int | None = None
+
+    @property
+    def total(self) -> int | None:
+        return self._run.total
+
+    @total.setter
+    def total(self, total: int | None) -> None:
+        self._run.total = total  # the inputs that will run: the progress line's total
 
     def observe_settled(self, observe: Callable[[Record], None]) -> None:
         self._run.observe = observe
