@@ -190,6 +190,24 @@ class Collector(Generic[T]):
         elif n == self._size and self._lot:
             self._lot.unpark_all()
 
+    def put_many(self, items: list[T]) -> None:
+        """Add ``items``, in order, as :meth:`put` would one by one (in one call).
+
+        Raises:
+            trio.ClosedResourceError: the collector was closed (nothing was added).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("put on a closed Collector")
+        if not items:
+            return
+        waiting = self._items
+        before = len(waiting)
+        waiting.extend(items)
+        if before == 0:
+            self._first_at = trio.current_time()
+        if self._lot and (before == 0 or before < self._size <= len(waiting)):
+            self._lot.unpark_all()
+
     def close(self) -> None:
         """No more items: the items waiting go out as a last batch (or batches), at once."""
         self._closed = True

@@ -31,6 +31,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from ._engine import Engine
 from ._records import Failed, Record, Report, Succeeded, Unfinished, with_index
 from ._retry import Retry
-from ._stages import Stopped, make_stage
+from ._stages import BatchStage, Stopped, make_stage
 from ._stats import Stats
 
 __all__ = ["Batch", "Pipeline", "PipelineRun", "PipelineStream", "Stage", "pipeline", "stage"]
@@ -517,6 +518,26 @@ class _Run:
         if self.readers_waiting:
             self.reader_lot.unpark_all()
 
+    def finish_many(self, done: list[tuple[_Input, Any]]) -> None:
+        """:meth:`finish` for many branches at once (a batching last stage's answers)."""
+        if self.fans_out:
+            for origin, value in done:
+                self.finish(origin, value)
+            return
+        inputs = self.inputs
+        observe = self.observe
+        append = self.outbox.append
+        for origin, value in done:
+            index = origin.index
+            del inputs[index]
+            record = _make(Succeeded, (origin.item, value, origin.attempts, index))
+            if observe is not None:
+                observe(record)
+            append(record)
+        self.succeeded += len(done)
+        if self.readers_waiting:
+            self.reader_lot.unpark_all()
+
     def branch_failed(
         self, origin: _Input, stage: str, item: Any, error: BaseException, attempts: int,
         text: str,
@@ -605,33 +626,36 @@ class _Run:
         take = self.take
         with self.feed_scope:
             try:
-                while True:
-                    if window is not None:
-                        try:
-                            window.acquire_nowait()  # no task switch per input
-                        except trio.WouldBlock:
-                            await window.acquire()
-                    try:
-                        if not has_room():
-                            await first.wait_room()
-                        if async_iterator is not None:
-                            item = await anext(async_iterator)
-                        else:
-                            item = next(sync_iterator)
-                    except BaseException:
+                if isinstance(first, BatchStage) and sync_iterator is not None:
+                    await self.feed_batching(first, sync_iterator)
+                else:
+                    while True:
                         if window is not None:
-                            window.release()
-                        raise
-                    origin = take(item)
-                    try:
-                        if not hand_in(item, origin):
-                            await first.accept(item, origin)
-                    except trio.ClosedResourceError:  # from hand_in: the stage has stopped
-                        first.refuse(origin, item)
-                        raise Stopped from None
-                    except BaseException:
-                        first.refuse(origin, item)
-                        raise
+                            try:
+                                window.acquire_nowait()  # no task switch per input
+                            except trio.WouldBlock:
+                                await window.acquire()
+                        try:
+                            if not has_room():
+                                await first.wait_room()
+                            if async_iterator is not None:
+                                item = await anext(async_iterator)
+                            else:
+                                item = next(sync_iterator)
+                        except BaseException:
+                            if window is not None:
+                                window.release()
+                            raise
+                        origin = take(item)
+                        try:
+                            if not hand_in(item, origin):
+                                await first.accept(item, origin)
+                        except trio.ClosedResourceError:  # from hand_in: the stage has stopped
+                            first.refuse(origin, item)
+                            raise Stopped from None
+                        except BaseException:
+                            first.refuse(origin, item)
+                            raise
             except (StopIteration, StopAsyncIteration):
                 pass
             except Stopped:
@@ -647,6 +671,46 @@ class _Run:
                         await aclose()
         if not self.stopping and not self.feed_scope.cancelled_caught:
             self.close()
+
+    async def feed_batching(self, first: BatchStage, iterator: Iterator[Any]) -> None:
+        """:meth:`feed` into a batching first stage, in chunks: as many inputs as the stage
+        (and the window) has room for, taken and put into its collector in one go (an
+        input costs a tenth of the per-item way here). Returns at the end of ``items``."""
+        window = self.window
+        inputs = self.inputs
+        while True:
+            room = first.room_now()
+            if window is not None:
+                room = min(room, window.value)
+            if room <= 0:
+                if window is not None and window.value == 0:
+                    await window.acquire()  # wait for a slot, then count again
+                    window.release()
+                else:
+                    await first.wait_room()
+                continue
+            chunk: list[tuple[_Input, Any]] = []
+            try:
+                for _ in range(room):
+                    if window is not None:
+                        window.acquire_nowait()  # there are `room` slots: no wait
+                    try:
+                        item = next(iterator)
+                    except BaseException as exc:
+                        if window is not None:
+                            window.release()
+                        if isinstance(exc, StopIteration):
+                            return  # (the chunk goes in, in the `finally`)
+                        raise
+                    index = self.next_input
+                    self.next_input = index + 1
+                    origin = _Input(index, item)
+                    inputs[index] = origin
+                    chunk.append((origin, item))
+            finally:
+                # Taken: in the stage now (no await since its room was counted).
+                self.taken += len(chunk)
+                first.put_many(chunk)
 
     def close(self) -> None:
         if self.intake_closed:

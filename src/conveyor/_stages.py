@@ -346,6 +346,22 @@ class BatchStage(StageRun):
     def has_room(self) -> bool:
         return self.used < self.capacity
 
+    def room_now(self) -> int:
+        """How many more items would get in now.
+
+        Raises:
+            Stopped: the stage takes no more items.
+        """
+        if self.closed:
+            raise Stopped
+        return self.capacity - self.used
+
+    def put_many(self, pairs: list[tuple[_Input, Any]]) -> None:
+        """Put ``pairs`` (input, item) into the collector: the caller counted the room."""
+        self.used += len(pairs)
+        self.submitted += len(pairs)
+        self.collector.put_many(pairs)
+
     async def accept(self, item: Any, origin: _Input) -> None:
         while True:
             try:
@@ -447,14 +463,16 @@ class _BatchLink(_Link):
         stage = self.stage
         origins: list[_Input] = job.origin
         stage.give(len(origins))
-        run = self.run
+        attempts = job.attempts
+        done = []
         for origin, item, answer in zip(origins, job.item, value, strict=True):
             if isinstance(answer, Exception):
-                self.item_failed(origin, item, answer, job.attempts)
+                self.item_failed(origin, item, answer, attempts)
                 continue
-            stage.succeeded += 1
-            origin.attempts += job.attempts
-            run.finish(origin, answer)
+            origin.attempts += attempts
+            done.append((origin, answer))
+        stage.succeeded += len(done)
+        self.run.finish_many(done)
         return True
 
     async def pass_on(self, job: Job, value: Any) -> None:
