@@ -1,20 +1,16 @@
-"""Pipelines: a sequence of stages, each a pool of its own, with one ledger from input to output.
-
-Built only from what any user has: one :func:`conveyor.open_pool` per stage, driven through
-its public methods (``submit``, ``close``, ``stop``, ``results``, ``report``, ``stats``), and
-each record's ``index`` (its position in that pool's input) to find which input an item of a
-stage came from. See docs/design.md, "Pipelines".
+"""Pipelines: a sequence of stages, each an engine of its own, with one ledger from input to
+output. See docs/design.md, "Pipelines".
 
 Shape::
 
-    items / submit() ─► stage 0 ─► forwarder 0 ─► stage 1 ─► ... ─► forwarder n-1 ─► ledger
-                        (a pool)   (reads its      (a pool; a batching stage has a
-                                    results())      batcher task in front of its pool)
+    items / submit() ─► stage 0 ─► stage 1 ─► ... ─► stage n-1 ─► the ledger ─► results / report
+                        (engines linked directly: a worker hands its value into the next
+                         stage's work channel; see ``_stages``)
 
-Every input is an :class:`_Input` (its branches alive, its outputs, its first failure);
-every item inside a stage is an :class:`_Entry` (its input, and the item as it entered the
-stage), found again from a stage record's ``index``. A stage holds at most its ``_Room``'s
-capacity of items, its unread output included (backpressure back to intake).
+This module holds the declarations (:func:`stage`, :class:`Batch`, :func:`pipeline`), one run
+of a pipeline (:class:`_Run`: intake, the ledger of inputs, the output, stop and the
+lifetime) and its readers. Every input is an :class:`_Input` (its branches alive, its
+outputs, its first failure); every job inside a stage's engine carries it (``Job.origin``).
 """
 
 from __future__ import annotations
@@ -623,7 +619,7 @@ class _Run:
             sync_iterator = iter(items)
         hand_in = first.hand_in
         has_room = first.has_room
-        take = self.take
+        inputs = self.inputs
         with self.feed_scope:
             try:
                 if isinstance(first, BatchStage) and sync_iterator is not None:
@@ -646,7 +642,12 @@ class _Run:
                             if window is not None:
                                 window.release()
                             raise
-                        origin = take(item)
+                        # self.take(item), written out (per input, in this task only)
+                        index = self.next_input
+                        self.next_input = index + 1
+                        origin = _Input(index, item)
+                        inputs[index] = origin
+                        self.taken += 1
                         try:
                             if not hand_in(item, origin):
                                 await first.accept(item, origin)
