@@ -89,7 +89,9 @@ class Batch:
 
     ``split``: a batch call that raises an error the stage's ``retry`` would not retry (a
     400 naming a bad row) is split in halves, recursively, so that only the items that make
-    it fail get the error. Errors the policy retries (a 503) retry the whole batch.
+    it fail get the error. Errors the policy retries (a 503) retry the whole batch; met by
+    a part of a split batch, they retry that part, by the same policy (its attempts counted
+    per part), so a transient error while a bad row is being isolated gives up no good item.
     """
 
     size: int

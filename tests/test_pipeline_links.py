@@ -1,0 +1,246 @@
+"""Pipelines as linked engines: what the direct hand-off between stages promises.
+
+A worker hands its value straight into the next stage (docs/design.md, "How it is built"):
+the item keeps its place in its stage until it is handed on (the bound of ``stage()``'s
+docstring), stage observers are still told of every success, a stopped next stage makes a
+finished item ``Unfinished`` there with no attempt, and the batching stage's split retries
+its parts by the policy. Time is virtual (``autojump_clock``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import conveyor
+from conveyor import Batch, Failed, Retry, Succeeded, Unfinished
+from conveyor._batch import Collector
+
+
+class _Counts(conveyor.Observer):
+    """Per pool: the successes, failures and unfinished items it was told of."""
+
+    def __init__(self) -> None:
+        self.told: dict[str, dict[str, int]] = {}
+
+    def opened(self, info: conveyor.PoolInfo) -> conveyor.Observer:
+        counts = self.told.setdefault(info.name, {"succeeded": 0, "failed": 0, "unfinished": 0})
+
+        class Mine(conveyor.Observer):
+            def succeeded(self, record: Succeeded[Any]) -> None:
+                counts["succeeded"] += 1
+
+            def failed(self, record: Failed) -> None:
+                counts["failed"] += 1
+
+            def unfinished(self, record: Unfinished) -> None:
+                counts["unfinished"] += 1
+
+        return Mine()
+
+
+async def _odd_fails(x: int) -> int:
+    await trio.sleep(0.01)
+    if x % 2:
+        raise ValueError(x)
+    return x
+
+
+async def _slow(x: int) -> int:
+    await trio.sleep(1)
+    return x
+
+
+@pytest.mark.parametrize("form", ["run", "map", "bare", "open"])
+async def test_stage_observers_are_told_every_item_of_their_stage(
+    form: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    counts = _Counts()
+    pipe = conveyor.pipeline(
+        conveyor.stage(_slow, name="first", workers=3),
+        conveyor.stage(_odd_fails, name="second", workers=2),
+    )
+    items = list(range(10))
+    if form == "run":
+        report = await pipe.run(items, observers=[counts])
+    elif form == "map":
+        stream = pipe.map(items, observers=[counts])
+        async with stream as records:
+            assert len([r async for r in records]) == 10
+        report = stream.report()
+    elif form == "bare":
+        stream = pipe.map(items, observers=[counts])
+        assert len([r async for r in stream]) == 10
+        report = stream.report()
+    else:
+        async with pipe.open(observers=[counts]) as p:
+            for item in items:
+                await p.submit(item)
+        report = p.report()
+    assert counts.told["first"] == {"succeeded": 10, "failed": 0, "unfinished": 0}
+    assert counts.told["second"] == {"succeeded": 5, "failed": 5, "unfinished": 0}
+    for name, stats in report.stages.items():
+        assert counts.told[name]["succeeded"] == stats.succeeded
+        assert counts.told[name]["failed"] == stats.failed
+
+
+async def test_a_full_next_stage_holds_the_item_in_its_stage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The item whose value cannot be handed on keeps its place: the first stage holds at
+    most buffer + workers items, its waiting output included, so intake stops there."""
+    gate = trio.Event()
+    started: list[int] = []
+
+    async def first(x: int) -> int:
+        started.append(x)
+        return x
+
+    async def blocked(x: int) -> int:
+        await gate.wait()
+        return x
+
+    pipe = conveyor.pipeline(
+        conveyor.stage(first, workers=2, buffer=3),   # holds at most 5
+        conveyor.stage(blocked, workers=1, buffer=0),  # holds at most 1
+    )
+    taken: list[int] = []
+
+    def items() -> Any:
+        for i in range(100):
+            taken.append(i)
+            yield i
+
+    async with trio.open_nursery() as nursery:
+        report: list[conveyor.Report] = []
+
+        async def run() -> None:
+            report.append(await pipe.run(items()))
+
+        nursery.start_soon(run)
+        await trio.sleep(10)
+        # 1 in the blocked stage; 5 in the first: its 2 workers done and waiting to hand
+        # their values on (so they start nothing more), 3 queued behind them.
+        assert len(started) == 1 + 2
+        assert len(taken) == 1 + 5
+        gate.set()
+    assert len(report[0].succeeded) == 100
+
+
+async def test_a_value_finished_during_the_drain_is_unfinished_in_the_next_stage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def next_stage(x: int) -> int:  # pragma: no cover - never started
+        raise AssertionError("started after the stop")
+
+    pipe = conveyor.pipeline(
+        conveyor.stage(_slow, name="slow", workers=2),
+        conveyor.stage(next_stage, name="after", workers=2),
+    )
+    async with pipe.open(drain=5) as p:
+        await p.submit(1)
+        await p.submit(2)
+        await trio.sleep(0.5)
+        p.stop()
+    report = p.report()
+    assert sorted(r.item for r in report.unfinished) == [1, 2]
+    for record in report.unfinished:
+        assert (record.stage, record.stage_item, record.attempts) == ("after", record.item, 0)
+    assert report.stages["slow"].succeeded == 2
+    assert report.stages["after"].unfinished == 2
+    assert report.stages["after"].attempts == 0
+
+
+async def test_split_parts_are_retried_by_the_policy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A poison row (a 400, not retried) splits the batch; a part that then meets a 503
+    (retried) is retried by the policy, so its good rows are not given up."""
+    calls: list[list[int]] = []
+
+    class Busy(Exception):
+        pass
+
+    async def score(rows: list[int]) -> list[int]:
+        calls.append(list(rows))
+        if 13 in rows:
+            raise ValueError("400: bad row")
+        if rows == [0, 1] and sum(1 for c in calls if c == [0, 1]) == 1:
+            raise Busy("503")  # once, on the first part of the split
+        return [r * 10 for r in rows]
+
+    pipe = conveyor.pipeline(conveyor.stage(
+        score, workers=1,
+        retry=Retry(attempts=3, backoff=None, retry_on=(Busy,)),
+        batch=Batch(4, max_wait=1, split=True),
+    ))
+    report = await pipe.run([0, 1, 13, 3])
+    assert sorted(r.value for r in report.succeeded) == [0, 10, 30]
+    assert [(r.item, type(r.error)) for r in report.failed] == [(13, ValueError)]
+    assert calls.count([0, 1]) == 2  # the 503 retried that part
+
+
+def test_collector_put_many_is_put_one_by_one() -> None:
+    async def main() -> None:
+        collector: Collector[int] = Collector(3, 100.0)
+        collector.put_many([1, 2])
+        collector.put_many([])
+        collector.put_many([3, 4])
+        assert await collector.take() == [1, 2, 3]
+        collector.close()
+        assert await collector.take() == [4]
+        assert await collector.take() == []
+        with pytest.raises(trio.ClosedResourceError):
+            collector.put_many([5])
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_put_many_wakes_a_taker_when_a_batch_fills(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    collector: Collector[int] = Collector(3, 100.0)
+    got: list[list[int]] = []
+
+    async def taker() -> None:
+        got.append(await collector.take())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        await trio.sleep(1)
+        collector.put_many([1])
+        await trio.sleep(1)
+        assert got == []  # one item: waits for more, or for max_wait
+        collector.put_many([2, 3, 4])
+        await trio.lowlevel.checkpoint()
+    assert got == [[1, 2, 3]]
+    assert trio.current_time() < 3  # woken by the full batch, not at max_wait
+
+
+async def test_a_batching_first_stage_fed_in_chunks_keeps_the_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """map's window bounds the inputs between intake and the reader, also when the first
+    stage is a batching one (fed in chunks)."""
+    taken = 0
+
+    def items() -> Any:
+        nonlocal taken
+        for i in range(50):
+            taken += 1
+            yield i
+
+    async def fn(rows: list[int]) -> list[int]:
+        return rows
+
+    pipe = conveyor.pipeline(conveyor.stage(fn, batch=Batch(4, max_wait=0.1)))
+    seen = 0
+    async with pipe.map(items(), window=6) as records:
+        async for _ in records:
+            seen += 1
+            assert taken - seen <= 6
+            await trio.sleep(1)  # a slow reader
+    assert seen == 50
