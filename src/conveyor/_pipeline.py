@@ -722,6 +722,13 @@ class _Run:
         if self.started:
             self.stages[0].close_intake()
 
+    def stop_attempts(self) -> None:
+        """No stage starts another attempt from now on (flags only; :meth:`stop` follows)."""
+        self.stopping = True
+        for st in self.stages:
+            if st.engine is not None:
+                st.engine.stopping = True  # read by every worker before it starts an attempt
+
     def stop(self, drain: float | None = None) -> None:
         if drain is not None:
             check_drain(drain)
@@ -1111,7 +1118,10 @@ class _Host(BareHost):
         self.run.stop()
 
     def left(self, reader: _Reader) -> None:
-        """The caller left its loop (called from ``__del__``): stop the run soon."""
+        """The caller left its loop (called from ``__del__``): no new attempt from now on
+        (flags only: a finaliser may not call into trio), then stop the run soon."""
+        if not self.done.is_set():
+            self.run.stop_attempts()
         reader.give_back()
         try:
             self.token.run_sync_soon(self._stop)
