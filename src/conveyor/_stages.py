@@ -483,24 +483,28 @@ class _BatchLink(_Link):
         assert nxt is not None
         n = len(origins)
         i = 0
+        pending = False  # origins[i - 1]'s answer is on its way into the next stage
         try:
             while i < n:
                 origin, answer = origins[i], value[i]
+                i += 1
                 if isinstance(answer, Exception):
-                    self.item_failed(origin, items[i], answer, job.attempts)
-                    i += 1
+                    self.item_failed(origin, items[i - 1], answer, job.attempts)
                     continue
+                stage.succeeded += 1
+                origin.attempts += job.attempts  # before it is in the next stage: it may
+                pending = True                   # settle there while `accept` yields
                 try:
                     if not nxt.hand_in(answer, origin):
                         await nxt.accept(answer, origin)
                 except (Stopped, trio.ClosedResourceError):
                     nxt.refuse(origin, answer)
-                stage.succeeded += 1
-                origin.attempts += job.attempts
-                i += 1
+                pending = False
         except BaseException:
             # Cancelled on its way: this answer and the ones not handed on yet are
             # Unfinished in the next stage (each a success of this stage).
+            if pending:
+                nxt.refuse(origins[i - 1], value[i - 1])
             for j in range(i, n):
                 origin, answer = origins[j], value[j]
                 if isinstance(answer, Exception):
