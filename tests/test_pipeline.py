@@ -488,12 +488,21 @@ def pipelines(draw: st.DrawFn) -> dict[str, Any]:
         "fatal": st.integers(0, 3),         # of 10 branches, this many always fail
         "duration": st.integers(0, 3),
         "batch": st.none() | st.integers(1, 4),
+        # seconds per attempt (not on a batching stage: a batch call's length depends on
+        # what it holds); half-integers never tie with the whole-second attempt durations
+        "timeout": st.none() | st.sampled_from([0.5, 1.5, 2.5, 4.5]),
     }), min_size=1, max_size=3))
     return {
         "stages": stages,
         "n": draw(st.integers(0, 12)),
-        "form": draw(st.sampled_from(["run", "map", "ordered", "open", "open_cancel", "break"])),
+        "form": draw(st.sampled_from([
+            "run", "map", "ordered", "open", "open_cancel", "break",
+            "bare", "bare_ordered", "bare_break", "open_stop",
+        ])),
         "stop": draw(st.integers(0, 12)),
+        "window": draw(st.none() | st.integers(1, 3)),   # map's reorder/intake window
+        "drain": draw(st.sampled_from([0, 0, 0.5, 1.5, 2.5])),  # the entry's drain=
+        "stop_drain": draw(st.none() | st.sampled_from([0, 0.5, 2.5])),  # open_stop's
     }
 
 
@@ -512,6 +521,8 @@ async def _ledger(s: dict[str, Any]) -> None:
     n = s["n"]
     attempts: Counter[tuple[int, tuple[int, ...]]] = Counter()
     running = 0
+    stopped_at: float | None = None  # when the pipeline was told to stop (or left)
+    late: list[tuple[int, Any, float]] = []  # attempts started after that
 
     def outputs(k: int, path: tuple[int, ...]) -> list[tuple[int, ...]]:
         fan = specs[k]["fan"]
@@ -523,12 +534,21 @@ async def _ledger(s: dict[str, Any]) -> None:
         h = _h(path, k)
         return h < specs[k]["fatal"] or (attempt == 1 and h >= 10 - specs[k]["transient"])
 
-    async def one(k: int, path: tuple[int, ...]) -> list[tuple[int, ...]]:
+    def duration(k: int, path: tuple[int, ...]) -> int:
+        return int(specs[k]["duration"] * (1 + sum(path) % 2))
+
+    def started(k: int, what: Any) -> None:
+        if stopped_at is not None and trio.current_time() > stopped_at:
+            late.append((k, what, trio.current_time()))
+
+    async def one(k: int, path: tuple[int, ...], batched: bool = False) -> list[tuple[int, ...]]:
         nonlocal running
         attempts[(k, path)] += 1
+        if not batched:
+            started(k, path)  # (a batch call's items run one by one in its one attempt)
         running += 1
         try:
-            await trio.sleep(specs[k]["duration"] * (1 + sum(path) % 2))
+            await trio.sleep(duration(k, path))
         finally:
             running -= 1
         if fails(k, path, attempts[(k, path)]):
@@ -540,10 +560,11 @@ async def _ledger(s: dict[str, Any]) -> None:
         retry = Retry(attempts=spec["attempts"], backoff=None) if spec["attempts"] > 1 else None
         if spec["batch"] is not None:
             async def batch_fn(paths: list[tuple[int, ...]]) -> list[Any]:
+                started(k, paths)
                 answers: list[Any] = []
                 for path in paths:
                     try:
-                        got = await one(k, path)
+                        got = await one(k, path, batched=True)
                     except ConnectionError as error:
                         error.retryable = False  # type: ignore[attr-defined]
                         answers.append(error)
@@ -558,42 +579,104 @@ async def _ledger(s: dict[str, Any]) -> None:
                 for out in await one(k, path):
                     yield out
             return conveyor.stage(gen, name=f"s{k}", workers=spec["workers"],
-                                  buffer=spec["buffer"], retry=retry)
+                                  buffer=spec["buffer"], retry=retry, timeout=spec["timeout"])
 
         async def plain(path: tuple[int, ...]) -> tuple[int, ...]:
             return (await one(k, path))[0]
         return conveyor.stage(plain, name=f"s{k}", workers=spec["workers"],
-                              buffer=spec["buffer"], retry=retry)
+                              buffer=spec["buffer"], retry=retry, timeout=spec["timeout"])
 
     pipe = conveyor.pipeline(*(make(k) for k in range(len(specs))))
-    items = [(i,) for i in range(n)]
+    pulled = 0
+
+    def items() -> Any:  # counts what the pipeline took from it
+        nonlocal pulled
+        for i in range(n):
+            pulled += 1
+            yield (i,)
+
     form = s["form"]
     stop_at = s["stop"]
+    drain = s["drain"]
+    window = s["window"]
     seen: list[Any] = []
     stopped = False
+    ended_by_call = True  # the call returned once everything had ended (not a bare break)
+    from_items = True  # inputs came from `items` (else: submitted by hand)
+    submitted = 0
     if form == "run":
-        report = await pipe.run(items)
+        report = await pipe.run(items(), drain=drain)
     elif form in ("map", "ordered"):
-        stream = pipe.map(items, ordered=form == "ordered")
+        stream = pipe.map(items(), ordered=form == "ordered", window=window, drain=drain)
         async with stream as records:
             seen = [r async for r in records]
         report = stream.report()
         if form == "ordered":
             assert [r.index for r in seen] == list(range(n))
-    elif form == "break":
-        stream = pipe.map(items)
-        async with stream as records:
-            async for record in records:
+    elif form in ("bare", "bare_ordered"):
+        stream = pipe.map(items(), ordered=form == "bare_ordered", window=window, drain=drain)
+        async for record in stream:  # the loop ends when the pipeline has ended
+            seen.append(record)
+        report = stream.report()
+        if form == "bare_ordered":
+            assert [r.index for r in seen] == list(range(n))
+    elif form in ("break", "bare_break"):
+        stream = pipe.map(items(), window=window, drain=drain)
+        if form == "break":
+            async with stream as records:
+                async for record in records:
+                    seen.append(record)
+                    if len(seen) > stop_at % 4:
+                        stopped = True
+                        stopped_at = trio.current_time()
+                        break
+        else:
+            async for record in stream:
                 seen.append(record)
                 if len(seen) > stop_at % 4:
                     stopped = True
+                    stopped_at = trio.current_time()
                     break
+            if stopped:
+                # The bare loop's pipeline ends on its own, outside the caller's scopes:
+                # by when its drain is over (README: use `async with` to wait for it).
+                ended_by_call = False
+                await trio.sleep(drain + 1)
         report = stream.report()
+    elif form == "open_stop":
+        from_items = False
+        stop_drain = s["stop_drain"]
+        async with pipe.open(drain=drain) as p, trio.open_nursery() as nursery:
+
+            async def stopper() -> None:
+                nonlocal stopped, stopped_at
+                await trio.sleep(stop_at / 2)
+                stopped, stopped_at = True, trio.current_time()
+                p.stop(drain=stop_drain)  # None: the pipeline's drain=
+
+            async def feed() -> None:
+                nonlocal submitted
+                try:
+                    for item in items():
+                        await p.submit(item)
+                        submitted += 1
+                except trio.ClosedResourceError:
+                    assert stopped  # refused only once stopped
+                p.close()
+
+            nursery.start_soon(stopper)
+            nursery.start_soon(feed)
+            async for record in p.results():
+                seen.append(record)  # a record handed out is the caller's to keep
+            nursery.cancel_scope.cancel()  # ended before the stop: no stop
+        report = p.report()
     else:
+        from_items = False
         with trio.move_on_after(stop_at) as scope:
-            async with pipe.open() as p:
-                for item in items:
+            async with pipe.open(drain=drain) as p:
+                for item in items():
                     await p.submit(item)
+                    submitted += 1
                 if form == "open":
                     p.close()
                     async for record in p.results():
@@ -601,14 +684,23 @@ async def _ledger(s: dict[str, Any]) -> None:
                 else:
                     await trio.sleep_forever()
         stopped = scope.cancelled_caught
+        if stopped:
+            stopped_at = stop_at
         report = p.report()
 
-    assert running == 0  # nothing of the pipeline still runs after its call
+    if ended_by_call:
+        assert running == 0  # nothing of the pipeline still runs after its call
+    await trio.sleep(max(drain, s["stop_drain"] or 0) + 10)
+    assert running == 0
+    # A stop starts nothing new (intake stops; nothing queued or due for a retry starts):
+    # no attempt began after the instant of the stop.
+    assert not late, late
     records = [*seen, *report.succeeded, *report.failed]
     records += report.unfinished
     records = list({id(r): r for r in records}.values())  # a failure is in both
     taken = report.stats.submitted
     _check_ledger(records, taken, report)
+    assert taken == (pulled if from_items else submitted)  # every input taken, and only those
     names = [f"s{k}" for k in range(len(specs))]
     for r in records:
         assert r.item == (r.index,)
@@ -632,8 +724,10 @@ async def _ledger(s: dict[str, Any]) -> None:
         h = _h(path, k)
         fatal = h < spec["fatal"]
         transient = h >= 10 - spec["transient"]
+        timeout = spec["timeout"]
+        too_slow = not batch and timeout is not None and duration(k, path) > timeout
         outs = outputs(k, path)
-        if (batch and not outs) or fatal or (transient and allowed < 2):
+        if (batch and not outs) or fatal or too_slow or (transient and allowed < 2):
             failing.append((f"s{k}", path))
             return
         for out in outs if spec["fan"] >= 0 and not batch else outs[:1]:
@@ -646,6 +740,12 @@ async def _ledger(s: dict[str, Any]) -> None:
         if failing:
             assert isinstance(r, Failed), (r, failing)
             assert (r.stage, r.stage_item) in failing
+            k = names.index(r.stage)
+            if specs[k]["batch"] is None and specs[k]["timeout"] is not None and (
+                duration(k, r.stage_item) > specs[k]["timeout"]
+            ):  # every attempt ran out of time: retried as any error, then given up
+                assert isinstance(r.error, conveyor.AttemptTimeout), r
+                assert r.attempts == specs[k]["attempts"], r
         else:
             assert isinstance(r, Succeeded), (r, leaves)
             if pipe.fans_out:
