@@ -710,6 +710,18 @@ async def _ledger(s: dict[str, Any]) -> None:
         if isinstance(r, Failed):
             k = names.index(r.stage)
             assert r.attempts <= specs[k]["attempts"]
+        # attempts: a Failed's are those of its stage; an Unfinished's too (0: it was not
+        # started there, e.g. it finished the stage before during the drain); a success's
+        # are those of every stage on the input and its outputs. (A batch call that a stop
+        # cut may not have reached each of its items: Unfinished in a batching stage is not
+        # checked.)
+        if isinstance(r, Failed) or (
+            isinstance(r, Unfinished) and specs[names.index(r.stage)]["batch"] is None
+        ):
+            assert r.attempts == attempts[(names.index(r.stage), r.stage_item)], r
+        if isinstance(r, Succeeded):
+            assert r.attempts == sum(c for (_, path), c in attempts.items()
+                                     if path[0] == r.index), r
     if stopped or form == "open_cancel":
         return
     assert taken == n and not report.unfinished
