@@ -503,6 +503,9 @@ def pipelines(draw: st.DrawFn) -> dict[str, Any]:
         "window": draw(st.none() | st.integers(1, 3)),   # map's reorder/intake window
         "drain": draw(st.sampled_from([0, 0, 0.5, 1.5, 2.5])),  # the entry's drain=
         "stop_drain": draw(st.none() | st.sampled_from([0, 0.5, 2.5])),  # open_stop's
+        # open_stop: a second p.stop(drain=) that long after the first (it can only shorten)
+        "restop": draw(st.none() | st.tuples(st.sampled_from([0.5, 1]),
+                                             st.sampled_from([0, 0.5, 9]))),
     }
 
 
@@ -523,6 +526,8 @@ async def _ledger(s: dict[str, Any]) -> None:
     running = 0
     stopped_at: float | None = None  # when the pipeline was told to stop (or left)
     late: list[tuple[int, Any, float]] = []  # attempts started after that
+    cancelled: list[tuple[int, float]] = []  # attempts cut short: (stage, when)
+    deadline = float("inf")  # when a stop's drain ends
 
     def outputs(k: int, path: tuple[int, ...]) -> list[tuple[int, ...]]:
         fan = specs[k]["fan"]
@@ -549,6 +554,9 @@ async def _ledger(s: dict[str, Any]) -> None:
         running += 1
         try:
             await trio.sleep(duration(k, path))
+        except trio.Cancelled:
+            cancelled.append((k, trio.current_time()))
+            raise
         finally:
             running -= 1
         if fails(k, path, attempts[(k, path)]):
@@ -629,6 +637,7 @@ async def _ledger(s: dict[str, Any]) -> None:
                     if len(seen) > stop_at % 4:
                         stopped = True
                         stopped_at = trio.current_time()
+                        deadline = stopped_at + drain
                         break
         else:
             async for record in stream:
@@ -636,6 +645,7 @@ async def _ledger(s: dict[str, Any]) -> None:
                 if len(seen) > stop_at % 4:
                     stopped = True
                     stopped_at = trio.current_time()
+                    deadline = stopped_at + drain
                     break
             if stopped:
                 # The bare loop's pipeline ends on its own, outside the caller's scopes:
@@ -649,10 +659,16 @@ async def _ledger(s: dict[str, Any]) -> None:
         async with pipe.open(drain=drain) as p, trio.open_nursery() as nursery:
 
             async def stopper() -> None:
-                nonlocal stopped, stopped_at
+                nonlocal stopped, stopped_at, deadline
                 await trio.sleep(stop_at / 2)
                 stopped, stopped_at = True, trio.current_time()
                 p.stop(drain=stop_drain)  # None: the pipeline's drain=
+                deadline = stopped_at + (drain if stop_drain is None else stop_drain)
+                if s["restop"] is not None:
+                    after, drain2 = s["restop"]
+                    await trio.sleep(after)
+                    p.stop(drain=drain2)  # during the drain: it can only shorten it
+                    deadline = min(deadline, trio.current_time() + drain2)
 
             async def feed() -> None:
                 nonlocal submitted
@@ -686,12 +702,18 @@ async def _ledger(s: dict[str, Any]) -> None:
         stopped = scope.cancelled_caught
         if stopped:
             stopped_at = stop_at
+            deadline = stop_at + drain
         report = p.report()
 
     if ended_by_call:
         assert running == 0  # nothing of the pipeline still runs after its call
+        assert trio.current_time() <= deadline  # and it ended by the end of the drain
     await trio.sleep(max(drain, s["stop_drain"] or 0) + 10)
     assert running == 0
+    # Running attempts get the drain, then they are cancelled: exactly at its end (a stage
+    # with a timeout also cuts its own attempts, at other times).
+    assert all(t == deadline for k, t in cancelled if specs[k]["timeout"] is None), (
+        cancelled, deadline)
     # A stop starts nothing new (intake stops; nothing queued or due for a retry starts):
     # no attempt began after the instant of the stop.
     assert not late, late

@@ -206,6 +206,49 @@ async def test_a_cancelled_run_drains_and_starts_nothing_in_the_next_stage(
     assert called_b == [0]
 
 
+@pytest.mark.parametrize(("first", "second", "ends_at"), [
+    (5, None, 6),    # the drain: attempts cut at 1 + 5
+    (5, 1, 3),       # a second stop during the drain shortens it: 2 + 1
+    (5, 100, 6),     # ... and cannot lengthen it
+    (20, None, 10),  # long enough: a's attempts finish at 10, and b starts none of them
+])
+async def test_a_stop_during_the_drain_can_only_shorten_it(
+    first: float, second: float | None, ends_at: float, autojump_clock: trio.testing.MockClock
+) -> None:
+    """PipelineRun.stop: every stage stops "as conveyor.Pool.stop does", which says "Calling
+    it again can only shorten the grace"; running attempts get ``drain`` seconds, "then they
+    are cancelled"."""
+    called_b: list[int] = []
+
+    async def a(x: int) -> int:
+        await trio.sleep(10)
+        return x
+
+    async def b(x: int) -> int:
+        called_b.append(x)
+        return x
+
+    pipe = conveyor.pipeline(conveyor.stage(a, workers=2), b)
+    async with pipe.open() as p:
+        for i in range(4):
+            await p.submit(i)
+        await trio.sleep(1)
+        p.stop(drain=first)
+        if second is not None:
+            await trio.sleep(1)
+            p.stop(drain=second)
+        seen = [r async for r in p.results()]
+    assert trio.current_time() == ends_at
+    report = p.report()
+    check_ledger(every_record(seen, report), [0, 1, 2, 3], report)
+    assert seen == [] and called_b == []
+    got = {(r.item, r.stage, r.attempts) for r in report.unfinished}
+    if ends_at == 10:  # finished a during the drain: Unfinished in b, not started there
+        assert got == {(0, "b", 0), (1, "b", 0), (2, "a", 0), (3, "a", 0)}
+    else:  # cut in a by the end of the drain
+        assert got == {(0, "a", 1), (1, "a", 1), (2, "a", 0), (3, "a", 0)}
+
+
 # ------------------------------------------------------------------ intake
 
 
