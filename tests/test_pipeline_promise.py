@@ -395,13 +395,6 @@ async def _stuck(form: str, batching: bool) -> tuple[Counter[str], int, tuple[in
     return calls, len(pulled), (1 + 2, cap_b, 0 + 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "backpressure off by one per hop: stage k gives its room back when its record is taken "
-    "out, before the next stage has room for it, so an item waiting between two stages is "
-    "counted in neither (b's fn gets cap_b + cap_c + 1 items, a's cap_a + cap_b + cap_c + 2, "
-    "with a plain or a batching b); "
-    "stage() says 'at most buffer + workers items, its output not yet taken by the next "
-    "stage included', design.md 'bounded by the sum of the stages' bounds'"))
 @pytest.mark.parametrize("batching", [False, True], ids=["plain", "batching"])
 @pytest.mark.parametrize("form", FORMS)
 async def test_a_blocked_last_stage_bounds_every_stage_before_it(
@@ -411,30 +404,14 @@ async def test_a_blocked_last_stage_bounds_every_stage_before_it(
     by the next stage included (with ``batch``: that many batches, plus one being filled)";
     design.md, Backpressure: "memory is bounded by the sum of the stages' bounds". With the
     last stage stuck, count the items each stage's fn got: each is still in its stage or in
-    a later one."""
+    a later one. (Before the linked stages, an item between two stages was counted in
+    neither: b's fn got cap_b + cap_c + 1 items, a's cap_a + cap_b + cap_c + 2.)"""
     calls, pulled, (cap_a, cap_b, cap_c) = await _stuck(form, batching)
     assert calls["c"] == cap_c
     assert calls["b"] <= cap_b + cap_c, calls
     assert calls["a"] <= cap_a + cap_b + cap_c, calls
     # pulled from items: in a stage, or the one refused (open: submit() raised)
     assert pulled <= cap_a + cap_b + cap_c + (form == "open"), (pulled, calls)
-
-
-@pytest.mark.parametrize("batching", [False, True], ids=["plain", "batching"])
-@pytest.mark.parametrize("form", FORMS)
-async def test_a_blocked_last_stage_holds_up_every_stage_before_it(
-    form: str, batching: bool, autojump_clock: trio.testing.MockClock
-) -> None:
-    """README: "a full stage holds up the one before it, back to intake". The bound of the
-    test above with the slack seen today (one item per hop; a batch's outputs after a
-    batching stage), so that a gross break of backpressure still fails while the exact
-    bound is open."""
-    calls, pulled, (cap_a, cap_b, cap_c) = await _stuck(form, batching)
-    hand_b = 2 if batching else 1
-    assert calls["c"] == cap_c
-    assert calls["b"] <= cap_b + cap_c + hand_b, calls
-    assert calls["a"] <= cap_a + cap_b + cap_c + hand_b + 1, calls
-    assert pulled <= cap_a + cap_b + cap_c + hand_b + 2, (pulled, calls)
 
 
 # ------------------------------------------------------------------ callbacks that raise
@@ -846,6 +823,41 @@ async def test_records_value_attempts_and_index(
         ]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "a batching stage followed by another loses its batch call's attempts from the input's "
+    "Succeeded.attempts (1 instead of 2 here): _BatchLink.pass_on adds job.attempts to the "
+    "input only after handing the answer to the next stage, which can settle the input "
+    "first (it worked before the linked stages: the forwarder counted them before sending "
+    "on)"))
+@pytest.mark.parametrize("buffer", [0, 1, 2])
+@pytest.mark.parametrize("form", FORMS)
+async def test_a_batch_call_counts_once_for_each_of_its_items_in_attempts(
+    form: str, buffer: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """design.md, The one ledger: ``attempts`` "counts the attempts of every stage on this
+    input and its outputs (a batch call counts once for each of its items)". A batching
+    stage then a plain one: every success has 1 + 1 attempts, whatever the buffers."""
+
+    async def score(batch: list[int]) -> list[int]:
+        return [x * 10 for x in batch]
+
+    async def keep(y: int) -> int:
+        return y + 1
+
+    pipe = conveyor.pipeline(
+        conveyor.stage(score, workers=1, buffer=buffer, batch=Batch(1, max_wait=1)),
+        conveyor.stage(keep, workers=1, buffer=0),
+    )
+    items = [1, 2, 3]
+    seen, report = await through(pipe, items, form)
+    records = every_record(seen, report)
+    check_ledger(records, items, report)
+    assert sorted((r.item, r.value, r.attempts) for r in records) == [
+        (1, 11, 2), (2, 21, 2), (3, 31, 2)
+    ]
+    assert report.stats.attempts == 6
+
+
 @pytest.mark.parametrize("form", ["map_with", "map_bare"])
 async def test_ordered_map_yields_in_input_order(
     form: str, autojump_clock: trio.testing.MockClock
@@ -1039,27 +1051,16 @@ async def _leave(how: str, ordered: bool) -> bool:
 RUNS = 100  # trio runs a moment's tasks in a random order: one run may not show it
 
 
+@pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
 @pytest.mark.parametrize("how", ["break", "raise"])
-def test_leaving_a_bare_map_loop_stops_the_pipeline(how: str) -> None:
+def test_leaving_a_bare_map_loop_stops_the_pipeline(how: str, ordered: bool) -> None:
     """Pipeline.map: "Leaving the loop early stops the pipeline", and README (map): leaving
     the loop "stops the pool at once: no new attempt starts". No stage function is called
-    after the loop was left, and nothing of the pipeline still runs."""
+    after the loop was left, not even at that same instant, and nothing of the pipeline
+    still runs. (Before 0aef486 an ordered loop left let an attempt start at that instant in
+    about 1 run in 6: the stop was only scheduled.)"""
     late = sum(
-        trio.run(_leave, how, False, clock=trio.testing.MockClock(autojump_threshold=0))
-        for _ in range(RUNS)
-    )
-    assert late == 0, f"a stage function was called after the loop was left in {late} runs"
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "leaving a bare ordered pipe.map loop does not stop the pipeline at once: the stop is "
-    "only scheduled (run_sync_soon from the reader's __del__), so an attempt can still start "
-    "at the same instant (about 1 run in 6 here); conveyor.map's bare loop sets its pool's "
-    "`stopping` at once"))
-@pytest.mark.parametrize("how", ["break", "raise"])
-def test_leaving_a_bare_ordered_map_loop_stops_the_pipeline_at_once(how: str) -> None:
-    late = sum(
-        trio.run(_leave, how, True, clock=trio.testing.MockClock(autojump_threshold=0))
+        trio.run(_leave, how, ordered, clock=trio.testing.MockClock(autojump_threshold=0))
         for _ in range(RUNS)
     )
     assert late == 0, f"a stage function was called after the loop was left in {late} runs"
