@@ -742,14 +742,8 @@ async def _ledger(s: dict[str, Any]) -> None:
         ):
             assert r.attempts == attempts[(names.index(r.stage), r.stage_item)], r
         if isinstance(r, Succeeded):
-            spent = sum(c for (_, path), c in attempts.items() if path[0] == r.index)
-            if any(spec["batch"] is not None for spec in specs[:-1]):
-                # A batching stage before the last loses its batch call's attempts today
-                # (test_pipeline_promise.py::test_a_batch_call_counts_once_for_each_of_its_
-                # items_in_attempts, xfail): make this `==` again when that passes.
-                assert 0 < r.attempts <= spent, r
-            else:
-                assert r.attempts == spent, r
+            assert r.attempts == sum(c for (_, path), c in attempts.items()
+                                     if path[0] == r.index), r
     if stopped or form == "open_cancel":
         return
     assert taken == n and not report.unfinished
