@@ -224,6 +224,18 @@ class OrderedRecords(Records):
                 await self._end()
             await self._wait(self._park)
 
+    async def _wait(self, wait: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await wait()
+        except BaseException:
+            # Interrupted (a cancel, Ctrl-C): the records held back for their turn go back
+            # to the outbox now, not when this reader is collected (its frame may be kept
+            # alive by the exception's traceback), so the report has them.
+            if self._pending:
+                self._box.give_back(self._pending)
+            await self._interrupted()
+            raise
+
     async def aclose(self) -> None:
         """Stop reading; records waiting for their turn go back to the pool's report."""
         self._box.give_back(self._pending)

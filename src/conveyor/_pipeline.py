@@ -924,6 +924,7 @@ class _Reader:
         try:
             await wait()
         except BaseException:
+            self.give_back()  # now, not when this reader is collected: the report has them
             await self._interrupted()
             raise
 
