@@ -516,25 +516,37 @@ class _Run:
         if self.readers_waiting:
             self.reader_lot.unpark_all()
 
-    def finish_many(self, done: list[tuple[_Input, Any]]) -> None:
-        """:meth:`finish` for many branches at once (a batching last stage's answers)."""
+    def finish_many(self, origins: list[_Input], answers: list[Any], attempts: int) -> list[int]:
+        """:meth:`finish` for a batch's answers (a batching last stage), each input's
+        attempts counting the batch's ``attempts``; an ``Exception`` answer is left to the
+        caller: the positions of those are returned."""
+        failed: list[int] = []
         if self.fans_out:
-            for origin, value in done:
-                self.finish(origin, value)
-            return
+            for i, (origin, answer) in enumerate(zip(origins, answers, strict=True)):
+                if isinstance(answer, Exception):
+                    failed.append(i)
+                else:
+                    origin.attempts += attempts
+                    self.finish(origin, answer)
+            return failed
         inputs = self.inputs
         observe = self.observe
         append = self.outbox.append
-        for origin, value in done:
+        error = Exception
+        for i, (origin, answer) in enumerate(zip(origins, answers, strict=True)):
+            if isinstance(answer, error):
+                failed.append(i)
+                continue
             index = origin.index
             del inputs[index]
-            record = _make(Succeeded, (origin.item, value, origin.attempts, index))
+            record = _make(Succeeded, (origin.item, answer, origin.attempts + attempts, index))
             if observe is not None:
                 observe(record)
             append(record)
-        self.succeeded += len(done)
+        self.succeeded += len(origins) - len(failed)
         if self.readers_waiting:
             self.reader_lot.unpark_all()
+        return failed
 
     def branch_failed(
         self, origin: _Input, stage: str, item: Any, error: BaseException, attempts: int,
@@ -693,6 +705,8 @@ class _Run:
                     await first.wait_room()
                 continue
             chunk: list[tuple[_Input, Any]] = []
+            append = chunk.append
+            index = self.next_input
             try:
                 for _ in range(room):
                     if window is not None:
@@ -705,13 +719,14 @@ class _Run:
                         if isinstance(exc, StopIteration):
                             return  # (the chunk goes in, in the `finally`)
                         raise
-                    index = self.next_input
-                    self.next_input = index + 1
                     origin = _Input(index, item)
                     inputs[index] = origin
-                    chunk.append((origin, item))
+                    index += 1
+                    append((origin, item))
             finally:
-                # Taken: in the stage now (no await since its room was counted).
+                # Taken: in the ledger and in the stage now (no await since its room was
+                # counted), whatever ended the chunk.
+                self.next_input = index
                 self.taken += len(chunk)
                 first.put_many(chunk)
 

@@ -464,15 +464,10 @@ class _BatchLink(_Link):
         origins: list[_Input] = job.origin
         stage.give(len(origins))
         attempts = job.attempts
-        done = []
-        for origin, item, answer in zip(origins, job.item, value, strict=True):
-            if isinstance(answer, Exception):
-                self.item_failed(origin, item, answer, attempts)
-                continue
-            origin.attempts += attempts
-            done.append((origin, answer))
-        stage.succeeded += len(done)
-        self.run.finish_many(done)
+        failed = self.run.finish_many(origins, value, attempts)
+        for i in failed:
+            self.item_failed(origins[i], job.item[i], value[i], attempts)
+        stage.succeeded += len(origins) - len(failed)
         return True
 
     async def pass_on(self, job: Job, value: Any) -> None:
