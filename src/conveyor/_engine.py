@@ -46,8 +46,8 @@ from trio.lowlevel import ParkingLot, checkpoint
 from . import _linger
 from ._errors import AttemptTimeout
 from ._limits import Adaptive, Claim, Limit, PerKey
-from ._logs import LOG, logger
-from ._observe import Attempt, Observer, PoolInfo, overrides
+from ._logs import LOG
+from ._observe import Attempt, Observer, PoolInfo, notify, open_all, overrides
 from ._options import check_drain, check_sync_callable
 from ._outbox import Outbox
 from ._quantiles import Quantiles, Throughput
@@ -513,7 +513,7 @@ class Engine:
             self.submitted += 1
             self.failed.append(record)
             for on_failed in self.on_failed:
-                _notify(on_failed, record)
+                notify(on_failed, record)
         records = self.box.records
         deque.append(records, (seq, record) if self.box.keep_seq else record)  # unobserved
         if self.box.waiting:
@@ -711,7 +711,7 @@ class Engine:
             if observed:
                 attempt = Attempt(job.seq, item, job.attempts, start - job.enqueued, start)
                 for on_started in self.on_started:
-                    _notify(on_started, attempt)
+                    notify(on_started, attempt)
             try:
                 if self.timeout is None and self.budget is None:
                     value = await self.fn(item)
@@ -797,7 +797,7 @@ class Engine:
     def attempt_ended(self, attempt: Attempt, error: BaseException | None) -> None:
         duration = self.now() - attempt.started
         for on_ended in self.on_ended:
-            _notify(on_ended, attempt, error, duration)
+            notify(on_ended, attempt, error, duration)
 
     def attempt_failed(self, job: Job, error: Exception) -> None:
         """An attempt raised ``error``: schedule a retry, or settle the item as Failed.
@@ -829,7 +829,7 @@ class Engine:
             if self.on_retry:
                 told = attempt or Attempt(job.seq, job.item, job.attempts, math.nan, math.nan)
                 for on_retry in self.on_retry:
-                    _notify(on_retry, told, error, delay)
+                    notify(on_retry, told, error, delay)
             if attempt is not None:
                 self.attempt_ended(attempt, error)
             if delay <= 0:
@@ -857,7 +857,7 @@ class Engine:
         )
         self.failed.append(record)
         for on_failed in self.on_failed:
-            _notify(on_failed, record)
+            notify(on_failed, record)
         del self.outstanding[job.seq]
         if self.link is None:
             self.box.put(job.seq, record)
@@ -931,15 +931,7 @@ class Engine:
             total=total,
             stats=lambda: self.stats,
         )
-        opened: list[Observer] = []
-        for observer in self.observers:
-            try:
-                mine = observer.opened(info)
-            except Exception as error:
-                _observer_failed(observer, "opened", error)
-                continue
-            if mine is not None:
-                opened.append(mine)
+        opened = open_all(self.observers, info)
 
         def bound(event: str) -> tuple[Any, ...]:
             return tuple(getattr(o, event) for o in opened if overrides(o, event))
@@ -963,7 +955,7 @@ class Engine:
     def told_succeeded(self, record: Record) -> None:
         if type(record) is Succeeded:
             for on_succeeded in self.on_succeeded:
-                _notify(on_succeeded, record)
+                notify(on_succeeded, record)
 
     async def snapshot(self, observer: Observer) -> None:
         """Tell ``observer`` the stats every ``snapshot_every`` seconds until the pool's
@@ -977,7 +969,7 @@ class Engine:
         with scope:
             while True:
                 await trio.sleep(every)
-                _notify(observer.snapshot, self.stats)
+                notify(observer.snapshot, self.stats)
 
     def end_periodic(self) -> None:
         """Stop the periodic tasks (snapshots, the progress line): the pool's tasks ended."""
@@ -990,7 +982,7 @@ class Engine:
         if self.on_closed:
             report = self.report()
             for on_closed in self.on_closed:
-                _notify(on_closed, report)
+                notify(on_closed, report)
 
     def end_output(self) -> None:
         """The pool's tasks have ended: wake whoever waits for records or stats."""
@@ -1025,7 +1017,7 @@ class Engine:
         self.unfinished.extend(unfinished)
         for on_unfinished in self.on_unfinished:
             for record in unfinished:
-                _notify(on_unfinished, record)
+                notify(on_unfinished, record)
         link = self.link
         if link is not None:
             for job, record in zip(jobs, unfinished, strict=True):
@@ -1140,26 +1132,3 @@ def _truth(predicate: Callable[[Stats], object], stats: Stats) -> bool:
             f"awaitable: it would never run); write it as a plain function stats -> bool"
         )
     return bool(answer)
-
-
-_failed_observers: set[tuple[int, str]] = set()
-
-
-def _notify(event: Callable[..., None], *args: Any) -> None:
-    """Call an observer's event; an error is logged (once per observer and event), never
-    raised: a broken dashboard loses no item."""
-    try:
-        event(*args)
-    except Exception as error:
-        _observer_failed(getattr(event, "__self__", event), event.__name__, error)
-
-
-def _observer_failed(observer: object, event: str, error: Exception) -> None:
-    key = (id(observer), event)
-    if key not in _failed_observers:
-        _failed_observers.add(key)
-        logger.error(
-            "observer %r raised in %s (ignored; logged once per observer and event)",
-            observer, event, exc_info=error,
-        )
-

@@ -25,7 +25,8 @@ observer and method and otherwise ignored: a broken dashboard never loses an ite
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +139,45 @@ class Observer:
 def overrides(observer: object, method: str) -> bool:
     """Whether ``observer``'s class overrides ``Observer.<method>``."""
     return getattr(type(observer), method, None) is not getattr(Observer, method)
+
+
+_logger = logging.getLogger("conveyor")
+_failed_observers: set[tuple[int, str]] = set()
+
+
+def notify(event: Callable[..., None], *args: Any) -> None:
+    """Call an observer's event; an error is logged (once per observer and event), never
+    raised: a broken dashboard loses no item."""
+    try:
+        event(*args)
+    except Exception as error:
+        observer_failed(getattr(event, "__self__", event), event.__name__, error)
+
+
+def observer_failed(observer: object, event: str, error: Exception) -> None:
+    """Log that ``observer`` raised ``error`` in ``event`` (once per observer and event)."""
+    key = (id(observer), event)
+    if key not in _failed_observers:
+        _failed_observers.add(key)
+        _logger.error(
+            "observer %r raised in %s (ignored; logged once per observer and event)",
+            observer, event, exc_info=error,
+        )
+
+
+def open_all(observers: Iterable[Observer], info: PoolInfo) -> list[Observer]:
+    """Tell each observer a pool (or a pipeline) opens; the observers they return, in
+    order (one whose ``opened`` raises is logged and left out)."""
+    opened: list[Observer] = []
+    for observer in observers:
+        try:
+            mine = observer.opened(info)
+        except Exception as error:
+            observer_failed(observer, "opened", error)
+            continue
+        if mine is not None:
+            opened.append(mine)
+    return opened
 
 
 class LastReport(Observer):

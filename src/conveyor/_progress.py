@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TextIO
 
 import trio
 
-from ._engine import _notify, _observer_failed
-from ._observe import Observer, PoolInfo, overrides
+from ._observe import Observer, PoolInfo, notify, open_all, overrides
 
 if TYPE_CHECKING:
     from ._pipeline import Stage
@@ -383,14 +382,7 @@ class PipelineProgress:
             stats=stats,
             stages=stage_stats,
         )
-        for observer in self._observers:
-            try:
-                feed = observer.opened(info)
-            except Exception as error:
-                _observer_failed(observer, "opened", error)
-                continue
-            if feed is not None:
-                self._feeds.append(feed)
+        self._feeds.extend(open_all(self._observers, info))
 
     async def tick(self) -> None:
         """Tell each observer the pipeline's stats every ``snapshot_every`` seconds, until
@@ -411,7 +403,7 @@ class PipelineProgress:
         assert every is not None
         while True:
             await trio.sleep(every)
-            _notify(feed.snapshot, stats())
+            notify(feed.snapshot, stats())
 
     def stop(self) -> None:
         """No more snapshots (the run's tasks have ended)."""
@@ -425,4 +417,4 @@ class PipelineProgress:
         if feeds:
             final = report()
             for feed in feeds:
-                _notify(feed.closed, final)
+                notify(feed.closed, final)
