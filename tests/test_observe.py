@@ -248,6 +248,40 @@ async def test_an_observer_that_raises_loses_no_item_and_is_logged_once_per_even
     assert len(logged) == len(events)  # once per observer and event
 
 
+def test_a_new_observer_that_takes_a_gone_ones_id_is_logged_all_the_same(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # "Once per observer and event" was kept by id(observer), and CPython gives a new object
+    # the id of one just freed: a later observer's first error went unlogged (seen in CI, where
+    # a test's broken progress line took the id of an earlier test's). 200 observers one after
+    # the other, each gone before the next: ids come again, each first error is still logged.
+    from conveyor._observe import observer_failed
+
+    class ClosesBadly(Observer):
+        pass
+
+    def logged() -> int:
+        n = sum(" raised in closed" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        return n
+
+    with caplog.at_level(logging.ERROR, logger="conveyor"):
+        ids = set()
+        for _ in range(200):
+            observer = ClosesBadly()
+            ids.add(id(observer))
+            for _ in range(3):
+                observer_failed(observer, "closed", RuntimeError("broke"))
+            assert logged() == 1
+            del observer
+        assert len(ids) < 200  # the case this is about did happen
+
+        odd = object()  # no __weakref__: kept by a strong reference instead
+        for _ in range(3):
+            observer_failed(odd, "closed", RuntimeError("broke"))
+        assert logged() == 1
+
+
 async def test_opened_chooses_who_receives_the_pools_events(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -26,6 +26,7 @@ observer and method and otherwise ignored: a broken dashboard never loses an ite
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -142,7 +143,9 @@ def overrides(observer: object, method: str) -> bool:
 
 
 _logger = logging.getLogger("conveyor")
-_failed_observers: set[tuple[int, str]] = set()
+# (id of the observer, event) -> a reference to that observer. The id alone is not enough: once
+# an observer is gone, a new one may get its id, and its first error must still be logged.
+_failed_observers: dict[tuple[int, str], Callable[[], object]] = {}
 
 
 def notify(event: Callable[..., None], *args: Any) -> None:
@@ -157,12 +160,35 @@ def notify(event: Callable[..., None], *args: Any) -> None:
 def observer_failed(observer: object, event: str, error: Exception) -> None:
     """Log that ``observer`` raised ``error`` in ``event`` (once per observer and event)."""
     key = (id(observer), event)
-    if key not in _failed_observers:
-        _failed_observers.add(key)
-        _logger.error(
-            "observer %r raised in %s (ignored; logged once per observer and event)",
-            observer, event, exc_info=error,
-        )
+    held = _failed_observers.get(key)
+    if held is not None and held() is observer:
+        return
+    try:
+        held = weakref.ref(observer, lambda gone: _forget(key, gone))
+    except TypeError:  # not weakly referenceable: keep it (one entry per broken observer)
+        held = _Kept(observer)
+    _failed_observers[key] = held
+    _logger.error(  # the repr, not the observer: a kept log record must not keep it alive
+        "observer %s raised in %s (ignored; logged once per observer and event)",
+        repr(observer), event, exc_info=error,
+    )
+
+
+class _Kept:
+    """A strong reference with a weak reference's call: ``kept()`` is the object."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: object) -> None:
+        self._obj = obj
+
+    def __call__(self) -> object:
+        return self._obj
+
+
+def _forget(key: tuple[int, str], gone: object) -> None:
+    if _failed_observers.get(key) is gone:
+        del _failed_observers[key]
 
 
 def open_all(observers: Iterable[Observer], info: PoolInfo) -> list[Observer]:
