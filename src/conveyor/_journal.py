@@ -655,7 +655,6 @@ class _Session:
         self.db = db
         self.done = done
         self.seen: set[Key] = set()
-        self.refused: set[int] = set()  # id() of the Failed records of bad keys: not written
         self.settled: list[Succeeded[Any] | Failed | Unfinished] = []
         self.pending: list[Row] = []  # rows taken from `settled`, not committed yet
         self.full = trio.Event()
@@ -712,7 +711,6 @@ class _Session:
     def _refuse(self, item: Any, error: Exception) -> None:
         logger.warning("item %r not run: %s: %s", item, type(error).__name__, error)
         record = Failed(item, error, 0, "".join(traceback.format_exception(error)))
-        self.refused.add(id(record))
         self.pool.settle_unrun(record)
 
     def count(self, items: Items | None) -> int | None:
