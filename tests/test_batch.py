@@ -218,6 +218,33 @@ async def test_cancel_after_items_were_taken_returns_them_and_the_cancel_follows
     assert receive.receive_nowait() == 3  # sent later, still in the channel
 
 
+async def test_a_long_backlog_goes_out_in_order_and_a_take_costs_its_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A backlog of many batches (a pipeline's first stage is fed thousands at once): the
+    batches come out in order, ``len`` counts what is left, puts between takes go after the
+    backlog, and ``drain`` gives the rest in order."""
+    collector: Collector[int] = Collector(4, 1.0)
+    collector.put_many(list(range(42)))
+    got: list[int] = []
+    for taken_batches in range(1, 6):
+        batch = await collector.take()
+        assert len(batch) == 4
+        got.extend(batch)
+        assert len(collector) == 42 - 4 * taken_batches
+    collector.put(100)
+    collector.put_many([101, 102])
+    assert len(collector) == 42 - 20 + 3
+    got.extend(await collector.take())
+    rest = collector.drain()
+    assert len(collector) == 0
+    assert got + rest == [*range(42), 100, 101, 102]
+    collector.put(7)  # usable again after a drain
+    collector.close()
+    assert await collector.take() == [7]
+    assert await collector.take() == []
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     gaps=st.lists(st.integers(0, 30), min_size=1, max_size=40),

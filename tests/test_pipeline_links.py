@@ -244,3 +244,87 @@ async def test_a_batching_first_stage_fed_in_chunks_keeps_the_window(
             assert taken - seen <= 6
             await trio.sleep(1)  # a slow reader
     assert seen == 50
+
+
+class _SourceBroke(LookupError):
+    pass
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("last", [True, False])
+async def test_a_batching_first_stage_keeps_every_input_taken_before_items_raises(
+    autojump_clock: trio.testing.MockClock, window: int | None, last: bool,
+) -> None:
+    """The chunked feed of a batching first stage takes inputs in one go (no window) or one
+    by one (a window): the inputs taken before ``items`` raises all run and settle, each
+    once; the error comes out bare; a batch that succeeds whole is settled in one pass."""
+    broke = _SourceBroke("source broke")
+
+    def items() -> Any:
+        yield from range(7)
+        raise broke
+
+    async def rows(xs: list[int]) -> list[int]:
+        await trio.sleep(0.5)
+        return [x * 10 for x in xs]
+
+    async def plus(x: int) -> int:
+        return x + 1
+
+    stages: list[Any] = [conveyor.stage(rows, batch=Batch(4, max_wait=0.1))]
+    if not last:
+        stages.append(plus)
+    pipe = conveyor.pipeline(*stages)
+    seen: list[Any] = []
+    with pytest.raises(_SourceBroke) as caught:
+        if window is None:
+            await pipe.run(items(), drain=5)
+        else:
+            async with pipe.map(items(), window=window, drain=5) as records:
+                async for record in records:
+                    seen.append(record)
+    assert caught.value is broke
+    if window is not None:
+        # map with a window: what was taken before the error is every record read
+        assert sorted(r.index for r in seen) == list(range(len(seen)))
+        assert all(type(r) is Succeeded for r in seen)
+        assert {(r.item, r.value) for r in seen} == {
+            (i, i * 10 + (0 if last else 1)) for i in range(len(seen))
+        }
+        assert all(r.attempts == (1 if last else 2) for r in seen)
+
+
+async def test_a_batching_last_stage_settles_a_whole_batch_with_the_same_records(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The one-pass settle of a batch that succeeded whole gives the records the per-item
+    way gives: item, value, attempts counted over the stages, index; a batch with a failed
+    item takes the per-item way."""
+
+    failed_once: set[int] = set()
+
+    async def first(x: int) -> int:
+        if x % 2 and x not in failed_once:
+            failed_once.add(x)
+            raise ValueError("once")  # retried: attempts 2 in the first stage
+        return x
+
+    calls = 0
+
+    async def rows(xs: list[int]) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        return [ValueError(f"bad {x}") if x == 9 else x * 10 for x in xs]
+
+    pipe = conveyor.pipeline(
+        conveyor.stage(first, retry=Retry(2, retry_on=lambda e: e.args == ("once",))),
+        conveyor.stage(rows, batch=Batch(5, max_wait=0.1)),
+    )
+    report = await pipe.run(range(12))
+    got = {r.index: (r.item, r.value, r.attempts) for r in report.succeeded}
+    assert sorted(got) == [i for i in range(12) if i != 9]
+    assert all(got[i] == (i, i * 10, 3 if i % 2 else 2) for i in got)
+    assert [(f.index, f.stage, f.stage_item, str(f.error), f.attempts)
+            for f in report.failed] == [(9, "rows", 9, "bad 9", 1)]  # that stage's
+    assert report.stats.succeeded == 11 and report.stats.failed == 1
+    assert calls == 3

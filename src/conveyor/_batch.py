@@ -153,19 +153,22 @@ class Collector(Generic[T]):
         TypeError, ValueError: ``size`` or ``max_wait`` out of range.
     """
 
-    __slots__ = ("_closed", "_first_at", "_items", "_lot", "_max_wait", "_size")
+    __slots__ = ("_closed", "_first_at", "_head", "_items", "_lot", "_max_wait", "_size")
 
     def __init__(self, size: int, max_wait: float) -> None:
         self._size = _check_size(size)
         self._max_wait = _check_wait(max_wait)
+        # The items waiting are _items[_head:]: a take moves _head, and the taken ones are
+        # cut off only once they are half the list (a take costs its batch, not the backlog).
         self._items: list[T] = []
+        self._head = 0
         self._first_at = 0.0  # when the first item of the forming batch was put
         self._lot = trio.lowlevel.ParkingLot()
         self._closed = False
 
     def __len__(self) -> int:
         """The number of items waiting."""
-        return len(self._items)
+        return len(self._items) - self._head
 
     @property
     def closed(self) -> bool:
@@ -182,7 +185,7 @@ class Collector(Generic[T]):
             raise trio.ClosedResourceError("put on a closed Collector")
         items = self._items
         items.append(item)
-        n = len(items)
+        n = len(items) - self._head
         if n == 1:
             self._first_at = trio.current_time()
             if self._lot:
@@ -201,11 +204,11 @@ class Collector(Generic[T]):
         if not items:
             return
         waiting = self._items
-        before = len(waiting)
+        before = len(waiting) - self._head
         waiting.extend(items)
         if before == 0:
             self._first_at = trio.current_time()
-        if self._lot and (before == 0 or before < self._size <= len(waiting)):
+        if self._lot and (before == 0 or before < self._size <= before + len(items)):
             self._lot.unpark_all()
 
     def close(self) -> None:
@@ -215,7 +218,9 @@ class Collector(Generic[T]):
 
     def drain(self) -> list[T]:
         """Remove and return every item waiting (for a caller that gives up on them)."""
-        items, self._items = self._items, []
+        items = self._items[self._head:]
+        self._items = []
+        self._head = 0
         return items
 
     async def take(self) -> list[T]:
@@ -223,25 +228,32 @@ class Collector(Generic[T]):
         await trio.lowlevel.checkpoint()
         size = self._size
         while True:
-            while not self._items:
+            while not len(self):
                 if self._closed:
                     return []
                 await self._lot.park()
-            if len(self._items) < size and not self._closed:
+            if len(self) < size and not self._closed:
                 deadline = self._first_at + self._max_wait
                 if deadline > trio.current_time():
                     with trio.move_on_at(deadline):
-                        while len(self._items) < size and not self._closed:
+                        while len(self) < size and not self._closed:
                             await self._lot.park()
-            items = self._items
-            if items:  # (another taker may have emptied it meanwhile: wait again)
+            if len(self):  # (another taker may have emptied it meanwhile: wait again)
                 break
         # From here to the return, no checkpoint: the items are taken exactly as returned.
-        if len(items) <= size:
+        items = self._items
+        head = self._head
+        if len(items) - head <= size:
+            batch = items[head:] if head else items
             self._items = []
-            return items
-        batch = items[:size]
-        del items[:size]
+            self._head = 0
+            return batch
+        batch = items[head:head + size]
+        head += size
+        if head * 2 >= len(items):
+            del items[:head]
+            head = 0
+        self._head = head
         self._first_at = trio.current_time()
         return batch
 

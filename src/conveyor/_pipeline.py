@@ -31,6 +31,8 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from itertools import compress, islice, repeat
+from operator import add, attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, cast, final
 
@@ -73,6 +75,9 @@ Items = Iterable[Any] | AsyncIterable[Any]
 
 logger = logging.getLogger("conveyor")
 _make = tuple.__new__
+_index_of = attrgetter("index")
+_item_of = attrgetter("item")
+_attempts_of = attrgetter("attempts")
 
 
 # ---------------------------------------------------------------------------- declaring
@@ -520,6 +525,26 @@ class _Run:
         """:meth:`finish` for a batch's answers (a batching last stage), each input's
         attempts counting the batch's ``attempts``; an ``Exception`` answer is left to the
         caller: the positions of those are returned."""
+        if len(answers) != len(origins):
+            raise ValueError(f"{len(answers)} answers for {len(origins)} items")
+        if self.observe is None and not self.fans_out and not any(
+            map(isinstance, answers, repeat(Exception))
+        ):
+            # The whole batch succeeded (the common case): settled in C loops, no
+            # bytecode per input. The same records as the loop below makes.
+            indexes = list(map(_index_of, origins))
+            deque(map(self.inputs.pop, indexes), maxlen=0)
+            self.outbox.extend(map(_make, repeat(Succeeded), zip(
+                map(_item_of, origins),
+                answers,
+                map(add, map(_attempts_of, origins), repeat(attempts)),
+                indexes,
+                strict=True,
+            )))
+            self.succeeded += len(origins)
+            if self.readers_waiting:
+                self.reader_lot.unpark_all()
+            return []
         failed: list[int] = []
         if self.fans_out:
             for i, (origin, answer) in enumerate(zip(origins, answers, strict=True)):
@@ -704,9 +729,31 @@ class _Run:
                 else:
                     await first.wait_room()
                 continue
-            chunk: list[tuple[_Input, Any]] = []
-            append = chunk.append
             index = self.next_input
+            if window is None:
+                # The chunk in C loops (an input's only bytecode is its _Input's).
+                # list.extend keeps what it took before an error of the iterator.
+                items: list[Any] = []
+                error: BaseException | None = None
+                try:
+                    items.extend(islice(iterator, room))
+                except BaseException as exc:
+                    error = exc
+                end = index + len(items)
+                origins = list(map(_Input, range(index, end), items))
+                inputs.update(zip(range(index, end), origins, strict=True))
+                self.next_input = end
+                self.taken += len(items)
+                first.put_many(origins, items)
+                if error is not None:
+                    raise error
+                if len(items) < room:
+                    return  # the end of the items
+                continue
+            chunk: list[_Input] = []
+            chunk_items: list[Any] = []
+            append = chunk.append
+            append_item = chunk_items.append
             try:
                 for _ in range(room):
                     if window is not None:
@@ -722,13 +769,14 @@ class _Run:
                     origin = _Input(index, item)
                     inputs[index] = origin
                     index += 1
-                    append((origin, item))
+                    append(origin)
+                    append_item(item)
             finally:
                 # Taken: in the ledger and in the stage now (no await since its room was
                 # counted), whatever ended the chunk.
                 self.next_input = index
                 self.taken += len(chunk)
-                first.put_many(chunk)
+                first.put_many(chunk, chunk_items)
 
     def close(self) -> None:
         if self.intake_closed:
@@ -865,7 +913,11 @@ class _Run:
         return {st.name: st.stats() for st in self.stages}
 
     def report(self) -> Report:
-        succeeded = [r for r in self.outbox if type(r) is Succeeded]
+        outbox = self.outbox
+        succeeded = cast(  # the Succeeded records, picked in a C loop
+            "list[Succeeded[Any]]",
+            list(compress(outbox, map(isinstance, outbox, repeat(Succeeded)))),
+        )
         return Report(
             succeeded, list(self.failed), list(self.unfinished), self.stats,
             stages=self.stage_stats(),

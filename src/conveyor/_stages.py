@@ -308,7 +308,11 @@ class BatchStage(StageRun):
         batch = spec.batch
         assert batch is not None
         self.batch = batch
-        self.collector: Collector[tuple[_Input, Any]] = Collector(batch.size, batch.max_wait)
+        # The collector holds the inputs; `waiting` their items, in the same order (no
+        # pair per item): a batch of n inputs takes the first n items.
+        self.collector: Collector[_Input] = Collector(batch.size, batch.max_wait)
+        self.waiting: list[Any] = []
+        self.waiting_head = 0  # the items waiting are waiting[waiting_head:] (as in Collector)
         self.capacity = spec.capacity
         self.used = 0
         self.closed = False
@@ -340,7 +344,8 @@ class BatchStage(StageRun):
             return False
         self.used += 1
         self.submitted += 1
-        self.collector.put((origin, item))
+        self.collector.put(origin)
+        self.waiting.append(item)
         return True
 
     def has_room(self) -> bool:
@@ -356,11 +361,13 @@ class BatchStage(StageRun):
             raise Stopped
         return self.capacity - self.used
 
-    def put_many(self, pairs: list[tuple[_Input, Any]]) -> None:
-        """Put ``pairs`` (input, item) into the collector: the caller counted the room."""
-        self.used += len(pairs)
-        self.submitted += len(pairs)
-        self.collector.put_many(pairs)
+    def put_many(self, origins: list[_Input], items: list[Any]) -> None:
+        """Put ``items`` (of ``origins``, in the same order) into the collector: the caller
+        counted the room."""
+        self.used += len(origins)
+        self.submitted += len(origins)
+        self.collector.put_many(origins)
+        self.waiting.extend(items)
 
     async def accept(self, item: Any, origin: _Input) -> None:
         while True:
@@ -404,16 +411,17 @@ class BatchStage(StageRun):
         assert engine is not None
         with self.batcher_scope:
             while True:
-                pairs = await self.collector.take()
-                if not pairs:
+                origins = await self.collector.take()
+                if not origins:
                     break
+                items = self.take_items(len(origins))
                 try:
                     if len(engine.outstanding) >= engine.capacity:
                         await engine.wait_for_room(engine.capacity - 1)
                     if engine.intake_closed:  # stopped: take() would start a worker
                         raise trio.ClosedResourceError
-                    job = engine.take([item for _, item in pairs])
-                    job.origin = [origin for origin, _ in pairs]
+                    job = engine.take(items)
+                    job.origin = origins
                     try:
                         try:
                             engine.send.send_nowait(job)
@@ -423,21 +431,36 @@ class BatchStage(StageRun):
                         engine.unaccept(job)  # not in the engine: unsent, below
                         raise
                 except BaseException as exc:
-                    self.unsent(pairs)
+                    self.unsent(origins, items)
                     if isinstance(exc, trio.ClosedResourceError):
                         return
                     raise
             engine.close()
 
-    def unsent(self, pairs: list[tuple[_Input, Any]]) -> None:
+    def take_items(self, n: int) -> list[Any]:
+        """The items of the ``n`` inputs the collector gave out (the first ``n`` waiting)."""
+        waiting = self.waiting
+        head = self.waiting_head
+        items = waiting[head:head + n]
+        head += n
+        if head * 2 >= len(waiting):  # cut the taken ones off once they are half the list
+            del waiting[:head]
+            head = 0
+        self.waiting_head = head
+        return items
+
+    def unsent(self, origins: list[_Input], items: list[Any]) -> None:
         """Items taken into the stage but never made a batch of the engine."""
-        self.give(len(pairs))
-        for origin, item in pairs:
+        self.give(len(origins))
+        for origin, item in zip(origins, items, strict=True):
             self.submitted -= 1  # refuse() counts it again
             self.refuse(origin, item)
 
     def sweep(self) -> None:
-        self.unsent(self.collector.drain())
+        items = self.waiting[self.waiting_head:]
+        self.waiting = []
+        self.waiting_head = 0
+        self.unsent(self.collector.drain(), items)
 
     def stats(self) -> Stats:
         engine = self.engine
