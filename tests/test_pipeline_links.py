@@ -328,3 +328,43 @@ async def test_a_batching_last_stage_settles_a_whole_batch_with_the_same_records
             for f in report.failed] == [(9, "rows", 9, "bad 9", 1)]  # that stage's
     assert report.stats.succeeded == 11 and report.stats.failed == 1
     assert calls == 3
+
+
+@pytest.mark.parametrize("buffer", [0, 1, 100])
+async def test_a_hop_that_finds_no_room_in_the_channel_keeps_the_item_as_it_was(
+    buffer: int,
+) -> None:
+    """A hop into a plain stage passes the Job itself on (``Engine.hand_on``). With no
+    buffer, the next stage's ledger may have room while its channel has none (its worker is
+    between two items): the hop then waits with the item unchanged. Values, attempts (over
+    the stages, retries included) and per-stage counts come out exact."""
+    tried: set[int] = set()
+
+    async def a(x: int) -> int:
+        await trio.lowlevel.checkpoint()
+        if x % 7 == 0 and x not in tried:
+            tried.add(x)
+            raise ConnectionError("once")
+        return x * 10
+
+    async def b(y: int) -> int:
+        return y + 1
+
+    async def c(z: int) -> int:
+        await trio.lowlevel.checkpoint()
+        return z + 2
+
+    pipe = conveyor.pipeline(
+        conveyor.stage(a, workers=8, retry=Retry(2, retry_on=ConnectionError)),
+        conveyor.stage(b, workers=1, buffer=buffer),
+        conveyor.stage(c, workers=2, buffer=buffer),
+    )
+    report = await pipe.run(range(300))
+    assert not report.failed and not report.unfinished
+    got = {r.index: (r.item, r.value, r.attempts) for r in report.succeeded}
+    assert got == {x: (x, x * 10 + 3, 4 if x % 7 == 0 else 3) for x in range(300)}
+    stages = report.stages
+    assert stages is not None
+    assert [(s.submitted, s.succeeded, s.attempts) for s in stages.values()] == [
+        (300, 300, 343), (300, 300, 300), (300, 300, 300),
+    ]

@@ -110,9 +110,10 @@ class Link(Protocol):
     failure or an unfinished item goes to the pipeline's ledger. See ``_stages``.
     """
 
-    def pass_nowait(self, job: Job, value: Any) -> bool:
-        """Hand ``value`` on without waiting; False when it must wait (then :meth:`pass_on`)."""
-        ...
+    #: Hand ``value`` on without waiting; False when it must wait (then :meth:`pass_on`).
+    #: An attribute (read once per worker): between two plain stages it is the next
+    #: engine's :meth:`Engine.hand_on` itself.
+    pass_nowait: Callable[[Job, Any], bool]
 
     async def pass_on(self, job: Job, value: Any) -> None:
         """Hand ``value`` on, waiting for room. Cancelled: the value is accounted for."""
@@ -330,6 +331,42 @@ class Engine:
             return False
         return True
 
+    def hand_on(self, job: Job, value: Any) -> bool:
+        """A pipeline's hop into this (plain) stage: ``value``, the success of ``job`` in
+        the stage before, goes in as a new job of this engine, and the ``Job`` object itself
+        goes on (its fields reset), so a hop allocates nothing; ``job.origin`` (the
+        pipeline's input) counts the attempts of the stage before. This is the worker's
+        ``link.pass_nowait`` itself between two plain stages: one call per hop.
+
+        False: full, or intake closed (the caller's ``link.pass_on`` then waits for room,
+        or finds the stage closed); nothing taken, ``job`` as it was.
+        """
+        outstanding = self.outstanding
+        if self.intake_closed or len(outstanding) >= self.capacity:
+            return False
+        seq = self.next_seq
+        item, before = job.item, job.seq
+        self.next_seq = seq + 1
+        job.item = value
+        job.seq = seq
+        if seq < self.sample_below or not seq & _SAMPLE_MASK:
+            job.enqueued = self.now()
+        outstanding[seq] = job
+        self.submitted += 1
+        if self.spawned < self.workers:
+            self.spawn_workers()
+        try:
+            self.send.send_nowait(job)
+        except trio.WouldBlock:
+            self.unaccept(job)
+            job.item, job.seq = item, before
+            return False
+        job.origin.attempts += job.attempts
+        job.attempts = 0
+        job.last_error = None
+        job.started = 0.0
+        return True
+
     def close(self) -> None:
         """No more items: the pool finishes what it holds, then ends. Idempotent."""
         self.intake_closed = True
@@ -541,6 +578,9 @@ class Engine:
         keep_seq = box.keep_seq
         due = self.due
         link = self.link
+        pass_nowait: Callable[[Job, Any], bool] = (  # read once: the hop's one call
+            link.pass_nowait if link is not None else _unlinked
+        )
         coroutine_type = CoroutineType
         make = tuple.__new__
         succeeded_type = Succeeded
@@ -630,7 +670,7 @@ class Engine:
                         self.told_succeeded(
                             make(succeeded_type, (job.item, value, job.attempts, seq))
                         )
-                    if not link.pass_nowait(job, value):
+                    if not pass_nowait(job, value):
                         try:
                             await link.pass_on(job, value)
                         finally:
@@ -1071,6 +1111,10 @@ class Engine:
         )
 
 
+
+
+def _unlinked(job: Job, value: Any) -> bool:
+    raise AssertionError("a pool without a link has no pass_nowait")  # pragma: no cover
 
 
 def _percentiles(quantiles: Quantiles) -> Percentiles:

@@ -185,17 +185,23 @@ class StageRun:
 class _Link:
     """The link of a plain stage's engine: a success goes into the next stage as it is."""
 
-    __slots__ = ("finish", "name", "next", "next_in", "run", "stage")
+    __slots__ = ("finish", "name", "next", "next_in", "pass_nowait", "run", "stage")
 
     def __init__(self, stage: StageRun) -> None:
         self.stage = stage
         self.run = stage.run
         self.name = stage.name
-        self.next = stage.next
-        self.next_in = None if stage.next is None else stage.next.hand_in
+        nxt = self.next = stage.next
+        self.next_in = None if nxt is None else nxt.hand_in
         self.finish = self.run.finish
+        # What the engine's workers call on a success: between two plain stages, the next
+        # engine's hand_on itself (the Job goes on; one call per hop, nothing allocated).
+        self.pass_nowait: Callable[[Job, Any], bool] = self.hand_nowait
+        if type(self) is _Link and type(nxt) is StageRun and nxt.engine is not None:
+            self.pass_nowait = nxt.engine.hand_on
 
-    def pass_nowait(self, job: Job, value: Any) -> bool:
+    def hand_nowait(self, job: Job, value: Any) -> bool:
+        """``pass_nowait`` where the next stage is not a plain one (or there is none)."""
         origin = job.origin
         next_in = self.next_in
         if next_in is None:
@@ -243,7 +249,7 @@ class _FanOutLink(_Link):
 
     __slots__ = ()
 
-    def pass_nowait(self, job: Job, value: Any) -> bool:
+    def hand_nowait(self, job: Job, value: Any) -> bool:
         origin = job.origin
         if self.next is not None and value:
             return False  # outputs to hand on, maybe waiting: pass_on
@@ -480,7 +486,7 @@ class _BatchLink(_Link):
     __slots__ = ()
     stage: BatchStage
 
-    def pass_nowait(self, job: Job, value: Any) -> bool:
+    def hand_nowait(self, job: Job, value: Any) -> bool:
         if self.next is not None:
             return False
         stage = self.stage
