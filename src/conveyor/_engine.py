@@ -54,6 +54,7 @@ from ._quantiles import Quantiles, Throughput
 from ._records import Failed, Record, Report, Succeeded, Unfinished, with_index
 from ._retry import Retry
 from ._stats import Percentiles, Stats
+from ._workchannel import WorkChannel
 
 T = TypeVar("T")
 
@@ -167,7 +168,7 @@ class Engine:
         self.timeout = timeout
         self.budget = None if retry is None else retry.budget
         self.drain = drain
-        self.send, self.receive = trio.open_memory_channel[Job](buffer)
+        self.channel = WorkChannel(buffer)  # intake (and retries) to the workers
         # Ledger: accepted and not yet settled, in submission order.
         self.outstanding: dict[int, Job] = {}
         self.next_seq = 0
@@ -275,7 +276,7 @@ class Engine:
             await self.wait_for_room(self.capacity - 1)
         job = self.accept(item)
         try:
-            await self.send.send(job)
+            await self.channel.send(job)
         except BaseException as exc:
             self.unaccept(job)
             if isinstance(exc, trio.ClosedResourceError):
@@ -295,7 +296,7 @@ class Engine:
             raise trio.WouldBlock
         job = self.accept(item)
         try:
-            self.send.send_nowait(job)
+            self.channel.send_nowait(job)
         except BaseException as exc:
             self.unaccept(job)
             if isinstance(exc, trio.ClosedResourceError):
@@ -325,7 +326,7 @@ class Engine:
         if self.spawned < self.workers:
             self.spawn_workers()
         try:
-            self.send.send_nowait(job)
+            self.channel.send_nowait(job)
         except trio.WouldBlock:
             self.unaccept(job)
             return False
@@ -356,7 +357,7 @@ class Engine:
         if self.spawned < self.workers:
             self.spawn_workers()
         try:
-            self.send.send_nowait(job)
+            self.channel.send_nowait(job)
         except trio.WouldBlock:
             self.unaccept(job)
             job.item, job.seq = item, before
@@ -430,7 +431,7 @@ class Engine:
     def close_channel(self) -> None:
         if not self.send_closed:
             self.send_closed = True
-            self.send.close()
+            self.channel.close()
             self.scheduler_lot.unpark_all()
 
     async def feed(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
@@ -472,7 +473,7 @@ class Engine:
         return job
 
     async def feed_async(self, items: AsyncIterable[Any]) -> None:
-        send = self.send
+        send = self.channel
         outstanding = self.outstanding
         capacity = self.capacity
         low = self.feeder_low
@@ -495,7 +496,7 @@ class Engine:
     async def feed_sync(self, items: Iterable[Any]) -> None:
         # The hot loop of intake: _take inlined (this task only ever runs between its own
         # awaits, so nothing else changes the ledger's sequence under it).
-        send = self.send
+        send = self.channel
         outstanding = self.outstanding
         capacity = self.capacity
         low = self.feeder_low
@@ -565,8 +566,8 @@ class Engine:
         # whose context does not name the pool's linger nursery: name it here, for this
         # task only (each task runs in its own copy of the context).
         _linger.current.set(self.linger_nursery)
-        receive = self.receive.receive
-        receive_nowait = self.receive.receive_nowait
+        receive = self.channel.receive
+        receive_nowait = self.channel.receive_nowait
         fn = self.fn
         # Timed attempts (a per-attempt timeout or a Retry budget) go through _timed;
         # the others call fn directly.
@@ -920,7 +921,7 @@ class Engine:
         cannot deadlock the pool (even with ``buffer=0`` and one worker).
         """
         heap = self.heap
-        send = self.send
+        send = self.channel
         lot = self.scheduler_lot
         while not self.send_closed:
             if not heap:
@@ -936,7 +937,7 @@ class Engine:
                 self.claims_in_heap -= 1
             if seq < self.sample_below or not seq & _SAMPLE_MASK:
                 job.enqueued = self.now()
-            if send.statistics().current_buffer_used:
+            if len(send):
                 # Fresh items wait in the channel (so no worker waits on it): the retry goes
                 # ahead of them, since it already holds its slot (workers look here first).
                 self.due.append(job)

@@ -118,7 +118,7 @@ class StageRun:
             job = engine.take(item)
             job.origin = origin
             try:
-                await engine.send.send(job)
+                await engine.channel.send(job)
             except BaseException as exc:
                 engine.unaccept(job)
                 if isinstance(exc, trio.ClosedResourceError):
@@ -432,9 +432,9 @@ class BatchStage(StageRun):
                     job.origin = origins
                     try:
                         try:
-                            engine.send.send_nowait(job)
+                            engine.channel.send_nowait(job)
                         except trio.WouldBlock:
-                            await engine.send.send(job)
+                            await engine.channel.send(job)
                     except BaseException:
                         engine.unaccept(job)  # not in the engine: unsent, below
                         raise
