@@ -566,8 +566,11 @@ class Engine:
         # whose context does not name the pool's linger nursery: name it here, for this
         # task only (each task runs in its own copy of the context).
         _linger.current.set(self.linger_nursery)
-        receive = self.channel.receive
-        receive_nowait = self.channel.receive_nowait
+        channel = self.channel
+        receive = channel.receive
+        receive_nowait = channel.receive_nowait
+        buffered = channel.buffered  # WorkChannel.receive_nowait's common case, inlined
+        senders = channel.senders
         fn = self.fn
         # Timed attempts (a per-attempt timeout or a Retry budget) go through _timed;
         # the others call fn directly.
@@ -599,7 +602,12 @@ class Engine:
         streak = 0
         while True:
             try:
-                job = due.popleft() if due else receive_nowait()
+                if due:
+                    job = due.popleft()
+                elif buffered and not senders:
+                    job = buffered.popleft()
+                else:
+                    job = receive_nowait()
             except trio.WouldBlock:
                 try:
                     job = await receive()

@@ -46,6 +46,9 @@ class WorkChannel:
 
     __slots__ = ("buffered", "closed", "receivers", "senders", "size")
 
+    # The engine's worker reads `buffered` and `senders` directly for the common receive
+    # (a job buffered, no sender waiting): they are never replaced, only changed in place.
+
     def __init__(self, size: int) -> None:
         self.size = size
         self.buffered: deque[Any] = deque()
@@ -147,9 +150,9 @@ class WorkChannel:
         if self.closed:
             return
         self.closed = True
-        receivers, self.receivers = self.receivers, deque()
-        for task in receivers:
-            reschedule(task, Error(trio.EndOfChannel()))
-        senders, self.senders = self.senders, deque()
-        for task, _ in senders:
+        # (cleared, not replaced: the engine's workers hold `buffered` and `senders`)
+        while self.receivers:
+            reschedule(self.receivers.popleft(), Error(trio.EndOfChannel()))
+        while self.senders:
+            task, _ = self.senders.popleft()
             reschedule(task, Error(trio.ClosedResourceError("the channel is closed")))
