@@ -9,6 +9,7 @@ its parts by the policy. Time is virtual (``autojump_clock``).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -368,3 +369,32 @@ async def test_a_hop_that_finds_no_room_in_the_channel_keeps_the_item_as_it_was(
     assert [(s.submitted, s.succeeded, s.attempts) for s in stages.values()] == [
         (300, 300, 343), (300, 300, 300), (300, 300, 300),
     ]
+
+
+@pytest.mark.parametrize("size", [3, sys.maxsize + 1])
+async def test_a_batching_first_stage_fed_in_several_chunks_keeps_order_and_every_input(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, size: int,
+) -> None:
+    """The chunked feed takes at most a chunk of inputs at a time, whatever room the stage
+    has: a batch size beyond ``sys.maxsize`` (room without bound) is accepted at the call
+    and runs; inputs past the first chunk keep their index and go in batches in order."""
+    monkeypatch.setattr(conveyor._pipeline, "_CHUNK", 4)
+    sizes: list[int] = []
+
+    batches: list[list[int]] = []
+
+    async def rows(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        batches.append(list(xs))
+        await trio.sleep(0.01)
+        return [x * 10 for x in xs]
+
+    pipe = conveyor.pipeline(conveyor.stage(rows, batch=Batch(size, max_wait=0.1)))
+    report = await pipe.run(range(11))
+    assert sorted((r.index, r.item, r.value) for r in report.succeeded) == [
+        (i, i, i * 10) for i in range(11)
+    ]
+    assert sum(sizes) == 11 and report.stats.succeeded == 11
+    assert sorted(x for b in batches for x in b) == list(range(11))
+    if size == 3:
+        assert batches == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]

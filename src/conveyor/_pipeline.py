@@ -248,6 +248,7 @@ def pipeline(*stages: Stage | Callable[..., Any]) -> Pipeline:
     return Pipeline._create(made)
 
 
+_CHUNK = 1 << 16  # the most inputs a batching first stage is fed in one go
 _A_STAGE = "a conveyor.stage(...) or a task function (async def fn(item))"
 
 
@@ -732,7 +733,10 @@ class _Run:
             index = self.next_input
             if window is None:
                 # The chunk in C loops (an input's only bytecode is its _Input's).
-                # list.extend keeps what it took before an error of the iterator.
+                # list.extend keeps what it took before an error of the iterator. A chunk
+                # is at most _CHUNK inputs (islice takes no more than sys.maxsize, and a
+                # huge batch size gives a huge room); the loop takes the rest.
+                room = min(room, _CHUNK)
                 items: list[Any] = []
                 error: BaseException | None = None
                 try:
