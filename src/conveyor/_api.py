@@ -15,7 +15,7 @@ import trio
 
 from ._engine import Engine
 from ._final import NoPublicConstructor
-from ._host import BareHost
+from ._host import BareHost, EnteredStream
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
 from ._limits import build_limits
 from ._observe import Observer
@@ -277,7 +277,7 @@ def map(  # the contract's name; it shadows the builtin inside this module only
 
 
 @final
-class MapStream(Generic[T], metaclass=NoPublicConstructor):
+class MapStream(EnteredStream, Generic[T], metaclass=NoPublicConstructor):
     """What :func:`conveyor.map` returns: iterate it, or enter it with ``async with``.
 
     Only :func:`conveyor.map` makes one (``MapStream(...)`` raises TypeError).
@@ -317,19 +317,6 @@ class MapStream(Generic[T], metaclass=NoPublicConstructor):
             yield records
             if not pool.tasks_done:
                 pool.stop()  # the caller left before the end: take and start nothing more
-
-    async def __aenter__(self) -> AsyncIterator[Record]:
-        self._cm = self._open()
-        return await self._cm.__aenter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._cm is not None
-        return await self._cm.__aexit__(exc_type, exc, tb)
 
     def __aiter__(self) -> AsyncIterator[Record]:
         feed, records = self._feed_and_records()

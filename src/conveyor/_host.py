@@ -10,11 +10,41 @@ what happens once it ended (:meth:`ended`) and how to stop it (:meth:`halt`).
 from __future__ import annotations
 
 import contextvars
-from typing import ClassVar, NoReturn
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, ClassVar, NoReturn
 
 import trio
 
-__all__ = ["BareHost"]
+from ._records import Record
+
+__all__ = ["BareHost", "EnteredStream"]
+
+
+class EnteredStream:
+    """The ``async with`` form of a stream (``conveyor.map``, ``Pipeline.map``): entering
+    it enters the subclass's :meth:`_open`, and leaving it leaves that."""
+
+    _cm: AbstractAsyncContextManager[Any] | None
+
+    def _open(self) -> AbstractAsyncContextManager[AsyncIterator[Record]]:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> AsyncIterator[Record]:
+        self._cm = self._open()
+        entered: AsyncIterator[Record] = await self._cm.__aenter__()
+        return entered
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._cm is not None
+        left: bool | None = await self._cm.__aexit__(exc_type, exc, tb)
+        return left
 
 
 class BareHost:

@@ -41,7 +41,7 @@ from trio.lowlevel import ParkingLot
 
 from ._api import items_total, make_engine, with_progress
 from ._final import NoPublicConstructor
-from ._host import BareHost
+from ._host import BareHost, EnteredStream
 from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._observe import Observer
@@ -1102,7 +1102,7 @@ class _OpenRun:
 
 
 @final
-class PipelineStream(metaclass=NoPublicConstructor):
+class PipelineStream(EnteredStream, metaclass=NoPublicConstructor):
     """What :meth:`Pipeline.map` returns: iterate it, or enter it with ``async with``."""
 
     _factory = "pipe.map(items, ...)"
@@ -1134,19 +1134,6 @@ class PipelineStream(metaclass=NoPublicConstructor):
                     run.stop()  # the caller left before the end: take and start nothing more
         finally:
             reader.give_back()
-
-    async def __aenter__(self) -> AsyncIterator[Record]:
-        self._cm = self._open()
-        return await self._cm.__aenter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._cm is not None
-        return await self._cm.__aexit__(exc_type, exc, tb)
 
     def __aiter__(self) -> AsyncIterator[Record]:
         self._use()
