@@ -440,6 +440,8 @@ async def bad_key_run(
     assert len(stored) == 9 and {v[0] for v in stored.values()} == {"succeeded"}
     again = await jrun(never, range(10), journal=journal, key=key, workers=2)
     assert len(again.succeeded) == 9 and [r.item for r in again.failed] == [bad]
+    # the journal's successes are not this run's work: only the bad item is in the stats
+    assert (again.stats.submitted, again.stats.succeeded, again.stats.failed) == (1, 0, 1)
     return report, calls, failed
 
 

@@ -552,3 +552,79 @@ def test_stats_agree_with_the_report_at_the_end_of_every_run(
         assert s.unfinished == 0
         assert s.retried == sum(r.attempts - 1 for r in records)
         assert s.attempt_latency.count == s.attempts  # small runs: every attempt measured
+
+
+@pytest.mark.parametrize("way", ["plain", "limited", "observed"])
+async def test_in_flight_counts_the_attempts_running_however_an_attempt_ends(
+    autojump_clock: trio.testing.MockClock, way: str,
+) -> None:
+    """``in_flight`` is the attempts running now: one per call of ``fn`` under way, and one
+    less once an attempt returned, raised (and was retried), returned a coroutine it forgot
+    to await, timed out, or was cut by a stop; an observer told that an attempt ended no
+    longer counts it. ``submitted`` counts each item once, retries included. Each way in:
+    the plain attempt, one under a limiter, one an observer watches."""
+    running = 0
+    in_fn: list[tuple[int, int]] = []
+    at_end: list[tuple[int, int]] = []
+    holder: dict[str, conveyor.Pool[Any]] = {}
+    raised: set[int] = set()
+
+    async def forgot(x: int) -> int:
+        return x
+
+    async def fn(x: int) -> Any:
+        nonlocal running
+        running += 1
+        try:
+            in_fn.append((holder["pool"].stats.in_flight, running))
+            if x == 1 and x not in raised:
+                raised.add(x)
+                raise Flaky("once")  # retried
+            if x == 2:
+                return forgot(x)  # a forgotten await: fails
+            if x == 3:
+                await trio.sleep(10)  # past timeout=5: fails
+            if x == 4:
+                await trio.sleep(1000)  # cut by the stop
+            await trio.sleep(1)
+            return x
+        finally:
+            running -= 1
+
+    class Ends(conveyor.Observer):
+        def opened(self, info: conveyor.PoolInfo) -> conveyor.Observer:
+            self.info = info
+            return self
+
+        def attempt_ended(
+            self, attempt: conveyor.Attempt, error: BaseException | None, duration: float
+        ) -> None:
+            at_end.append((self.info.stats().in_flight, running))
+
+    options: dict[str, Any] = {}
+    if way == "limited":
+        options["limiter"] = trio.CapacityLimiter(10)
+    if way == "observed":
+        options["observers"] = [Ends()]
+    async with conveyor.open_pool(
+        fn, workers=5, timeout=5, drain=0,
+        retry=conveyor.Retry(2, retry_on=lambda e: isinstance(e, Flaky)), **options,
+    ) as pool:
+        holder["pool"] = pool
+        for x in range(4):
+            await pool.submit(x)
+        s = await pool.wait_stats(lambda s: s.succeeded + s.failed == 4)
+        assert (s.in_flight, s.submitted, s.attempts) == (0, 4, 5)
+        await pool.submit(4)  # runs until the stop cuts it
+        s = await pool.wait_stats(lambda s: s.in_flight == 1)
+        assert (s.submitted, s.attempts, s.queued) == (5, 6, 0)
+        pool.stop()
+    report = pool.report()
+    assert sorted(r.item for r in report.succeeded) == [0, 1]
+    assert sorted(r.item for r in report.failed) == [2, 3]
+    assert [r.item for r in report.unfinished] == [4]
+    s = report.stats
+    assert (s.in_flight, s.submitted, s.attempts, s.queued) == (0, 5, 6, 0)
+    assert len(in_fn) == 6 and all(counted == ran for counted, ran in in_fn)
+    if way == "observed":
+        assert len(at_end) == 6 and all(counted == ran for counted, ran in at_end), at_end

@@ -196,12 +196,18 @@ class Engine:
         self.intake_low = -1
         self.failed: list[Failed] = []
         self.unfinished: list[Unfinished] = []
-        # Counters (plain ints: cheap on the hot path).
-        self.submitted = 0
+        # Counters (plain ints: cheap on the hot path). Two are derived, to spare the hot
+        # path an update each: `submitted` from next_seq (see not_submitted), `in_flight`
+        # from attempts (see attempts_not_succeeded).
         self.succeeded = 0
         self.retried = 0
-        self.attempts = 0
-        self.in_flight = 0
+        self.attempts = 0  # attempts started
+        # Numbered but not accepted: a hand-off taken back (unaccept), or a success
+        # settled from the journal (settle_unrun).
+        self.not_submitted = 0
+        # Attempts that ended other than in a success (raised, cancelled, a forgotten
+        # await); one that succeeded is counted by `succeeded`.
+        self.attempts_not_succeeded = 0
         # Limits (see _limits.py): the plain ones stacked around each attempt, the per-key
         # one before them in its parking form.
         self.limits = limits
@@ -325,7 +331,6 @@ class Engine:
         if seq < self.sample_below or not seq & _SAMPLE_MASK:
             job.enqueued = self.now()
         outstanding[seq] = job
-        self.submitted += 1
         if self.spawned < self.workers:
             self.spawn_workers()
         try:
@@ -356,7 +361,6 @@ class Engine:
         if seq < self.sample_below or not seq & _SAMPLE_MASK:
             job.enqueued = self.now()
         outstanding[seq] = job
-        self.submitted += 1
         if self.spawned < self.workers:
             self.spawn_workers()
         try:
@@ -427,7 +431,7 @@ class Engine:
 
     def unaccept(self, job: Job) -> None:
         del self.outstanding[job.seq]
-        self.submitted -= 1
+        self.not_submitted += 1
         if self.intake_closed and not self.outstanding:
             self.close_channel()
 
@@ -470,7 +474,6 @@ class Engine:
         if seq < self.sample_below or not seq & _SAMPLE_MASK:
             job.enqueued = self.now()
         self.outstanding[seq] = job
-        self.submitted += 1
         if self.spawned < self.workers:
             self.spawn_workers()
         return job
@@ -522,7 +525,6 @@ class Engine:
             if seq < sample_below or not seq & _SAMPLE_MASK:
                 job.enqueued = current_time()
             outstanding[seq] = job
-            self.submitted += 1
             if spawning:
                 self.spawn_workers()
                 spawning = self.spawned < workers
@@ -551,10 +553,11 @@ class Engine:
         if record.index != seq:
             record = with_index(record, seq)
         if type(record) is Failed:
-            self.submitted += 1
             self.failed.append(record)
             for on_failed in self.on_failed:
                 notify(on_failed, record)
+        else:
+            self.not_submitted += 1  # a journal's success: not this run's work
         records = self.box.records
         deque.append(records, (seq, record) if self.box.keep_seq else record)  # unobserved
         if self.box.waiting:
@@ -641,15 +644,16 @@ class Engine:
                     value = await self.guarded_attempt(job, key_token, sample)
                 else:
                     job.attempts += 1
-                    self.attempts += 1
-                    self.in_flight += 1
+                    self.attempts += 1  # in flight until it succeeds or ends otherwise
                     try:
                         if not timed:
                             value = await fn(job.item)  # the hot path: no extra frame
                         else:
                             value = await self.timed(job)
+                    except BaseException:
+                        self.attempts_not_succeeded += 1
+                        raise
                     finally:
-                        self.in_flight -= 1
                         if sample:
                             latency_add(current_time() - start)
             except Exception as error:
@@ -664,6 +668,7 @@ class Engine:
                 raise
             else:
                 if type(value) is coroutine_type:  # a forgotten await
+                    self.attempts_not_succeeded += 1
                     self.attempt_failed(job, _not_awaited(value))
                     continue
                 self.succeeded += 1
@@ -755,8 +760,7 @@ class Engine:
             # The attempt starts only now: one cancelled while waiting for a limit is not
             # counted (its item settles as Unfinished with the attempts it really made).
             job.attempts += 1
-            self.attempts += 1
-            self.in_flight += 1
+            self.attempts += 1  # in flight until it succeeds or ends otherwise
             observed = self.attempt_observed
             start = self.now() if sample or observed else 0.0
             attempt = None
@@ -771,20 +775,27 @@ class Engine:
                     value = await self.timed(job)
             except Exception as exc:
                 error = exc
+                self.attempts_not_succeeded += 1
                 if attempt is not None:  # its end is told by attempt_failed, after the retry
                     self.failed_attempts[job.seq] = attempt
                 raise
             except BaseException as exc:
                 error = exc
+                self.attempts_not_succeeded += 1
                 if attempt is not None:
                     self.attempt_ended(attempt, exc)
                 raise
             finally:
-                self.in_flight -= 1
                 if sample:
                     self.latency_q.add(self.now() - start)
             if attempt is not None:
-                self.attempt_ended(attempt, None)
+                # Not in flight while its observers hear that it ended: counted as ended
+                # here until `succeeded` counts it (in the worker, no await between).
+                self.attempts_not_succeeded += 1
+                try:
+                    self.attempt_ended(attempt, None)
+                finally:
+                    self.attempts_not_succeeded -= 1
             return value
         finally:
             for limit, token in reversed(held):
@@ -1074,6 +1085,16 @@ class Engine:
         if link is not None:
             for job, record in zip(jobs, unfinished, strict=True):
                 link.unfinished(job, record)
+
+    @property
+    def submitted(self) -> int:
+        """Items accepted so far (numbered, less the ones not accepted after all)."""
+        return self.next_seq - self.not_submitted
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts running now (started, less the ones that ended)."""
+        return self.attempts - self.succeeded - self.attempts_not_succeeded
 
     @property
     def stats(self) -> Stats:
