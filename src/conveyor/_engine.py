@@ -333,11 +333,16 @@ class Engine:
         outstanding[seq] = job
         if self.spawned < self.workers:
             self.spawn_workers()
-        try:
-            self.channel.send_nowait(job)
-        except trio.WouldBlock:
-            self.unaccept(job)
-            return False
+        channel = self.channel
+        buffered = channel.buffered
+        if channel.receivers or channel.closed or len(buffered) >= channel.size:
+            try:
+                channel.send_nowait(job)
+            except trio.WouldBlock:
+                self.unaccept(job)
+                return False
+        else:
+            buffered.append(job)  # WorkChannel.send_nowait's common case, inlined
         return True
 
     def hand_on(self, job: Job, value: Any) -> bool:
@@ -363,12 +368,17 @@ class Engine:
         outstanding[seq] = job
         if self.spawned < self.workers:
             self.spawn_workers()
-        try:
-            self.channel.send_nowait(job)
-        except trio.WouldBlock:
-            self.unaccept(job)
-            job.item, job.seq = item, before
-            return False
+        channel = self.channel
+        buffered = channel.buffered
+        if channel.receivers or channel.closed or len(buffered) >= channel.size:
+            try:
+                channel.send_nowait(job)
+            except trio.WouldBlock:
+                self.unaccept(job)
+                job.item, job.seq = item, before
+                return False
+        else:
+            buffered.append(job)  # WorkChannel.send_nowait's common case, inlined
         job.origin.attempts += job.attempts
         job.attempts = 0
         job.last_error = None

@@ -63,10 +63,10 @@ from ._pool_options import check_name, check_observers, resolve
 from ._progress import PipelineProgress, Progress
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from ._engine import Engine, Job
 from ._records import Failed, Record, Report, Succeeded, Unfinished, with_index
 from ._retry import Retry
-from ._stages import BatchStage, Stopped, make_stage
+from ._stages import BatchStage, StageRun, Stopped, make_stage
 from ._stats import Stats
 
 __all__ = ["Batch", "Pipeline", "PipelineRun", "PipelineStream", "Stage", "pipeline", "stage"]
@@ -522,6 +522,24 @@ class _Run:
         if self.readers_waiting:
             self.reader_lot.unpark_all()
 
+    def finish_job(self, job: Job, value: Any) -> bool:
+        """:meth:`finish` for a success of the last stage's ``job`` where no stage fans
+        out: the last plain stage's ``link.pass_nowait`` itself (one call per input at the
+        end). Always True: the end of the pipeline has no bound."""
+        origin = job.origin
+        del self.inputs[origin.index]
+        self.succeeded += 1
+        # Succeeded(item, value, attempts, index), made in one C call
+        record = _make(
+            Succeeded, (origin.item, value, origin.attempts + job.attempts, origin.index)
+        )
+        if self.observe is not None:
+            self.observe(record)
+        self.outbox.append(record)
+        if self.readers_waiting:
+            self.reader_lot.unpark_all()
+        return True
+
     def finish_many(self, origins: list[_Input], answers: list[Any], attempts: int) -> list[int]:
         """:meth:`finish` for a batch's answers (a batching last stage), each input's
         attempts counting the batch's ``attempts``; an ``Exception`` answer is left to the
@@ -660,6 +678,11 @@ class _Run:
         hand_in = first.hand_in
         has_room = first.has_room
         inputs = self.inputs
+        # A plain first stage's room, read here (StageRun.has_room, inlined).
+        engine = first.engine if type(first) is StageRun else None
+        plain = engine is not None
+        outstanding: dict[int, Any] = engine.outstanding if engine is not None else {}
+        capacity = engine.capacity if engine is not None else 0
         with self.feed_scope:
             try:
                 if isinstance(first, BatchStage) and sync_iterator is not None:
@@ -672,7 +695,7 @@ class _Run:
                             except trio.WouldBlock:
                                 await window.acquire()
                         try:
-                            if not has_room():
+                            if len(outstanding) >= capacity if plain else not has_room():
                                 await first.wait_room()
                             if async_iterator is not None:
                                 item = await anext(async_iterator)

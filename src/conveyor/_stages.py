@@ -198,9 +198,12 @@ class _Link:
         self.finish = self.run.finish
         # What the engine's workers call on a success: between two plain stages, the next
         # engine's hand_on itself (the Job goes on; one call per hop, nothing allocated).
+        # After the last plain stage (where no stage fans out), the run's finish_job.
         self.pass_nowait: Callable[[Job, Any], bool] = self.hand_nowait
         if type(self) is _Link and type(nxt) is StageRun and nxt.engine is not None:
             self.pass_nowait = nxt.engine.hand_on
+        elif type(self) is _Link and nxt is None and not self.run.fans_out:
+            self.pass_nowait = self.run.finish_job
 
     def hand_nowait(self, job: Job, value: Any) -> bool:
         """``pass_nowait`` where the next stage is not a plain one (or there is none)."""
