@@ -194,6 +194,10 @@ class Engine:
         self.intake_lot = ParkingLot()
         self.intake_waiting = False
         self.intake_low = -1
+        # Whether a worker has more to do after a success: one test on the hot path for
+        # three flags. True while intake_closed, intake_waiting or stats_waiting is: each
+        # assignment to those keeps it.
+        self.after_success = False
         self.failed: list[Failed] = []
         self.unfinished: list[Unfinished] = []
         # Counters (plain ints: cheap on the hot path). Two are derived, to spare the hot
@@ -388,6 +392,7 @@ class Engine:
     def close(self) -> None:
         """No more items: the pool finishes what it holds, then ends. Idempotent."""
         self.intake_closed = True
+        self.after_success = True
         self.wake_intake()
         if not self.outstanding:
             self.close_channel()
@@ -404,6 +409,7 @@ class Engine:
         grace = self.drain if drain is None else drain
         self.stopping = True
         self.intake_closed = True
+        self.after_success = True
         self.feed_scope.cancel()
         self.wake_intake()
         self.box.space.unpark_all()  # workers waiting for a reader: stop waiting
@@ -425,10 +431,12 @@ class Engine:
                 raise trio.ClosedResourceError(self.closed_message())
             self.intake_low = max(self.intake_low, low)
             self.intake_waiting = True
+            self.after_success = True
             await self.intake_lot.park()
 
     def wake_intake(self) -> None:
         self.intake_waiting = False
+        self.after_success = self.intake_closed or self.stats_waiting
         self.intake_low = -1
         self.intake_lot.unpark_all()
 
@@ -609,13 +617,15 @@ class Engine:
         per_key = self.per_key
         # Attempt observers take the guarded path too: the plain one stays as it is.
         guarded = bool(self.limits) or per_key is not None or self.attempt_observed
+        # Stage observers' successes (bound before any worker starts, like the above).
+        told = self.told_succeeded if self.on_succeeded else None
         key_token: object | None = None
         start = 0.0
         current_time = self.now
         sample_all = _SAMPLE_ALL  # the quantiles' sample (not sample_below: see __init__)
         wait_add = self.wait_q.add
         latency_add = self.latency_q.add
-        streak = 0
+        streak = _STREAK
         while True:
             try:
                 if due:
@@ -629,13 +639,13 @@ class Engine:
                     job = await receive()
                 except trio.EndOfChannel:
                     return
-                streak = 0
+                streak = _STREAK
             except trio.EndOfChannel:
                 return
             else:
-                streak += 1
-                if streak >= _STREAK:
-                    streak = 0
+                streak -= 1  # items taken without waiting, counted down to a checkpoint
+                if not streak:
+                    streak = _STREAK
                     await checkpoint()
             if self.stopping:
                 return  # leave it outstanding: it settles as Unfinished
@@ -693,10 +703,8 @@ class Engine:
                 else:
                     # A pipeline stage: on to the next stage, the item keeping its place
                     # here until it is handed on (a cancelled pass_on accounts for it).
-                    if self.on_succeeded:
-                        self.told_succeeded(
-                            make(succeeded_type, (job.item, value, job.attempts, seq))
-                        )
+                    if told is not None:
+                        told(make(succeeded_type, (job.item, value, job.attempts, seq)))
                     if not pass_nowait(job, value):
                         try:
                             await link.pass_on(job, value)
@@ -704,16 +712,18 @@ class Engine:
                             del outstanding[seq]
                     else:
                         del outstanding[seq]
-                if self.stats_waiting:
-                    self.wake_stats()
-                if self.intake_waiting and len(outstanding) <= self.intake_low:
-                    self.wake_intake()
-                    # Let the feeder refill before this worker empties the channel, or
-                    # the other workers find it empty and park (a task switch per item).
-                    streak = 0
-                    await checkpoint()
-                elif self.intake_closed and not outstanding:
-                    self.close_channel()
+                if self.after_success:
+                    if self.stats_waiting:
+                        self.wake_stats()
+                    if self.intake_waiting and len(outstanding) <= self.intake_low:
+                        self.wake_intake()
+                        # Let the feeder refill before this worker empties the channel,
+                        # or the other workers find it empty and park (a task switch
+                        # per item).
+                        streak = _STREAK
+                        await checkpoint()
+                    elif self.intake_closed and not outstanding:
+                        self.close_channel()
             # Streaming with a bounded outbox (map): wait for the reader. A `while`, since
             # a wake-up is shared by every waiting worker (found by the memory benchmark:
             # with `if`, a slow reader let the outbox grow without limit).
@@ -843,6 +853,7 @@ class Engine:
 
     def wake_stats(self) -> None:
         self.stats_waiting = False
+        self.after_success = self.intake_closed or self.intake_waiting
         self.stats_lot.unpark_all()
 
     async def wait_stats(self, predicate: Callable[[Stats], bool]) -> Stats:
@@ -863,6 +874,7 @@ class Engine:
                 return stats
             tested = trio.current_time()
             self.stats_waiting = True
+            self.after_success = True
             await self.stats_lot.park()
             if not self.tasks_done:
                 await trio.sleep_until(tested + _STATS_EVERY)
