@@ -356,14 +356,21 @@ class Engine:
         pipeline's input) counts the attempts of the stage before. This is the worker's
         ``link.pass_nowait`` itself between two plain stages: one call per hop.
 
-        False: full, or intake closed (the caller's ``link.pass_on`` then waits for room,
-        or finds the stage closed); nothing taken, ``job`` as it was.
+        False: full (the ledger, or the channel with no worker waiting), or intake closed
+        (the caller's ``link.pass_on`` then waits for room, or finds the stage closed);
+        nothing taken, ``job`` untouched.
         """
         outstanding = self.outstanding
         if self.intake_closed or len(outstanding) >= self.capacity:
             return False
+        # Room in the channel, tested first (WorkChannel.send_nowait's tests, inlined): a
+        # closed channel means intake is closed, tested above.
+        channel = self.channel
+        receivers = channel.receivers
+        buffered = channel.buffered
+        if not receivers and len(buffered) >= channel.size:
+            return False
         seq = self.next_seq  # (hand_in's admission, the Job reused: change them together)
-        item, before = job.item, job.seq
         self.next_seq = seq + 1
         job.item = value
         job.seq = seq
@@ -372,17 +379,10 @@ class Engine:
         outstanding[seq] = job
         if self.spawned < self.workers:
             self.spawn_workers()
-        channel = self.channel
-        buffered = channel.buffered
-        if channel.receivers or channel.closed or len(buffered) >= channel.size:
-            try:
-                channel.send_nowait(job)
-            except trio.WouldBlock:
-                self.unaccept(job)
-                job.item, job.seq = item, before
-                return False
+        if receivers:
+            channel.send_nowait(job)  # straight to a waiting worker
         else:
-            buffered.append(job)  # WorkChannel.send_nowait's common case, inlined
+            buffered.append(job)
         job.origin.attempts += job.attempts
         job.attempts = 0
         job.last_error = None
