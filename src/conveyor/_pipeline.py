@@ -68,6 +68,7 @@ from ._records import Failed, Record, Report, Succeeded, Unfinished, with_index
 from ._retry import Retry
 from ._stages import BatchStage, StageRun, Stopped, make_stage
 from ._stats import Stats
+from ._window import Window
 
 __all__ = ["Batch", "Pipeline", "PipelineRun", "PipelineStream", "Stage", "pipeline", "stage"]
 
@@ -443,7 +444,7 @@ class _Run:
         self.taken = 0
         self.inputs: dict[int, _Input] = {}
         self.ordered = ordered
-        self.window = trio.Semaphore(window) if window is not None else None
+        self.window = Window(window) if window is not None else None
         # Output: records not handed out yet (succeeded ones kept for the report when
         # nobody reads them), failures and unfinished always.
         self.outbox: deque[Record] = deque()
@@ -690,9 +691,9 @@ class _Run:
                 else:
                     while True:
                         if window is not None:
-                            try:
-                                window.acquire_nowait()  # no task switch per input
-                            except trio.WouldBlock:
+                            if window.value:
+                                window.value -= 1  # a slot, no task switch (Window)
+                            else:
                                 await window.acquire()
                         try:
                             if len(outstanding) >= capacity if plain else not has_room():
@@ -994,8 +995,10 @@ class _Reader:
                     unwindowed = run.unwindowed
                     if unwindowed and record.index in unwindowed:
                         unwindowed.discard(record.index)
+                    elif window.waiting:
+                        window.release()  # to the feed, waiting for it
                     else:
-                        window.release()
+                        window.value += 1  # Window.release, written out
                 self._streak += 1
                 if self._streak >= _STREAK:
                     self._streak = 0
