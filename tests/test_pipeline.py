@@ -844,6 +844,38 @@ async def test_journal_resume_skips_inputs_that_reached_the_end(tmp_path: Any) -
     assert sorted(r.item for r in got) == list(range(8))
 
 
+
+@pytest.mark.parametrize("entry", ["run", "map", "map window", "map ordered"])
+async def test_journal_resume_into_a_batching_first_stage_keeps_each_input_its_index(
+    tmp_path: Any, entry: str,
+) -> None:
+    """The journal's filter settles a skipped input with the next index as it is
+    iterated: inputs that run are numbered as they come, not a chunk ahead (a batching
+    first stage is fed in chunks otherwise). Every index is the input's position, once."""
+    journal = tmp_path / "pipe.journal"
+    calls: Counter[int] = Counter()
+
+    async def rows(xs: list[int]) -> list[int]:
+        calls.update(xs)
+        return [x * 10 for x in xs]
+
+    pipe = conveyor.pipeline(conveyor.stage(rows, batch=conveyor.Batch(4, max_wait=0.01)))
+    await pipe.run([x for x in range(0, 12, 3)], journal=journal)  # 0, 3, 6, 9 done
+    calls.clear()
+    records: list[Any]
+    if entry == "run":
+        report = await pipe.run(range(12), journal=journal)
+        records = [*report.succeeded, *report.failed, *report.unfinished]
+    else:
+        options: dict[str, Any] = {
+            "map window": {"window": 3}, "map ordered": {"ordered": True}, "map": {},
+        }[entry]
+        records = [r async for r in pipe.map(range(12), journal=journal, **options)]
+    assert sorted((r.index, r.item, r.value) for r in records) == [
+        (x, x, x * 10) for x in range(12)
+    ]
+    assert set(calls) == {x for x in range(12) if x % 3}
+
 _CHILD = """
 import sys, trio, conveyor
 journal, calls = sys.argv[1], sys.argv[2]

@@ -686,7 +686,14 @@ class _Run:
         capacity = engine.capacity if engine is not None else 0
         with self.feed_scope:
             try:
-                if isinstance(first, BatchStage) and sync_iterator is not None:
+                if (
+                    isinstance(first, BatchStage)
+                    and sync_iterator is not None
+                    and self.gate is None
+                ):
+                    # In chunks, each input numbered after its chunk is taken. Not with a
+                    # journal: its filter settles a skipped input (with the next index)
+                    # while it is iterated, so an input is numbered as soon as it comes.
                     await self.feed_batching(first, sync_iterator)
                 else:
                     while True:
