@@ -398,3 +398,64 @@ async def test_a_batching_first_stage_fed_in_several_chunks_keeps_order_and_ever
     assert sorted(x for b in batches for x in b) == list(range(11))
     if size == 3:
         assert batches == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("buffer", [None, 0])
+async def test_a_plain_first_stage_fed_in_chunks_settles_every_input_taken_before_items_raises(
+    autojump_clock: trio.testing.MockClock, buffer: int | None, window: int | None,
+) -> None:
+    """The chunked feed of a plain first stage (Engine.hand_in_many) takes what its ledger,
+    its channel and the window have room for; with ``buffer=0`` the ledger can have room
+    while the channel has none, and an input goes in the per-input way. Every input taken
+    before ``items`` raises has exactly one record, at its own index; the error comes out
+    bare."""
+    broke = _SourceBroke("source broke")
+
+    def items() -> Any:
+        yield from range(300)
+        raise broke
+
+    async def a(x: int) -> int:
+        await trio.sleep(0.01)
+        return x * 2
+
+    async def b(y: int) -> int:
+        return y + 1
+
+    pipe = conveyor.pipeline(conveyor.stage(a, workers=4, buffer=buffer), b)
+    seen: list[Any] = []
+    stream = pipe.map(items(), window=window, drain=5)
+    with pytest.raises(_SourceBroke) as caught:
+        async with stream as records:
+            async for record in records:
+                seen.append(record)
+    assert caught.value is broke
+    report = stream.report()  # what was not read
+    every = [*seen, *report.succeeded, *report.failed, *report.unfinished]
+    assert sorted(r.index for r in every) == list(range(300))  # every input, once
+    assert all(r.item == r.index for r in every)
+    done = [r for r in every if type(r) is Succeeded]
+    assert done and all(r.value == r.item * 2 + 1 and r.attempts == 2 for r in done)
+
+
+async def test_a_plain_first_stage_fed_in_chunks_stamps_the_sampled_queue_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The chunked intake starts the queue wait of every sampled input (all of the first
+    1,024, then one in 64) when it goes in: on a clock far from zero, no wait is counted
+    from zero."""
+    autojump_clock.jump(10_000)
+
+    async def a(x: int) -> int:
+        await trio.sleep(0.001)
+        return x
+
+    pipe = conveyor.pipeline(conveyor.stage(a, name="a", workers=2), conveyor.stage(a, name="b"))
+    report = await pipe.run(range(3000))
+    assert len(report.succeeded) == 3000
+    stages = report.stages
+    assert stages is not None
+    waits = stages["a"].queue_wait
+    assert waits.count > 1024
+    assert waits.max is not None and 0 < waits.max < 10  # not 10,000: each was stamped

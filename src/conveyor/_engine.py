@@ -91,7 +91,7 @@ class Job:
         "attempts", "claim", "enqueued", "item", "last_error", "origin", "seq", "started",
     )
 
-    def __init__(self, item: Any, seq: int) -> None:
+    def __init__(self, item: Any, seq: int, origin: Any = None) -> None:
         self.item = item
         self.seq = seq
         self.attempts = 0
@@ -99,7 +99,7 @@ class Job:
         self.claim: Claim | None = None
         self.enqueued = 0.0
         self.started = 0.0  # when its first attempt started (with a Retry budget only)
-        self.origin: Any = None
+        self.origin = origin
 
 
 class Link(Protocol):
@@ -330,8 +330,7 @@ class Engine:
         # three together.
         seq = self.next_seq
         self.next_seq = seq + 1
-        job = Job(item, seq)
-        job.origin = origin
+        job = Job(item, seq, origin)
         if seq < self.sample_below or not seq & _SAMPLE_MASK:
             job.enqueued = self.now()
         outstanding[seq] = job
@@ -348,6 +347,44 @@ class Engine:
         else:
             buffered.append(job)  # WorkChannel.send_nowait's common case, inlined
         return True
+
+    def room_now(self) -> int:
+        """How many items :meth:`hand_in_many` may take now: the room in the ledger, and
+        in the channel (a worker waiting counts as room). 0 once intake is closed."""
+        if self.intake_closed:
+            return 0
+        channel = self.channel
+        return min(
+            self.capacity - len(self.outstanding),
+            channel.size - len(channel.buffered) + len(channel.receivers),
+        )
+
+    def hand_in_many(self, items: list[Any], origins: list[Any]) -> None:
+        """:meth:`hand_in` for each of ``items`` (of the pipeline inputs ``origins``), in
+        C loops: a pipeline's chunked intake. The caller has counted the room
+        (:meth:`room_now`), with no await since."""
+        n = len(items)
+        seq = self.next_seq
+        end = self.next_seq = seq + n
+        jobs = list(map(Job, items, range(seq, end), origins))
+        # The sampled ones' queue wait starts now (hand_in's test, for a range of seqs).
+        sample_below = self.sample_below
+        now = self.now()
+        for s in range(seq, min(end, sample_below)):
+            jobs[s - seq].enqueued = now
+        step = _SAMPLE_MASK + 1
+        for s in range(-(-max(seq, sample_below) // step) * step, end, step):
+            jobs[s - seq].enqueued = now
+        self.outstanding.update(zip(range(seq, end), jobs, strict=True))
+        if self.spawned < self.workers:
+            self.spawn_workers()
+        channel = self.channel
+        receivers = channel.receivers
+        i = 0
+        while receivers and i < n:
+            channel.send_nowait(jobs[i])  # straight to a waiting worker
+            i += 1
+        channel.buffered.extend(jobs[i:] if i else jobs)
 
     def hand_on(self, job: Job, value: Any) -> bool:
         """A pipeline's hop into this (plain) stage: ``value``, the success of ``job`` in

@@ -695,6 +695,8 @@ class _Run:
                     # journal: its filter settles a skipped input (with the next index)
                     # while it is iterated, so an input is numbered as soon as it comes.
                     await self.feed_batching(first, sync_iterator)
+                elif engine is not None and sync_iterator is not None and self.gate is None:
+                    await self.feed_plain(first, engine, sync_iterator)  # the same, chunked
                 else:
                     while True:
                         if window is not None:
@@ -743,6 +745,84 @@ class _Run:
                         await aclose()
         if not self.stopping and not self.feed_scope.cancelled_caught:
             self.close()
+
+    async def feed_plain(
+        self, first: StageRun, engine: Engine, iterator: Iterator[Any]
+    ) -> None:
+        """:meth:`feed` into a plain first stage, in chunks: as many inputs as its ledger
+        and channel (and the window) have room for, taken, numbered, put in the ledger and
+        handed in with C loops (:meth:`Engine.hand_in_many`). Returns at the end of
+        ``items``.
+
+        Raises:
+            Stopped: the stage takes no more items.
+        """
+        window = self.window
+        inputs = self.inputs
+        while True:
+            if engine.intake_closed:
+                raise Stopped
+            room = engine.room_now()
+            if window is not None:
+                room = min(room, window.value)
+            if room <= 0:
+                if window is not None and window.value == 0:
+                    await window.acquire()  # wait for a slot, then count again
+                    window.release()
+                elif len(engine.outstanding) >= engine.capacity:
+                    await first.wait_room()
+                else:
+                    # The ledger has room, the channel none (a worker between two items):
+                    # one input, the per-input way (accept waits for the channel).
+                    if not await self.feed_one(first, iterator):
+                        return  # the end of the items
+                continue
+            room = min(room, _CHUNK)
+            items: list[Any] = []
+            error: BaseException | None = None
+            try:
+                items.extend(islice(iterator, room))  # keeps what it took if items raises
+            except BaseException as exc:
+                error = exc
+            taken = len(items)
+            if taken:
+                if window is not None:
+                    window.value -= taken  # (Window: there are `room` slots)
+                index = self.next_input
+                end = self.next_input = index + taken
+                origins = list(map(_Input, range(index, end), items))
+                inputs.update(zip(range(index, end), origins, strict=True))
+                self.taken += taken
+                engine.hand_in_many(items, origins)
+            if error is not None:
+                raise error
+            if taken < room:
+                return  # the end of the items
+
+    async def feed_one(self, first: StageRun, iterator: Iterator[Any]) -> bool:
+        """One input into ``first`` the per-input way, a window slot free (feed_plain);
+        False at the end of the items.
+
+        Raises:
+            Stopped: the stage takes no more items.
+        """
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return False
+        if self.window is not None:
+            self.window.value -= 1
+        origin = self.take(item)
+        try:
+            if not first.hand_in(item, origin):
+                await first.accept(item, origin)
+        except trio.ClosedResourceError:  # from hand_in: the stage has stopped
+            first.refuse(origin, item)
+            raise Stopped from None
+        except BaseException:
+            first.refuse(origin, item)
+            raise
+        return True
 
     async def feed_batching(self, first: BatchStage, iterator: Iterator[Any]) -> None:
         """:meth:`feed` into a batching first stage, in chunks: as many inputs as the stage
