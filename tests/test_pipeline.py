@@ -519,6 +519,90 @@ def test_ledger_property(s: dict[str, Any]) -> None:
     trio.run(_ledger, s, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+@given(pipelines(), st.integers(1, 3), st.sampled_from(["run", "map", "ordered", "bare"]))
+@settings(max_examples=max(20, EXAMPLES // 4), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_journal_resume_property(
+    tmp_path_factory: pytest.TempPathFactory, s: dict[str, Any], every: int, form: str,
+) -> None:
+    """A first run over every ``every``-th input, then a rerun over all of them with the
+    same journal, in each way in: every input has exactly one record at its own index; an
+    input whose outputs all reached the end the first time runs in no stage and comes back
+    with the same value; the others run again from the first stage."""
+    journal = tmp_path_factory.mktemp("resume") / "pipe.journal"
+    trio.run(_resume, s, every, form, journal, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _resume(s: dict[str, Any], every: int, form: str, journal: Any) -> None:
+    specs = s["stages"]
+    n = s["n"]
+    calls: Counter[int] = Counter()  # attempts per input, over the stages
+
+    async def one(k: int, path: tuple[int, ...]) -> list[tuple[int, ...]]:
+        calls[path[0]] += 1
+        h = _h(path, k)
+        if h < specs[k]["fatal"]:
+            raise ConnectionError(f"{k} {path}")
+        fan = specs[k]["fan"]
+        return [(*path, 0)] if fan < 0 else [(*path, j) for j in range(sum(path) % (fan + 1))]
+
+    def make(k: int) -> conveyor.Stage:
+        spec = specs[k]
+        options: dict[str, Any] = {"name": f"s{k}", "workers": spec["workers"],
+                                   "buffer": spec["buffer"]}
+        if spec["batch"] is not None:
+            async def batch_fn(paths: list[tuple[int, ...]]) -> list[Any]:
+                answers: list[Any] = []
+                for path in paths:
+                    try:
+                        got = await one(k, path)
+                    except ConnectionError as error:
+                        answers.append(error)
+                    else:
+                        answers.append(got[0] if got else ValueError("no output"))
+                return answers
+            return conveyor.stage(batch_fn, batch=Batch(spec["batch"], max_wait=1), **options)
+        if spec["fan"] >= 0:
+            async def gen(path: tuple[int, ...]) -> Any:
+                for out in await one(k, path):
+                    yield out
+            return conveyor.stage(gen, **options)
+
+        async def plain(path: tuple[int, ...]) -> tuple[int, ...]:
+            return (await one(k, path))[0]
+        return conveyor.stage(plain, **options)
+
+    pipe = conveyor.pipeline(*(make(k) for k in range(len(specs))))
+    key = {"journal": journal, "key": lambda item: item[0]}
+    first = await pipe.run([(i,) for i in range(0, n, every)], **key)
+    done = {r.item[0]: r.value for r in first.succeeded}
+    calls.clear()
+    items = [(i,) for i in range(n)]
+    seen: list[Any] = []
+    if form == "run":
+        report = await pipe.run(items, **key)
+    elif form == "bare":
+        stream = pipe.map(items, **key)
+        seen = [r async for r in stream]
+        report = stream.report()
+    else:
+        stream = pipe.map(items, ordered=form == "ordered", **key)
+        async with stream as records:
+            seen = [r async for r in records]
+        report = stream.report()
+        if form == "ordered":
+            assert [r.index for r in seen] == list(range(n))
+    every_record = [*seen, *report.succeeded, *report.failed, *report.unfinished]
+    every_record = list({id(r): r for r in every_record}.values())  # a failure is in both
+    assert sorted(r.index for r in every_record) == list(range(n))
+    assert all(r.item == (r.index,) for r in every_record)
+    assert not report.unfinished
+    again = {r.item[0]: r.value for r in every_record if type(r) is Succeeded}
+    assert not set(done) & set(calls)  # finished the first time: run in no stage
+    assert all(again[i] == value for i, value in done.items())
+    assert set(calls) == set(range(n)) - set(done)  # the others: from the first stage
+
+
 async def _ledger(s: dict[str, Any]) -> None:
     specs = s["stages"]
     n = s["n"]
