@@ -758,7 +758,6 @@ class _Run:
             Stopped: the stage takes no more items.
         """
         window = self.window
-        inputs = self.inputs
         while True:
             if engine.intake_closed:
                 raise Stopped
@@ -778,26 +777,36 @@ class _Run:
                         return  # the end of the items
                 continue
             room = min(room, _CHUNK)
-            items: list[Any] = []
-            error: BaseException | None = None
-            try:
-                items.extend(islice(iterator, room))  # keeps what it took if items raises
-            except BaseException as exc:
-                error = exc
-            taken = len(items)
-            if taken:
+            items, origins, error = self.take_chunk(iterator, room)
+            if items:
                 if window is not None:
-                    window.value -= taken  # (Window: there are `room` slots)
-                index = self.next_input
-                end = self.next_input = index + taken
-                origins = list(map(_Input, range(index, end), items))
-                inputs.update(zip(range(index, end), origins, strict=True))
-                self.taken += taken
+                    window.value -= len(items)  # (Window: there are `room` slots)
                 engine.hand_in_many(items, origins)
             if error is not None:
                 raise error
-            if taken < room:
+            if len(items) < room:
                 return  # the end of the items
+
+    def take_chunk(
+        self, iterator: Iterator[Any], room: int
+    ) -> tuple[list[Any], list[_Input], BaseException | None]:
+        """Up to ``room`` inputs of ``iterator``, taken, numbered and in the ledger, in C
+        loops (an input's only bytecode is its ``_Input``'s): their items, their inputs,
+        and the error ``items`` raised, if it did, after the ones it gave (``list.extend``
+        keeps what it took). For a chunked feed (:meth:`feed_plain`,
+        :meth:`feed_batching`), which puts them in its first stage before any await."""
+        items: list[Any] = []
+        error: BaseException | None = None
+        try:
+            items.extend(islice(iterator, room))
+        except BaseException as exc:
+            error = exc
+        index = self.next_input
+        end = self.next_input = index + len(items)
+        origins = list(map(_Input, range(index, end), items))
+        self.inputs.update(zip(range(index, end), origins, strict=True))
+        self.taken += len(items)
+        return items, origins, error
 
     async def feed_one(self, first: StageRun, iterator: Iterator[Any]) -> bool:
         """One input into ``first`` the per-input way, a window slot free (feed_plain);
@@ -843,22 +852,10 @@ class _Run:
                 continue
             index = self.next_input
             if window is None:
-                # The chunk in C loops (an input's only bytecode is its _Input's).
-                # list.extend keeps what it took before an error of the iterator. A chunk
-                # is at most _CHUNK inputs (islice takes no more than sys.maxsize, and a
-                # huge batch size gives a huge room); the loop takes the rest.
+                # A chunk is at most _CHUNK inputs (islice takes no more than sys.maxsize,
+                # and a huge batch size gives a huge room); the loop takes the rest.
                 room = min(room, _CHUNK)
-                items: list[Any] = []
-                error: BaseException | None = None
-                try:
-                    items.extend(islice(iterator, room))
-                except BaseException as exc:
-                    error = exc
-                end = index + len(items)
-                origins = list(map(_Input, range(index, end), items))
-                inputs.update(zip(range(index, end), origins, strict=True))
-                self.next_input = end
-                self.taken += len(items)
+                items, origins, error = self.take_chunk(iterator, room)
                 first.put_many(origins, items)
                 if error is not None:
                     raise error
