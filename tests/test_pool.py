@@ -623,3 +623,71 @@ async def test_map_with_a_slow_reader_keeps_the_outbox_bounded(
                 break
     # unread records are bounded by workers + buffer; in the pool at most buffer + workers
     assert most <= 3 * (workers + buffer)
+
+
+class _ItemsBroke(LookupError):
+    pass
+
+
+@pytest.mark.parametrize("entry", ["run", "map", "map bare"])
+@pytest.mark.parametrize("buffer", [None, 0, 3])
+async def test_a_chunked_intake_accounts_every_item_taken_before_items_raises(
+    autojump_clock: trio.testing.MockClock, entry: str, buffer: int | None,
+) -> None:
+    """Intake takes from a plain iterable in chunks (as much as the ledger and the channel
+    have room for) and, when the ledger has room but the channel none (``buffer=0``, a
+    worker between two items), one item at a time. Either way every item taken before
+    ``items`` raises has exactly one record at its own index, and the error comes out
+    bare once they have settled. Each entry form that feeds a plain iterable."""
+    broke = _ItemsBroke("items broke")
+
+    def items() -> Any:
+        yield from range(300)
+        raise broke
+
+    async def fn(x: int) -> int:
+        await trio.sleep(0.01)
+        return x * 2
+
+    last = conveyor.LastReport()
+    options: dict[str, Any] = {"workers": 4, "drain": 5, "observers": [last]}
+    if buffer is not None:
+        options["buffer"] = buffer
+    seen: list[Any] = []
+    with pytest.raises(_ItemsBroke) as caught:
+        if entry == "run":
+            await conveyor.run(fn, items(), **options)
+        elif entry == "map":
+            async with conveyor.map(fn, items(), **options) as records:
+                async for record in records:
+                    seen.append(record)
+        else:
+            async for record in conveyor.map(fn, items(), **options):
+                seen.append(record)
+    assert caught.value is broke
+    report = last.report
+    assert report is not None
+    every = [*seen, *report.succeeded, *report.failed, *report.unfinished]
+    every = list({id(r): r for r in every}.values())
+    assert sorted(r.index for r in every) == list(range(300))  # every item, once
+    assert all(r.item == r.index for r in every)
+    assert all(r.value == r.item * 2 for r in every if type(r) is Succeeded)
+    assert report.stats.submitted == 300
+
+
+async def test_a_chunked_intake_stamps_the_sampled_queue_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The chunked intake starts the queue wait of every sampled item (all of the first
+    1,024, then one in 64) as it goes in: on a clock far from zero no wait is counted from
+    zero, and they wait as long as they do (2 workers, 1 ms each, 3,000 items)."""
+    autojump_clock.jump(10_000)
+
+    async def fn(x: int) -> int:
+        await trio.sleep(0.001)
+        return x
+
+    report = await conveyor.run(fn, range(3000), workers=2)
+    waits = report.stats.queue_wait
+    assert waits.count == 1024 + len(range(1024, 3000, 64))
+    assert waits.max is not None and 0 < waits.max < 10

@@ -37,6 +37,7 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
+from itertools import islice, repeat
 from types import CoroutineType
 from typing import Any, Protocol, TypeVar
 
@@ -69,6 +70,7 @@ _STREAK = 64
 # makes it 1.5%, and 1,024 + n/64 samples still give a steady p99.
 _SAMPLE_ALL = 1024
 _SAMPLE_MASK = 63
+_CHUNK = 1 << 16  # the most items a chunked intake takes in one go
 
 # wait_stats() tests its predicate at most this often (seconds): a snapshot costs tens of
 # microseconds (quantiles), and testing it at every settle would slow a fast pool 3-4x.
@@ -359,10 +361,10 @@ class Engine:
             channel.size - len(channel.buffered) + len(channel.receivers),
         )
 
-    def hand_in_many(self, items: list[Any], origins: list[Any]) -> None:
-        """:meth:`hand_in` for each of ``items`` (of the pipeline inputs ``origins``), in
-        C loops: a pipeline's chunked intake. The caller has counted the room
-        (:meth:`room_now`), with no await since."""
+    def hand_in_many(self, items: list[Any], origins: Iterable[Any]) -> None:
+        """:meth:`hand_in` for each of ``items`` (of the pipeline inputs ``origins``, or
+        ``repeat(None)`` for a pool's own items), in C loops: a chunked intake. The caller
+        has counted the room (:meth:`room_now`), with no await since."""
         n = len(items)
         seq = self.next_seq
         end = self.next_seq = seq + n
@@ -555,8 +557,49 @@ class Engine:
                 await aclose()
 
     async def feed_sync(self, items: Iterable[Any]) -> None:
-        # The hot loop of intake: _take inlined (this task only ever runs between its own
-        # awaits, so nothing else changes the ledger's sequence under it).
+        """Intake from a plain iterable, in chunks: as many items as the ledger and the
+        channel have room for (:meth:`room_now`), taken with ``islice`` and handed in with
+        C loops (:meth:`hand_in_many`), before any await. When the ledger has room and the
+        channel none (a worker between two items), one item the per-item way. With a
+        journal, item by item (:meth:`feed_each`): its filter settles a skipped item with
+        the next seq while it is iterated, so an item is numbered as soon as it comes."""
+        if self.gate is not None:
+            await self.feed_each(items)
+            return
+        iterator = iter(items)
+        channel = self.channel
+        outstanding = self.outstanding
+        while True:
+            room = self.room_now()
+            if room <= 0:
+                if self.intake_closed:
+                    raise trio.ClosedResourceError(self.closed_message())
+                if len(outstanding) >= self.capacity:
+                    await self.wait_for_room(self.feeder_low)
+                    continue
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                await channel.send(self.take(item))
+                continue
+            room = min(room, _CHUNK)
+            taken: list[Any] = []
+            error: BaseException | None = None
+            try:
+                taken.extend(islice(iterator, room))  # keeps what it took if items raises
+            except BaseException as exc:
+                error = exc
+            if taken:
+                self.hand_in_many(taken, repeat(None))
+            if error is not None:
+                raise error
+            if len(taken) < room:
+                return  # the end of the items
+
+    async def feed_each(self, items: Iterable[Any]) -> None:
+        # The per-item loop of intake: _take inlined (this task only ever runs between its
+        # own awaits, so nothing else changes the ledger's sequence under it).
         send = self.channel
         outstanding = self.outstanding
         capacity = self.capacity
