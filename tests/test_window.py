@@ -76,3 +76,19 @@ async def test_acquire_is_a_checkpoint_even_with_a_free_slot() -> None:
         scope.cancel()
         await window.acquire()  # raises Cancelled: the slot is not taken
     assert scope.cancelled_caught and window.value == 1
+
+
+async def test_wait_free_waits_for_a_slot_and_leaves_it_free() -> None:
+    window = Window(0)
+    done = trio.Event()
+
+    async def waiter() -> None:
+        await window.wait_free()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set() and window.waiting == 1
+        window.release()
+    assert done.is_set() and (window.value, window.waiting) == (1, 0)

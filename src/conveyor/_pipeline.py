@@ -679,11 +679,7 @@ class _Run:
         hand_in = first.hand_in
         has_room = first.has_room
         inputs = self.inputs
-        # A plain first stage's room, read here (StageRun.has_room, inlined).
-        engine = first.engine if type(first) is StageRun else None
-        plain = engine is not None
-        outstanding: dict[int, Any] = engine.outstanding if engine is not None else {}
-        capacity = engine.capacity if engine is not None else 0
+        engine = first.engine if type(first) is StageRun else None  # a plain first stage
         with self.feed_scope:
             try:
                 if (
@@ -705,7 +701,7 @@ class _Run:
                             else:
                                 await window.acquire()
                         try:
-                            if len(outstanding) >= capacity if plain else not has_room():
+                            if not has_room():
                                 await first.wait_room()
                             if async_iterator is not None:
                                 item = await anext(async_iterator)
@@ -766,8 +762,7 @@ class _Run:
                 room = min(room, window.value)
             if room <= 0:
                 if window is not None and window.value == 0:
-                    await window.acquire()  # wait for a slot, then count again
-                    window.release()
+                    await window.wait_free()
                 elif len(engine.outstanding) >= engine.capacity:
                     await first.wait_room()
                 else:
@@ -823,12 +818,8 @@ class _Run:
             self.window.value -= 1
         origin = self.take(item)
         try:
-            if not first.hand_in(item, origin):
-                await first.accept(item, origin)
-        except trio.ClosedResourceError:  # from hand_in: the stage has stopped
-            first.refuse(origin, item)
-            raise Stopped from None
-        except BaseException:
+            await first.accept(item, origin)  # (hand_in would find no room: not tried)
+        except BaseException:  # Stopped among them: not in the stage, Unfinished there
             first.refuse(origin, item)
             raise
         return True
@@ -845,8 +836,7 @@ class _Run:
                 room = min(room, window.value)
             if room <= 0:
                 if window is not None and window.value == 0:
-                    await window.acquire()  # wait for a slot, then count again
-                    window.release()
+                    await window.wait_free()
                 else:
                     await first.wait_room()
                 continue

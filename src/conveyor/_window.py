@@ -55,6 +55,12 @@ class Window:
             self.waiting -= 1  # cancelled while parked: no slot was handed over
             raise
 
+    async def wait_free(self) -> None:
+        """Wait until a slot is free, without taking it (a chunked feed then counts the
+        free slots again); a checkpoint."""
+        await self.acquire()
+        self.release()
+
     def release(self) -> None:
         """Give a slot back: to the task that waited first, or to the free count."""
         if self.waiting:
