@@ -136,3 +136,38 @@ async def test_cancelled_waits_leave_the_channel_as_it_was(
         channel.receive_nowait()
         await channel.send("not sent")
     assert len(channel) == 0
+
+
+async def test_receive_takes_what_is_there_without_waiting_and_ends_at_once_when_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # receive() tests the channel before it waits (it does not try receive_nowait): each
+    # of its cases, in zero time on the autojump clock.
+    channel = WorkChannel(1)
+    channel.send_nowait("buffered")
+    sent: list[str] = []
+
+    async def sender() -> None:
+        await channel.send("waiting sender")  # no room: waits for the receive below
+        sent.append("in")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        assert await channel.receive() == "buffered"  # the sender's job takes the slot
+        assert await channel.receive() == "waiting sender"
+        assert trio.current_time() == start
+    assert sent == ["in"]
+    unbuffered = WorkChannel(0)
+
+    async def handing() -> None:
+        await unbuffered.send("by hand")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handing)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await unbuffered.receive() == "by hand"  # size 0: straight from the sender
+    channel.close()
+    with trio.fail_after(1), pytest.raises(trio.EndOfChannel):
+        await channel.receive()  # closed and empty: at once, no wait

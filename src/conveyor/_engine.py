@@ -707,26 +707,24 @@ class Engine:
         latency_add = self.latency_q.add
         streak = _STREAK
         while True:
-            try:
+            if due or buffered or senders:
                 if due:
                     job = due.popleft()
                 elif buffered and not senders:
                     job = buffered.popleft()
                 else:
                     job = receive_nowait()
-            except trio.WouldBlock:
+                streak -= 1  # items taken without waiting, counted down to a checkpoint
+                if not streak:
+                    streak = _STREAK
+                    await checkpoint()
+            else:
+                # Nothing there: wait (tested, not tried: a WouldBlock costs a traceback).
                 try:
                     job = await receive()
                 except trio.EndOfChannel:
                     return
                 streak = _STREAK
-            except trio.EndOfChannel:
-                return
-            else:
-                streak -= 1  # items taken without waiting, counted down to a checkpoint
-                if not streak:
-                    streak = _STREAK
-                    await checkpoint()
             if self.stopping:
                 return  # leave it outstanding: it settles as Unfinished
             if per_key is not None:
