@@ -247,6 +247,10 @@ async def test_a_batching_first_stage_fed_in_chunks_keeps_the_window(
     assert seen == 50
 
 
+def _index(record: Any) -> int:
+    return int(record.index)
+
+
 class _SourceBroke(LookupError):
     pass
 
@@ -460,3 +464,96 @@ async def test_a_plain_first_stage_fed_in_chunks_stamps_the_sampled_queue_waits(
     waits = stages["a"].queue_wait
     assert waits.count > 1024
     assert waits.max is not None and 0 < waits.max < 10  # not 10,000: each was stamped
+
+
+@pytest.mark.parametrize("form", ["run", "map", "map window"])
+async def test_inputs_known_by_their_index_settle_as_full_inputs_do_however_they_end(
+    autojump_clock: trio.testing.MockClock, form: str,
+) -> None:
+    """A batching first stage fed in chunks knows an input by its index until it needs
+    more (docs/design.md, "An input known by its index"). Each way such an input ends in
+    that stage gives the record an input with its own ``_Input`` gets: a whole-batch
+    success, an item's error answer, a batch that raises as a whole; each input once."""
+
+    whole: list[int] = []  # the batch that raises
+
+    async def rows(xs: list[int]) -> list[Any]:
+        if 13 in xs:
+            whole.extend(xs)
+            raise ZeroDivisionError("the whole batch")
+        return [ValueError(f"bad {x}") if x == 5 else x * 10 for x in xs]
+
+    pipe = conveyor.pipeline(conveyor.stage(rows, batch=Batch(4, max_wait=0.1)))
+    got: list[Any] = []
+    if form == "run":
+        report = await pipe.run(range(16))
+    else:
+        stream = pipe.map(range(16), window=3 if form == "map window" else None)
+        async with stream as reading:
+            got.extend([record async for record in reading])
+        report = stream.report()
+        # map hands out failures too; the report keeps them all
+        assert sorted(report.failed, key=_index) == [r for r in got if type(r) is Failed]
+    records: list[Any] = [*got, *report.succeeded, *report.unfinished]
+    if form == "run":
+        records += report.failed
+    assert sorted(r.index for r in records) == list(range(16))
+    assert not report.unfinished
+    assert 13 in whole and 5 not in whole
+    for r in records:
+        assert r.item == r.index and r.attempts == 1
+        if r.index == 5:
+            assert (type(r), r.stage, r.stage_item, str(r.error)) == (Failed, "rows", 5, "bad 5")
+        elif r.index in whole:
+            assert (type(r), r.stage, r.stage_item) == (Failed, "rows", r.index)
+            assert type(r.error) is ZeroDivisionError
+        else:
+            assert (type(r), r.value) == (Succeeded, r.index * 10)
+    failed = 1 + len(whole)
+    assert (report.stats.succeeded, report.stats.failed) == (16 - failed, failed)
+    assert (report.stages["rows"].succeeded, report.stages["rows"].failed) == (16 - failed, failed)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+async def test_inputs_known_by_their_index_left_by_a_stop_are_unfinished_where_they_were(
+    autojump_clock: trio.testing.MockClock, window: int | None,
+) -> None:
+    """The stop finds inputs of a chunk-fed batching first stage in every place: in the
+    next stage (running there, or on their way in, waiting for room) and in the batching
+    stage (a batch queued, inputs in its collector). Each is Unfinished once, where it was,
+    with its own item: those on their way to the next stage get their ``_Input`` once."""
+
+    async def rows(xs: list[int]) -> list[int]:
+        return [x * 10 for x in xs]
+
+    async def after(x: int) -> int:
+        await trio.sleep_forever()
+        raise AssertionError("never")  # pragma: no cover
+
+    pipe = conveyor.pipeline(
+        conveyor.stage(rows, workers=1, buffer=1, batch=Batch(4, max_wait=0.1)),
+        conveyor.stage(after, workers=1, buffer=0),
+    )
+    stream = pipe.map(range(40), window=window)
+    async with stream as records:
+        with trio.move_on_after(10):
+            async for _ in records:  # pragma: no cover - nothing comes out
+                raise AssertionError("nothing gets through `after`")
+    report = stream.report()
+    assert not report.succeeded and not report.failed
+    unfinished = {r.index: r for r in report.unfinished}
+    assert len(report.unfinished) == len(unfinished) == report.stats.submitted
+    assert sorted(unfinished) == list(range(len(unfinished)))
+    assert all(r.item == r.index for r in report.unfinished)
+    # The first batch: 0 runs in `after` (1 attempt), 1 waits for room (no attempt),
+    # 2 and 3 behind it: Unfinished in `after` with the value rows gave them.
+    for i in range(4):
+        r = unfinished[i]
+        assert (r.stage, r.stage_item, r.attempts) == ("after", i * 10, 1 if i == 0 else 0)
+    # The rest never left the batching stage: Unfinished there with the input as it
+    # entered it.
+    assert len(unfinished) > 4
+    for i in range(4, len(unfinished)):
+        r = unfinished[i]
+        assert (r.stage, r.stage_item) == ("rows", i)
+    assert report.stages["after"].unfinished == 4

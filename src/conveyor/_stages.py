@@ -321,7 +321,10 @@ class BatchStage(StageRun):
         self.batch = batch
         # The collector holds the inputs; `waiting` their items, in the same order (no
         # pair per item): a batch of n inputs takes the first n items.
-        self.collector: Collector[_Input] = Collector(batch.size, batch.max_wait)
+        self.collector: Collector[_Input | int] = Collector(batch.size, batch.max_wait)
+        # Every input put in so far is known by its index only (see _pipeline._Input): a
+        # batching first stage fed in chunks. put() (an item at a time) ends it.
+        self.indexes_only = True
         self.waiting: list[Any] = []
         self.waiting_head = 0  # the items waiting are waiting[waiting_head:] (as in Collector)
         self.capacity = spec.capacity
@@ -355,6 +358,7 @@ class BatchStage(StageRun):
             return False
         self.used += 1
         self.submitted += 1
+        self.indexes_only = False
         self.collector.put(origin)
         self.waiting.append(item)
         return True
@@ -372,9 +376,9 @@ class BatchStage(StageRun):
             raise Stopped
         return self.capacity - self.used
 
-    def put_many(self, origins: list[_Input], items: list[Any]) -> None:
-        """Put ``items`` (of ``origins``, in the same order) into the collector: the caller
-        counted the room."""
+    def put_many(self, origins: list[_Input | int], items: list[Any]) -> None:
+        """Put ``items`` (of ``origins``, in the same order; indexes, from a chunked feed)
+        into the collector: the caller counted the room."""
         self.used += len(origins)
         self.submitted += len(origins)
         self.collector.put_many(origins)
@@ -401,10 +405,10 @@ class BatchStage(StageRun):
         if self.room_lot:
             self.room_lot.unpark(count=n)
 
-    def refuse(self, origin: _Input, item: Any) -> None:
+    def refuse(self, origin: _Input | int, item: Any) -> None:
         self.submitted += 1
         self.unfinished += 1
-        self.run.branch_unfinished(origin, self.name, item, 0, None)
+        self.run.branch_unfinished(self.run.full(origin), self.name, item, 0, None)
 
     def close_intake(self) -> None:
         self.collector.close()
@@ -460,7 +464,7 @@ class BatchStage(StageRun):
         self.waiting_head = head
         return items
 
-    def unsent(self, origins: list[_Input], items: list[Any]) -> None:
+    def unsent(self, origins: list[_Input | int], items: list[Any]) -> None:
         """Items taken into the stage but never made a batch of the engine."""
         self.give(len(origins))
         for origin, item in zip(origins, items, strict=True):
@@ -495,10 +499,10 @@ class _BatchLink(_Link):
         if self.next is not None:
             return False
         stage = self.stage
-        origins: list[_Input] = job.origin
+        origins: list[_Input | int] = job.origin
         stage.give(len(origins))
         attempts = job.attempts
-        failed = self.run.finish_many(origins, value, attempts)
+        failed = self.run.finish_many(origins, value, attempts, stage.indexes_only)
         for i in failed:
             self.item_failed(origins[i], job.item[i], value[i], attempts)
         stage.succeeded += len(origins) - len(failed)
@@ -506,8 +510,9 @@ class _BatchLink(_Link):
 
     async def pass_on(self, job: Job, value: Any) -> None:
         stage = self.stage
-        origins: list[_Input] = job.origin
+        origins: list[_Input | int] = job.origin
         items: list[Any] = job.item
+        full = self.run.full  # an input known by its index gets its _Input to go on
         nxt = self.next
         assert nxt is not None
         n = len(origins)
@@ -515,7 +520,8 @@ class _BatchLink(_Link):
         pending = False  # origins[i - 1]'s answer is on its way into the next stage
         try:
             while i < n:
-                origin, answer = origins[i], value[i]
+                answer = value[i]
+                origin = full(origins[i])
                 i += 1
                 if isinstance(answer, Exception):
                     self.item_failed(origin, items[i - 1], answer, job.attempts)
@@ -533,9 +539,9 @@ class _BatchLink(_Link):
             # Cancelled on its way: this answer and the ones not handed on yet are
             # Unfinished in the next stage (each a success of this stage).
             if pending:
-                nxt.refuse(origins[i - 1], value[i - 1])
+                nxt.refuse(full(origins[i - 1]), value[i - 1])
             for j in range(i, n):
-                origin, answer = origins[j], value[j]
+                origin, answer = full(origins[j]), value[j]
                 if isinstance(answer, Exception):
                     self.item_failed(origin, items[j], answer, job.attempts)
                 else:
@@ -545,10 +551,12 @@ class _BatchLink(_Link):
         finally:
             stage.give(n)
 
-    def item_failed(self, origin: _Input, item: Any, error: Exception, attempts: int) -> None:
+    def item_failed(
+        self, origin: _Input | int, item: Any, error: Exception, attempts: int
+    ) -> None:
         self.stage.failed += 1
         self.run.branch_failed(
-            origin, self.name, item, error, attempts,
+            self.run.full(origin), self.name, item, error, attempts,
             "".join(traceback.format_exception(error)),
         )
 
@@ -558,7 +566,8 @@ class _BatchLink(_Link):
         for origin, item in zip(job.origin, job.item, strict=True):
             stage.failed += 1
             self.run.branch_failed(
-                origin, self.name, item, record.error, record.attempts, record.traceback
+                self.run.full(origin), self.name, item, record.error, record.attempts,
+                record.traceback,
             )
 
     def unfinished(self, job: Job, record: Unfinished) -> None:
@@ -567,7 +576,7 @@ class _BatchLink(_Link):
         for origin, item in zip(job.origin, job.item, strict=True):
             stage.unfinished += 1
             self.run.branch_unfinished(
-                origin, self.name, item, record.attempts, record.last_error
+                self.run.full(origin), self.name, item, record.attempts, record.last_error
             )
 
 
