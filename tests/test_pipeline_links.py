@@ -557,3 +557,65 @@ async def test_inputs_known_by_their_index_left_by_a_stop_are_unfinished_where_t
         r = unfinished[i]
         assert (r.stage, r.stage_item) == ("rows", i)
     assert report.stages["after"].unfinished == 4
+
+
+@pytest.mark.parametrize("form", ["run", "map", "open"])
+@pytest.mark.parametrize("last", ["plain, full", "batching", "fan-out"])
+async def test_attempts_count_every_stage_however_the_input_goes_on(
+    autojump_clock: trio.testing.MockClock, form: str, last: str,
+) -> None:
+    """A Succeeded record's attempts are those of every stage, whichever way the input
+    went from stage to stage: the Job going on between two plain stages (its attempts
+    carried as ``Job.prior``), the wait for room in a full stage (``pass_on``), into a
+    batching stage, out of a fan-out; for inputs fed in chunks (known by their index) and
+    submitted one by one. Stages 0 and 1 fail each item's first attempt (retried): 2 + 2,
+    plus the last stage's 1."""
+    tried: set[tuple[str, int]] = set()
+
+    def flaky(name: str) -> Any:
+        async def fn(x: int) -> int:
+            if (name, x) not in tried:
+                tried.add((name, x))
+                raise ValueError("once")
+            return x
+
+        return fn
+
+    async def slow(x: int) -> int:
+        await trio.sleep(1)  # stage 1's successes wait for room here (pass_on)
+        return x
+
+    async def rows(xs: list[int]) -> list[int]:
+        return xs
+
+    async def fan(x: int) -> Any:
+        yield x
+
+    retry = Retry(2, retry_on=lambda e: e.args == ("once",), backoff=None)
+    final: Any = {
+        "plain, full": conveyor.stage(slow, name="last", workers=1, buffer=0),
+        "batching": conveyor.stage(rows, name="last", batch=Batch(3, max_wait=0.1)),
+        "fan-out": conveyor.stage(fan, name="last"),
+    }[last]
+    pipe = conveyor.pipeline(
+        conveyor.stage(flaky("a"), name="a", workers=2, retry=retry),
+        conveyor.stage(flaky("b"), name="b", workers=2, buffer=4, retry=retry),
+        final,
+    )
+    n = 10
+    got: list[Any] = []
+    if form == "run":
+        got = list((await pipe.run(range(n))).succeeded)
+    elif form == "map":
+        async with pipe.map(range(n)) as records:
+            got = [record async for record in records]
+    else:
+        async with pipe.open() as p:
+            for i in range(n):
+                await p.submit(i)
+            p.close()
+            got = [record async for record in p.results()]
+    assert sorted(r.index for r in got) == list(range(n))
+    assert all(type(r) is Succeeded for r in got)
+    assert [r.attempts for r in got] == [5] * n
+    assert all(r.value == (r.item if last != "fan-out" else [r.item]) for r in got)

@@ -86,11 +86,16 @@ class Job:
 
     ``enqueued``: when it (re-)entered the work channel, for sampled jobs only (queue
     wait). ``claim``: set while a per-key limit has resent it with a claim on its key.
-    ``origin``: what a pipeline knows of the item (its input); None in a plain pool.
+    ``origin``: what a pipeline knows of the item (its input: an ``_Input``, or its index);
+    None in a plain pool. ``prior``: in a pipeline, the attempts the input made in the
+    stages before this one that its ``origin`` does not count yet (``hand_on`` adds them up
+    as the job goes on; the pipeline's links count them in when it leaves the chain of plain
+    stages).
     """
 
     __slots__ = (
-        "attempts", "claim", "enqueued", "item", "last_error", "origin", "seq", "started",
+        "attempts", "claim", "enqueued", "item", "last_error", "origin", "prior", "seq",
+        "started",
     )
 
     def __init__(self, item: Any, seq: int, origin: Any = None) -> None:
@@ -102,6 +107,7 @@ class Job:
         self.enqueued = 0.0
         self.started = 0.0  # when its first attempt started (with a Retry budget only)
         self.origin = origin
+        self.prior = 0
 
 
 class Link(Protocol):
@@ -391,8 +397,8 @@ class Engine:
     def hand_on(self, job: Job, value: Any) -> bool:
         """A pipeline's hop into this (plain) stage: ``value``, the success of ``job`` in
         the stage before, goes in as a new job of this engine, and the ``Job`` object itself
-        goes on (its fields reset), so a hop allocates nothing; ``job.origin`` (the
-        pipeline's input) counts the attempts of the stage before. This is the worker's
+        goes on (its fields reset), so a hop allocates nothing; ``job.prior`` counts the
+        attempts of the stage before (for the pipeline's input). This is the worker's
         ``link.pass_nowait`` itself between two plain stages: one call per hop.
 
         False: full (the ledger, or the channel with no worker waiting), or intake closed
@@ -422,7 +428,7 @@ class Engine:
             channel.send_nowait(job)  # straight to a waiting worker
         else:
             buffered.append(job)
-        job.origin.attempts += job.attempts
+        job.prior += job.attempts
         job.attempts = 0
         job.last_error = None
         job.started = 0.0

@@ -547,14 +547,21 @@ class _Run:
     def finish_job(self, job: Job, value: Any) -> bool:
         """:meth:`finish` for a success of the last stage's ``job`` where no stage fans
         out: the last plain stage's ``link.pass_nowait`` itself (one call per input at the
-        end). Always True: the end of the pipeline has no bound."""
+        end). Always True: the end of the pipeline has no bound. The attempts: the job's
+        in this stage and the stages before (``job.prior``), and, for an input with its
+        ``_Input``, those its ``_Input`` counts."""
         origin = job.origin
-        del self.inputs[origin.index]
         self.succeeded += 1
         # Succeeded(item, value, attempts, index), made in one C call
-        record = _make(
-            Succeeded, (origin.item, value, origin.attempts + job.attempts, origin.index)
-        )
+        if type(origin) is int:  # an input known by its index (see _Input)
+            record = _make(
+                Succeeded, (self.fresh.pop(origin), value, job.prior + job.attempts, origin)
+            )
+        else:
+            del self.inputs[origin.index]
+            record = _make(Succeeded, (
+                origin.item, value, origin.attempts + job.prior + job.attempts, origin.index
+            ))
         if self.observe is not None:
             self.observe(record)
         self.outbox.append(record)
@@ -816,7 +823,7 @@ class _Run:
                         return  # the end of the items
                 continue
             room = min(room, _CHUNK)
-            items, origins, error = self.take_chunk(iterator, room)
+            items, origins, error = self.take_chunk(iterator, room, indexes_only=True)
             if items:
                 if window is not None:
                     window.value -= len(items)  # (Window: there are `room` slots)

@@ -143,10 +143,10 @@ class StageRun:
         except trio.ClosedResourceError:
             raise Stopped from None
 
-    def refuse(self, origin: _Input, item: Any) -> None:
+    def refuse(self, origin: _Input | int, item: Any) -> None:
         """An item on its way into this stage that never got in: Unfinished here."""
         self.refused_count += 1
-        self.run.branch_unfinished(origin, self.name, item, 0, None)
+        self.run.branch_unfinished(self.run.full(origin), self.name, item, 0, None)
 
     def close_intake(self) -> None:
         """The stage before has ended (or intake closed): no more items for this one."""
@@ -207,10 +207,10 @@ class _Link:
 
     def hand_nowait(self, job: Job, value: Any) -> bool:
         """``pass_nowait`` where the next stage is not a plain one (or there is none)."""
-        origin = job.origin
+        origin = self.run.full(job.origin)  # (an input known by its index gets its _Input)
         next_in = self.next_in
         if next_in is None:
-            origin.attempts += job.attempts
+            origin.attempts += job.prior + job.attempts
             self.finish(origin, value)
             return True
         try:
@@ -219,12 +219,12 @@ class _Link:
         except trio.ClosedResourceError:
             assert self.next is not None
             self.next.refuse(origin, value)
-        origin.attempts += job.attempts
+        origin.attempts += job.prior + job.attempts
         return True
 
     async def pass_on(self, job: Job, value: Any) -> None:
-        origin = job.origin
-        origin.attempts += job.attempts
+        origin = self.run.full(job.origin)
+        origin.attempts += job.prior + job.attempts
         nxt = self.next
         assert nxt is not None
         try:
@@ -237,12 +237,14 @@ class _Link:
 
     def failed(self, job: Job, record: Failed) -> None:
         self.run.branch_failed(
-            job.origin, self.name, job.item, record.error, record.attempts, record.traceback
+            self.run.full(job.origin), self.name, job.item, record.error, record.attempts,
+            record.traceback,
         )
 
     def unfinished(self, job: Job, record: Unfinished) -> None:
         self.run.branch_unfinished(
-            job.origin, self.name, job.item, record.attempts, record.last_error
+            self.run.full(job.origin), self.name, job.item, record.attempts,
+            record.last_error,
         )
 
     def ended(self) -> None:
@@ -255,10 +257,10 @@ class _FanOutLink(_Link):
     __slots__ = ()
 
     def hand_nowait(self, job: Job, value: Any) -> bool:
-        origin = job.origin
         if self.next is not None and value:
             return False  # outputs to hand on, maybe waiting: pass_on
-        origin.attempts += job.attempts
+        origin = self.run.full(job.origin)
+        origin.attempts += job.prior + job.attempts
         if value:  # the last stage: the input's final outputs
             if origin.outputs is None:
                 origin.outputs = []
@@ -268,8 +270,8 @@ class _FanOutLink(_Link):
 
     async def pass_on(self, job: Job, value: Any) -> None:
         outputs: list[Any] = value
-        origin = job.origin
-        origin.attempts += job.attempts
+        origin = self.run.full(job.origin)
+        origin.attempts += job.prior + job.attempts
         nxt = self.next
         assert nxt is not None
         origin.alive += len(outputs) - 1
