@@ -713,24 +713,23 @@ class Engine:
         latency_add = self.latency_q.add
         streak = _STREAK
         while True:
-            if due or buffered or senders:
-                if due:
-                    job = due.popleft()
-                elif buffered and not senders:
-                    job = buffered.popleft()
-                else:
-                    job = receive_nowait()
-                streak -= 1  # items taken without waiting, counted down to a checkpoint
-                if not streak:
-                    streak = _STREAK
-                    await checkpoint()
+            if buffered and not senders and not due:
+                job = buffered.popleft()  # the common case, tested first
+            elif due:
+                job = due.popleft()
+            elif buffered or senders:
+                job = receive_nowait()
             else:
                 # Nothing there: wait (tested, not tried: a WouldBlock costs a traceback).
                 try:
                     job = await receive()
                 except trio.EndOfChannel:
                     return
+                streak = _STREAK + 1  # a wait is a checkpoint: the count starts again
+            streak -= 1  # items taken without waiting, counted down to a checkpoint
+            if not streak:
                 streak = _STREAK
+                await checkpoint()
             if self.stopping:
                 return  # leave it outstanding: it settles as Unfinished
             if per_key is not None:
