@@ -406,12 +406,15 @@ class Pipeline(metaclass=NoPublicConstructor):
 class _Input:
     """One input on its way through the pipeline (the pipeline's ledger entry).
 
-    An input taken in a chunk into a batching first stage is first only its index (an
-    ``int`` origin, its item in ``_Run.fresh``): it gets its ``_Input`` (:meth:`_Run.full`)
-    when it needs one (it fails, is left unfinished, or goes on to a next stage). One that
-    succeeds in that stage as part of a batch never does: its record is made from its index
-    and its item, in a C loop (:meth:`_Run.finish_many`). An object and a dict entry less
-    per input, and a tenth of the collector's work per input.
+    An input taken in a chunk into a first stage is first only its index (an ``int``
+    origin, its item in ``_Run.fresh``; between plain stages its ``Job`` carries the
+    attempts of the stages before, ``Job.prior``): it gets its ``_Input``
+    (:meth:`_Run.full`) when it needs one (it fails, is left unfinished, waits for room in
+    the next stage, fans out, or goes into or out of a batching stage). One that never does
+    is settled from its index and its item (:meth:`_Run.finish_job`, or
+    :meth:`_Run.finish_many` in a C loop). An object and a dict entry less per input, and
+    the garbage collector's passes over them (docs/design.md, "An input known by its
+    index").
     """
 
     __slots__ = ("alive", "attempts", "failure", "index", "item", "outputs", "unfinished")

@@ -10,7 +10,8 @@ attempt succeeds, the worker that ran it hands the value into the next stage's w
 itself (``send_nowait``; it waits for room only when the next stage is full), or, in the last
 stage, settles the input in the pipeline's ledger. There is no task between two stages, no
 record per item and stage, and no lookup: the :class:`~conveyor._engine.Job` carries its
-input (``job.origin``, the pipeline's ``_Input``) from stage to stage. Between two plain
+input (``job.origin``, the pipeline's ``_Input``, or its index: see ``_pipeline._Input``)
+from stage to stage. Between two plain
 stages the ``Job`` object itself goes on (``Engine.hand_on``, which is the worker's
 ``link.pass_nowait``): one call per hop, nothing allocated.
 
