@@ -585,32 +585,24 @@ class _Run:
         if self.observe is None and not self.fans_out and not any(
             map(isinstance, answers, repeat(Exception))
         ):
-            if indexes_only:
-                # Inputs known by their index: the record from the index and the item, the
-                # attempts the batch's (no stage before). The same records as below.
-                indexes = cast("list[int]", origins)
-                self.outbox.extend(map(_make, repeat(Succeeded), zip(
-                    map(self.fresh.pop, indexes),
-                    answers,
-                    repeat(attempts, len(indexes)),
-                    indexes,
-                    strict=True,
-                )))
-                self.succeeded += len(origins)
-                if self.readers_waiting:
-                    self.reader_lot.unpark_all()
-                return []
-            origins = list(map(self.full, origins))
             # The whole batch succeeded (the common case): settled in C loops, no
             # bytecode per input. The same records as the loop below makes.
-            indexes = list(map(_index_of, origins))
-            deque(map(self.inputs.pop, indexes), maxlen=0)
+            items: Iterator[Any]
+            counts: Iterator[int]
+            if indexes_only:
+                # Inputs known by their index: the item from `fresh`, the attempts the
+                # batch's (there was no stage before).
+                indexes = cast("list[int]", origins)
+                items = map(self.fresh.pop, indexes)
+                counts = repeat(attempts, len(indexes))
+            else:
+                made = list(map(self.full, origins))
+                indexes = list(map(_index_of, made))
+                deque(map(self.inputs.pop, indexes), maxlen=0)
+                items = map(_item_of, made)
+                counts = map(add, map(_attempts_of, made), repeat(attempts))
             self.outbox.extend(map(_make, repeat(Succeeded), zip(
-                map(_item_of, origins),
-                answers,
-                map(add, map(_attempts_of, origins), repeat(attempts)),
-                indexes,
-                strict=True,
+                items, answers, counts, indexes, strict=True
             )))
             self.succeeded += len(origins)
             if self.readers_waiting:
