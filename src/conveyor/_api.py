@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sized
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
-from types import TracebackType
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar, Unpack, final
 
 import trio
 
 from ._engine import Engine
 from ._final import NoPublicConstructor
-from ._host import BareHost, EnteredStream
+from ._host import BareHost, Entered, EnteredStream
 from ._journal import JournalSpec, check_journal, journaled, open_journaled_pool, run_journaled
 from ._limits import build_limits
 from ._observe import Observer
@@ -181,10 +180,10 @@ def open_pool(
     return _OpenPool(pool, journal_spec)
 
 
-class _OpenPool(Generic[T]):
+class _OpenPool(Entered, Generic[T]):
     """What :func:`open_pool` returns: enter it once with ``async with``."""
 
-    __slots__ = ("_cm", "_journal", "_pool")
+    __slots__ = ("_journal", "_pool")
 
     def __init__(self, pool: Engine, journal: JournalSpec | None) -> None:
         self._pool = pool
@@ -199,16 +198,6 @@ class _OpenPool(Generic[T]):
         facade = await cm.__aenter__()
         self._cm = cm
         return facade
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._cm is not None
-        cm, self._cm = self._cm, None
-        return await cm.__aexit__(exc_type, exc, tb)
 
 
 def map(  # the contract's name; it shadows the builtin inside this module only

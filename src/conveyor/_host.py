@@ -19,22 +19,16 @@ import trio
 
 from ._records import Record
 
-__all__ = ["BareHost", "EnteredStream"]
+__all__ = ["BareHost", "Entered", "EnteredStream"]
 
 
-class EnteredStream:
-    """The ``async with`` form of a stream (``conveyor.map``, ``Pipeline.map``): entering
-    it enters the subclass's :meth:`_open`, and leaving it leaves that."""
+class Entered:
+    """An ``async with`` block around an inner context manager (``_cm``, set by the
+    subclass's ``__aenter__``): leaving the block leaves it, once (``open_pool``,
+    ``Pipeline.open``, and the streams below)."""
 
+    __slots__ = ("_cm",)
     _cm: AbstractAsyncContextManager[Any] | None
-
-    def _open(self) -> AbstractAsyncContextManager[AsyncIterator[Record]]:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> AsyncIterator[Record]:
-        self._cm = self._open()
-        entered: AsyncIterator[Record] = await self._cm.__aenter__()
-        return entered
 
     async def __aexit__(
         self,
@@ -43,8 +37,22 @@ class EnteredStream:
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._cm is not None
-        left: bool | None = await self._cm.__aexit__(exc_type, exc, tb)
+        cm, self._cm = self._cm, None
+        left: bool | None = await cm.__aexit__(exc_type, exc, tb)
         return left
+
+
+class EnteredStream(Entered):
+    """The ``async with`` form of a stream (``conveyor.map``, ``Pipeline.map``): entering
+    it enters the subclass's :meth:`_open`, and leaving it leaves that."""
+
+    def _open(self) -> AbstractAsyncContextManager[AsyncIterator[Record]]:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> AsyncIterator[Record]:
+        self._cm = self._open()
+        entered: AsyncIterator[Record] = await self._cm.__aenter__()
+        return entered
 
 
 class BareHost:

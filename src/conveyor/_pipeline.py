@@ -33,7 +33,6 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from itertools import compress, islice, repeat
 from operator import add, attrgetter
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, cast, final
 
 import trio
@@ -41,7 +40,7 @@ from trio.lowlevel import ParkingLot
 
 from ._api import items_total, make_engine, with_progress
 from ._final import NoPublicConstructor
-from ._host import BareHost, EnteredStream
+from ._host import BareHost, Entered, EnteredStream
 from ._journal import JournalSpec, check_journal, journaled
 from ._limits import Adaptive, PerKey, Rate, build_limits
 from ._observe import Observer
@@ -515,8 +514,8 @@ class _Run:
     def full(self, origin: _Input | int) -> _Input:
         """The ``_Input`` of ``origin``, made now if the input was known only by its index
         (see :class:`_Input`). Idempotent: an index made full before gives the same one."""
-        if type(origin) is not int:
-            return origin  # type: ignore[return-value]
+        if isinstance(origin, _Input):
+            return origin
         item = self.fresh.pop(origin, _MISSING)
         if item is _MISSING:
             return self.inputs[origin]
@@ -1220,10 +1219,10 @@ class PipelineRun(metaclass=NoPublicConstructor):
         return self._run.report()
 
 
-class _OpenRun:
+class _OpenRun(Entered):
     """What :meth:`Pipeline.open` returns: enter it once with ``async with``."""
 
-    __slots__ = ("_cm", "_journal", "_run")
+    __slots__ = ("_journal", "_run")
 
     def __init__(self, run: _Run, journal: JournalSpec | None) -> None:
         self._run = run
@@ -1241,16 +1240,6 @@ class _OpenRun:
         running = await cm.__aenter__()
         self._cm = cm
         return running
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._cm is not None
-        cm, self._cm = self._cm, None
-        return await cm.__aexit__(exc_type, exc, tb)
 
 
 @final
