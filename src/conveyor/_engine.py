@@ -346,14 +346,16 @@ class Engine:
             self.spawn_workers()
         channel = self.channel
         buffered = channel.buffered
-        if channel.receivers or channel.closed or len(buffered) >= channel.size:
+        if channel.closed or len(buffered) >= channel.limit:
             try:
                 channel.send_nowait(job)
             except trio.WouldBlock:
                 self.unaccept(job)
                 return False
         else:
-            buffered.append(job)  # WorkChannel.send_nowait's common case, inlined
+            buffered.append(job)  # WorkChannel.send_nowait, inlined
+            if channel.receivers and not channel.woken:
+                channel.wake()
         return True
 
     def room_now(self) -> int:
@@ -362,10 +364,7 @@ class Engine:
         if self.intake_closed:
             return 0
         channel = self.channel
-        return min(
-            self.capacity - len(self.outstanding),
-            channel.size - len(channel.buffered) + len(channel.receivers),
-        )
+        return min(self.capacity - len(self.outstanding), channel.limit - len(channel.buffered))
 
     def hand_in_many(self, items: list[Any], origins: Iterable[Any]) -> None:
         """:meth:`hand_in` for each of ``items`` (of the pipeline inputs ``origins``, or
@@ -387,12 +386,9 @@ class Engine:
         if self.spawned < self.workers:
             self.spawn_workers()
         channel = self.channel
-        receivers = channel.receivers
-        i = 0
-        while receivers and i < n:
-            channel.send_nowait(jobs[i])  # straight to a waiting worker
-            i += 1
-        channel.buffered.extend(jobs[i:] if i else jobs)
+        channel.buffered.extend(jobs)
+        if channel.receivers and not channel.woken:
+            channel.wake()
 
     def hand_on(self, job: Job, value: Any) -> bool:
         """A pipeline's hop into this (plain) stage: ``value``, the success of ``job`` in
@@ -411,9 +407,8 @@ class Engine:
         # Room in the channel, tested first (WorkChannel.send_nowait's tests, inlined): a
         # closed channel means intake is closed, tested above.
         channel = self.channel
-        receivers = channel.receivers
         buffered = channel.buffered
-        if not receivers and len(buffered) >= channel.size:
+        if len(buffered) >= channel.limit:
             return False
         seq = self.next_seq  # (hand_in's admission, the Job reused: change them together)
         self.next_seq = seq + 1
@@ -424,10 +419,9 @@ class Engine:
         outstanding[seq] = job
         if self.spawned < self.workers:
             self.spawn_workers()
-        if receivers:
-            channel.send_nowait(job)  # straight to a waiting worker
-        else:
-            buffered.append(job)
+        buffered.append(job)
+        if channel.receivers and not channel.woken:
+            channel.wake()  # a worker waits: it takes the job when it runs
         job.prior += job.attempts
         job.attempts = 0
         job.last_error = None
@@ -1064,9 +1058,11 @@ class Engine:
                 self.claims_in_heap -= 1
             if seq < self.sample_below or not seq & _SAMPLE_MASK:
                 job.enqueued = self.now()
-            if len(send):
-                # Fresh items wait in the channel (so no worker waits on it): the retry goes
+            if len(send) and not send.receivers:
+                # Fresh items wait in the channel and no worker waits on it: the retry goes
                 # ahead of them, since it already holds its slot (workers look here first).
+                # (A worker waiting with items buffered has been woken for them: the retry
+                # goes into the channel, where the next one woken finds it.)
                 self.due.append(job)
                 continue
             try:

@@ -7,18 +7,30 @@ item (and of every hop of a pipeline), and trio's memory channel spends about th
 the bytecode on them (a clone-safe state object, an ``OrderedDict`` of waiting tasks popped
 with a keyword argument, a ``max`` per send for its peak statistic).
 
-Semantics are trio's memory channel's, for one sender side and one receiver side:
+Semantics are trio's memory channel's, for one sender side and one receiver side, but for
+how a waiting receiver gets a job:
 
-- :meth:`send_nowait` hands the job straight to a waiting receiver, else buffers it if
-  there is room, else raises ``trio.WouldBlock``; :meth:`send` waits for room.
+- :meth:`send_nowait` buffers the job if there is room, else raises ``trio.WouldBlock``;
+  :meth:`send` waits for room. The room is ``size`` plus a slot for each receiver that
+  waits (or has been woken and not run yet): with ``size`` 0, a job goes in only for a
+  receiver.
+- A job put while receivers wait wakes the one that has waited longest, unless one is
+  woken already. A woken receiver takes the oldest job when it runs and, if jobs are left
+  and receivers still wait, wakes the next one. Trio's channel hands each job to its own
+  receiver, which is a task switch per job when the workers are quicker than their
+  feed (every hop of a pipeline of no-op stages was one); here one woken receiver takes
+  what a running one has not taken, and the chain still starts a receiver per job as
+  fast as the scheduler runs them when each waits in its work (I/O). A woken receiver
+  that finds nothing left (a running one took it) waits again, at the back.
 - :meth:`receive_nowait` takes the oldest buffered job (letting the oldest waiting sender's
   job into the buffer), else raises ``trio.WouldBlock``, or ``trio.EndOfChannel`` once the
   channel is closed and empty; :meth:`receive` waits.
-- :meth:`close` (the sending side is done): waiting receivers get ``trio.EndOfChannel``,
-  waiting senders ``trio.ClosedResourceError``; jobs already buffered are still received.
-- Waiting tasks are served first come, first served. Both waits are checkpoints, and a
-  cancelled wait has taken or given nothing. A job handed to a receiver is its own from
-  that moment (a cancel then reaches the receiver at its next checkpoint, job in hand).
+- :meth:`close` (the sending side is done): waiting receivers take what is buffered, then
+  get ``trio.EndOfChannel``; waiting senders get ``trio.ClosedResourceError``.
+- Waiting tasks are woken first come, first served. Both waits are checkpoints, and a
+  cancelled wait has taken or given nothing. A woken receiver can no longer be cancelled
+  out of its wait: it takes a job when it runs (a cancel then reaches it at its next
+  checkpoint, job in hand).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from collections import deque
 from typing import Any
 
 import trio
-from outcome import Error, Value
+from outcome import Error
 from trio.lowlevel import (
     Abort,
     Task,
@@ -44,10 +56,11 @@ __all__ = ["WorkChannel"]
 class WorkChannel:
     """A bounded FIFO of jobs with trio's memory channel semantics (see the module)."""
 
-    __slots__ = ("buffered", "closed", "receivers", "senders", "size")
+    __slots__ = ("buffered", "closed", "limit", "receivers", "senders", "size", "woken")
 
     # The engine's worker reads `buffered` and `senders` directly for the common receive
     # (a job buffered, no sender waiting): they are never replaced, only changed in place.
+    # The engine's hops read `limit` and `woken` and call `wake` (see hand_on).
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -55,26 +68,37 @@ class WorkChannel:
         self.receivers: deque[Task] = deque()
         self.senders: deque[list[Any]] = deque()  # [task, job], in arrival order
         self.closed = False
+        # Receivers woken and not run yet: each will take a job when it runs.
+        self.woken = 0
+        # The buffer's bound: `size`, and a slot for each receiver waiting or woken (a job
+        # buffered for it is as good as handed to it). Kept up to date by the slow paths.
+        self.limit = size
 
     def __len__(self) -> int:
         """The number of jobs buffered."""
         return len(self.buffered)
 
     def send_nowait(self, job: Any) -> None:
-        """Hand ``job`` to a waiting receiver, or buffer it.
+        """Buffer ``job``, waking a waiting receiver if none is woken yet.
 
         Raises:
-            trio.WouldBlock: no receiver waits and the buffer is full.
+            trio.WouldBlock: the buffer is full (``size``, and a slot per receiver waiting).
             trio.ClosedResourceError: the channel is closed.
         """
         if self.closed:
             raise trio.ClosedResourceError("the channel is closed")
-        if self.receivers:
-            reschedule(self.receivers.popleft(), Value(job))
-        elif len(self.buffered) < self.size:
-            self.buffered.append(job)
-        else:
+        if len(self.buffered) >= self.limit:
             raise trio.WouldBlock
+        self.buffered.append(job)
+        if self.receivers and not self.woken:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake the receiver that has waited longest: it takes a job when it runs (and
+        wakes the next one if jobs are left then). One woken at a time: a job put while
+        one is woken waits for it, or for a worker that is running."""
+        self.woken += 1
+        reschedule(self.receivers.popleft())
 
     async def send(self, job: Any) -> None:
         """:meth:`send_nowait`, waiting for room.
@@ -133,25 +157,37 @@ class WorkChannel:
             job = self.receive_nowait()
             await cancel_shielded_checkpoint()
             return job
-        if self.closed:
-            raise trio.EndOfChannel
+        receivers = self.receivers
         task = current_task()
-        self.receivers.append(task)
 
         def abort(_: Any) -> Abort:
-            self.receivers.remove(task)
+            receivers.remove(task)
+            self.limit -= 1
             return Abort.SUCCEEDED
 
-        return await wait_task_rescheduled(abort)
+        while not self.closed:
+            receivers.append(task)
+            self.limit += 1
+            await wait_task_rescheduled(abort)
+            self.woken -= 1
+            self.limit -= 1
+            if self.buffered or self.senders:
+                job = self.receive_nowait()
+                if self.buffered and receivers and not self.woken:
+                    self.wake()  # jobs are left: the next receiver, in case this one waits
+                return job
+            # Another receiver took it first: wait again.
+        raise trio.EndOfChannel
 
     def close(self) -> None:
         """No more jobs will be sent. Idempotent."""
         if self.closed:
             return
         self.closed = True
-        # (cleared, not replaced: the engine's workers hold `buffered` and `senders`)
+        # Waiting receivers take what is buffered, then get EndOfChannel.
         while self.receivers:
-            reschedule(self.receivers.popleft(), Error(trio.EndOfChannel()))
+            self.wake()
+        # (cleared, not replaced: the engine's workers hold `buffered` and `senders`)
         while self.senders:
             task, _ = self.senders.popleft()
             reschedule(task, Error(trio.ClosedResourceError("the channel is closed")))
