@@ -14,7 +14,15 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import aclosing
 from typing import Any
 
@@ -63,18 +71,23 @@ async def through(
     async with pipe.open(drain=drain, observers=observers) as p, trio.open_nursery() as nursery:
 
         async def feed() -> None:
-            if isinstance(items, AsyncIterable):
-                async for item in items:
-                    await p.submit(item)
-            else:
-                for item in items:
-                    await p.submit(item)
+            await submit_all(p.submit, items)
             p.close()
 
         nursery.start_soon(feed)
         async for record in p.results():
             seen.append(record)
     return seen, p.report()
+
+
+async def submit_all(submit: Callable[[Any], Awaitable[None]], items: Items) -> None:
+    """``submit`` each of ``items``, from a plain or an async iterable."""
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            await submit(item)
+    else:
+        for item in items:
+            await submit(item)
 
 
 def every_record(seen: list[Record], report: Report) -> list[Record]:

@@ -18,6 +18,7 @@ import conveyor
 from conveyor import Backoff, Retry
 from conveyor._workchannel import WorkChannel
 from tests.test_pipeline_promise import FORMS as PIPELINE_FORMS
+from tests.test_pipeline_promise import submit_all
 from tests.test_pipeline_promise import through as through_pipeline
 
 
@@ -307,12 +308,7 @@ async def through_pool(
                 pass
         return stream.report()
     async with conveyor.open_pool(fn, **options) as pool:
-        if isinstance(items, AsyncIterable):
-            async for item in items:
-                await pool.submit(item)
-        else:
-            for item in items:
-                await pool.submit(item)
+        await submit_all(pool.submit, items)
     return pool.report()
 
 
