@@ -92,6 +92,7 @@ def test_smoke_run_prints_every_scenario_and_leaves_the_clone_unmodified() -> No
     readme_before = README.read_bytes()
     out = LOCAL / "latest.json"
     out.unlink(missing_ok=True)
+    out.with_suffix(".png").unlink(missing_ok=True)  # (left by an earlier `make bench`)
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--smoke", "--no-chart"],
         cwd=ROOT,
