@@ -386,7 +386,7 @@ class Engine:
         if self.spawned < self.workers:
             self.spawn_workers()
         channel = self.channel
-        channel.buffered.extend(jobs)
+        channel.buffered.extend(jobs)  # (WorkChannel.send_nowait for each, written out)
         if channel.receivers and not channel.woken:
             channel.wake()
 
@@ -397,9 +397,9 @@ class Engine:
         attempts of the stage before (for the pipeline's input). This is the worker's
         ``link.pass_nowait`` itself between two plain stages: one call per hop.
 
-        False: full (the ledger, or the channel with no worker waiting), or intake closed
-        (the caller's ``link.pass_on`` then waits for room, or finds the stage closed);
-        nothing taken, ``job`` untouched.
+        False: full (the ledger, or the channel: a waiting worker's slot counts), or
+        intake closed (the caller's ``link.pass_on`` then waits for room, or finds the
+        stage closed); nothing taken, ``job`` untouched.
         """
         outstanding = self.outstanding
         if self.intake_closed or len(outstanding) >= self.capacity:
